@@ -1,0 +1,1 @@
+"""slidestream.db (being built)."""

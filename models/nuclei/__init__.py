@@ -1,0 +1,1 @@
+"""slidestream.models.nuclei (being built)."""

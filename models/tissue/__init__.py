@@ -1,0 +1,1 @@
+"""slidestream.models.tissue (being built)."""

@@ -1,0 +1,1 @@
+"""slidestream.models.weights (being built)."""

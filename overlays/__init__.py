@@ -1,0 +1,1 @@
+"""slidestream.overlays (being built)."""

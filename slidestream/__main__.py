@@ -1,0 +1,5 @@
+"""``python -m slidestream``."""
+
+from slidestream.cli import main
+
+main()

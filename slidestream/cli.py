@@ -1,0 +1,99 @@
+"""The ``slidestream`` command line.
+
+The CLI is thin: each command module (``_cli_*.py``) parses options into config objects and calls
+the library. Heavy libraries (torch, OpenSlide, MONAI) are imported inside the commands, so
+``slidestream --help`` stays fast. Every :class:`~slidestream.errors.SlidestreamError` becomes a
+one-line message here, in one place; ``--debug`` shows the traceback instead.
+
+Exit codes: 0 success, 1 failure (or some slides of a batch failed), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from slidestream._version import __version__
+from slidestream.errors import SlidestreamError
+
+__all__ = ["cli", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Group(click.Group):
+    """A click group that maps library errors to one-line messages (exit code 1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SlidestreamError as exc:
+            root = ctx.find_root()
+            if root.obj is not None and root.obj.get("debug"):
+                raise
+            raise click.ClickException(str(exc)) from exc
+
+
+def _configure_logging(verbose: int, debug: bool) -> None:
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    if verbose >= 2 or debug:
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # Third-party loggers stay quiet unless asked twice.
+    if verbose < 2 and not debug:
+        for name in ("PIL", "matplotlib", "distributed", "numba", "alembic", "sqlalchemy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="slidestream")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """slidestream: whole-slide image analysis for digital pathology.
+
+    Streams whole-slide images into nucleus segmentation and tissue classification, writes
+    QuPath-compatible GeoJSON overlays and stores slide statistics in a SQL database.
+    """
+    ctx.obj = {"debug": debug, "verbose": verbose}
+    _configure_logging(verbose, debug)
+
+
+@cli.group(cls=_Group)
+def train() -> None:
+    """Train a nucleus or tissue model on local data."""
+
+
+@cli.group(cls=_Group)
+def evaluate() -> None:
+    """Evaluate a nucleus or tissue model against annotated data."""
+
+
+def _register_commands() -> None:
+    from slidestream import _cli_db, _cli_nuclei, _cli_run, _cli_tissue, _cli_wsi
+
+    for module in (_cli_wsi, _cli_nuclei, _cli_tissue, _cli_run, _cli_db):
+        module.register(cli, train=train, evaluate=evaluate)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="slidestream")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

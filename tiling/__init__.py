@@ -1,0 +1,1 @@
+"""slidestream.tiling (being built)."""

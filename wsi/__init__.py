@@ -1,0 +1,1 @@
+"""slidestream.wsi (being built)."""
