@@ -29,7 +29,9 @@ def shared_data() -> Path:
     """Path to ``shared/data``; skips the test when it is absent."""
     path = _shared_data_dir()
     if path is None:
-        pytest.skip("real data not available: ../shared/data is absent (set SLIDESTREAM_SHARED_DATA)")
+        pytest.skip(
+            "real data not available: ../shared/data is absent (set SLIDESTREAM_SHARED_DATA)"
+        )
     return path
 
 

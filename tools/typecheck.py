@@ -13,8 +13,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBPACKAGES = {"wsi": "wsi", "tiling": "tiling", "models": "models", "overlays": "overlays",
-               "db": "db", "migrations": "alembic"}
+SUBPACKAGES = {
+    "wsi": "wsi",
+    "tiling": "tiling",
+    "models": "models",
+    "overlays": "overlays",
+    "db": "db",
+    "migrations": "alembic",
+}
 
 
 def main() -> int:
@@ -26,8 +32,17 @@ def main() -> int:
                 (pkg / entry.name).symlink_to(entry)
         for name, folder in SUBPACKAGES.items():
             (pkg / name).symlink_to(ROOT / folder)
-        cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-               "--cache-dir", str(ROOT / ".mypy_cache"), "-p", "slidestream"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(ROOT / ".mypy_cache"),
+            "-p",
+            "slidestream",
+        ]
         return subprocess.call(cmd, cwd=tmp)
 
 
