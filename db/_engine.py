@@ -1,0 +1,175 @@
+"""Engines for the statistics database: URL handling, SQLite pragmas, masking credentials.
+
+Two backends are supported: SQLite (a file, the default in the output folder) and PostgreSQL
+through psycopg 3 (``postgresql+psycopg://user:password@host/db``) for cohorts shared by
+several machines.
+
+SQLite engines are set up for several writing processes: WAL journal, a 30 s busy timeout,
+foreign keys on, and write transactions that start with ``BEGIN IMMEDIATE`` (so two writers
+never deadlock on a lock upgrade; the second one waits for the busy timeout instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, exc
+from sqlalchemy.engine import URL, make_url
+
+from slidestream.errors import DatabaseError
+
+__all__ = ["connect", "mask_url", "scrub_credentials", "write_connection"]
+
+logger = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_WRITE_OPTION = "slidestream_write"
+
+
+def mask_url(url: str | URL) -> str:
+    """Render a database URL with its password replaced by ``***``.
+
+    Parameters
+    ----------
+    url : str or sqlalchemy.engine.URL
+        A SQLAlchemy database URL.
+
+    Returns
+    -------
+    str
+        The URL, safe for logs and error messages.
+
+    Examples
+    --------
+    >>> mask_url("postgresql+psycopg://ann:s3cret@db.example/cohort")
+    'postgresql+psycopg://ann:***@db.example/cohort'
+    """
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return "<unparsable database URL>"
+
+
+def scrub_credentials(text: str, url: str | URL) -> str:
+    """Remove the password of ``url`` from ``text`` (e.g. a driver's error message).
+
+    Parameters
+    ----------
+    text : str
+        Any message.
+    url : str or sqlalchemy.engine.URL
+        The database URL whose password must not appear.
+
+    Returns
+    -------
+    str
+        ``text`` with every occurrence of the password replaced by ``***``.
+    """
+    try:
+        password = make_url(url).password
+    except exc.ArgumentError:
+        return text
+    if password:
+        text = text.replace(str(password), "***")
+    return text
+
+
+def _parse(url: str | URL) -> URL:
+    try:
+        return make_url(url)
+    except exc.ArgumentError as err:
+        raise DatabaseError(
+            f"{mask_url(url)}: not a database URL; pass e.g. --db sqlite:///out/slidestream.db "
+            "or --db postgresql+psycopg://user@host/dbname"
+        ) from err
+
+
+def connect(url: str | URL, **engine_kwargs: Any) -> Engine:
+    """Create an engine for a slidestream database.
+
+    Parameters
+    ----------
+    url : str or sqlalchemy.engine.URL
+        ``sqlite:///path/to/slidestream.db`` or ``postgresql+psycopg://user@host/dbname``.
+        The folder of an SQLite file is created when missing.
+    **engine_kwargs
+        Passed on to :func:`sqlalchemy.create_engine`.
+
+    Returns
+    -------
+    sqlalchemy.Engine
+        The engine; nothing is connected yet. Dispose of it when done.
+
+    Raises
+    ------
+    DatabaseError
+        The URL cannot be parsed or names an unsupported backend.
+    """
+    parsed = _parse(url)
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise DatabaseError(
+            f"{mask_url(parsed)}: unsupported database backend {backend!r}; "
+            "use sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
+        )
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, **engine_kwargs)
+        _setup_sqlite(engine)
+    else:
+        engine_kwargs.setdefault("pool_pre_ping", True)
+        engine = create_engine(parsed, **engine_kwargs)
+    logger.debug("database engine for %s", mask_url(parsed))
+    return engine
+
+
+def _setup_sqlite(engine: Engine) -> None:
+    """Install the pragmas and explicit transaction handling of an SQLite engine."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (pysqlite's own transaction handling defers BEGIN
+        # and breaks both SAVEPOINTs and transactional DDL).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if engine.url.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(_WRITE_OPTION):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+
+@contextmanager
+def write_connection(engine: Engine) -> Iterator[Connection]:
+    """Open a connection inside one write transaction (committed on success).
+
+    On SQLite the transaction starts with ``BEGIN IMMEDIATE``, taking the write lock at once.
+
+    Parameters
+    ----------
+    engine : sqlalchemy.Engine
+        An engine made by :func:`connect`.
+
+    Yields
+    ------
+    sqlalchemy.Connection
+        The connection, inside its transaction.
+    """
+    with engine.connect().execution_options(**{_WRITE_OPTION: True}) as conn, conn.begin():
+        yield conn

@@ -1,0 +1,214 @@
+"""SQLAlchemy 2.0 typed models of the statistics database.
+
+Tables (all created by the Alembic migrations in ``slidestream.migrations``):
+
+``slides``
+    One row per distinct slide file, keyed by its content ``fingerprint``.
+``slide_metadata``
+    Free key/value cohort metadata per slide (``patient_id``, ``diagnosis``, ``site``, ...).
+``patient_metadata``
+    Key/value metadata per patient; it is copied onto every slide whose ``patient_id``
+    metadata names the patient (at import time, in both directions).
+``analysis_runs``
+    One row per analysis attempt of a slide (``running``/``succeeded``/``failed``/``skipped``).
+``slide_statistics``
+    The slide-level numbers of ``summary.json``, one row per succeeded run.
+``class_statistics``
+    The per-tissue-class numbers of ``summary.json``, one row per (run, class).
+``qc_flags``
+    Quality-control flags; a flagged slide is left out of cohort statistics unless asked.
+
+Areas are in mm² (tissue) or µm² (nuclei); densities in nuclei per mm² of tissue.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "RUN_STATUSES",
+    "AnalysisRun",
+    "Base",
+    "ClassStatistics",
+    "PatientMetadata",
+    "QCFlag",
+    "Slide",
+    "SlideMetadata",
+    "SlideStatistics",
+]
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+RUN_STATUSES: tuple[str, ...] = ("running", "succeeded", "failed", "skipped")
+"""The values of :attr:`AnalysisRun.status`."""
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every slidestream table (with a constraint naming convention)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class Slide(Base):
+    """A slide file, identified by its content fingerprint (quickhash-1 or sha256)."""
+
+    __tablename__ = "slides"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(128), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(String(512), index=True)
+    vendor: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    """Level-0 width in pixels."""
+    height: Mapped[int | None] = mapped_column(Integer)
+    """Level-0 height in pixels."""
+    mpp_x: Mapped[float | None] = mapped_column(Float)
+    """Level-0 µm per pixel along x."""
+    mpp_y: Mapped[float | None] = mapped_column(Float)
+    """Level-0 µm per pixel along y."""
+    objective_power: Mapped[float | None] = mapped_column(Float)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SlideMetadata(Base):
+    """One cohort metadata value of one slide (``key`` is e.g. ``diagnosis``)."""
+
+    __tablename__ = "slide_metadata"
+    __table_args__ = (Index(None, "key", "value", "slide_id"),)
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slides.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(1024))
+
+
+class PatientMetadata(Base):
+    """One cohort metadata value of one patient, copied onto the patient's slides."""
+
+    __tablename__ = "patient_metadata"
+
+    patient_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(1024))
+
+
+class AnalysisRun(Base):
+    """One analysis attempt of a slide.
+
+    ``success_key`` is set only for succeeded runs: the sha256 of the slide fingerprint, the
+    parameters hash and the model weight hashes. Its unique constraint makes recording the same
+    successful analysis twice a no-op, also between concurrent writers.
+    """
+
+    __tablename__ = "analysis_runs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('running', 'succeeded', 'failed', 'skipped')", name="status"
+        ),
+        Index(None, "slide_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slide_id: Mapped[int | None] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"))
+    """``None`` when the slide failed before its fingerprint was known."""
+    slide_path: Mapped[str] = mapped_column(Text)
+    slide_name: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    parameters_hash: Mapped[str] = mapped_column(String(64))
+    models: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """``{"nuclei": {"name": ..., "sha256": ..., "mpp": ...}, "tissue": {...}}``."""
+    success_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    software_version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Seconds per pipeline stage, ``{"total": ...}``."""
+    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Output file names relative to the slide's output folder."""
+
+
+class SlideStatistics(Base):
+    """The slide-level numbers of one succeeded run (``statistics`` of ``summary.json``)."""
+
+    __tablename__ = "slide_statistics"
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("analysis_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    tissue_area_mm2: Mapped[float | None] = mapped_column(Float)
+    nucleus_count: Mapped[int | None] = mapped_column(Integer)
+    nuclei_per_mm2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_mean_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_median_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_q1_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_q3_um2: Mapped[float | None] = mapped_column(Float)
+    mean_hematoxylin_od: Mapped[float | None] = mapped_column(Float)
+
+
+class ClassStatistics(Base):
+    """The numbers of one tissue class in one succeeded run."""
+
+    __tablename__ = "class_statistics"
+    __table_args__ = (Index(None, "tissue_class", "run_id"),)
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("analysis_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    tissue_class: Mapped[str] = mapped_column(String(128), primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    area_mm2: Mapped[float | None] = mapped_column(Float)
+    fraction: Mapped[float | None] = mapped_column(Float)
+    """Fraction of the slide's tissue area, 0..1."""
+    nucleus_count: Mapped[int | None] = mapped_column(Integer)
+    nuclei_per_mm2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_mean_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_median_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_q1_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_q3_um2: Mapped[float | None] = mapped_column(Float)
+    mean_hematoxylin_od: Mapped[float | None] = mapped_column(Float)
+
+
+class QCFlag(Base):
+    """A quality-control flag on a slide; it excludes the slide from cohort statistics."""
+
+    __tablename__ = "qc_flags"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"))
+    flag: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # One flag of a name per slide; flagging again updates the reason.
+        Index(None, "slide_id", "flag", unique=True),
+    )
