@@ -1,0 +1,631 @@
+"""Whole-slide analysis: one streaming pass per analysis resolution, batch over slides.
+
+For each slide: open it (:mod:`slidestream.wsi`), detect tissue and plan tiles
+(:mod:`slidestream.tiling`), classify tissue patches and segment nuclei
+(:mod:`slidestream.models`), stitch and write QuPath overlays, parquet and the overlay image
+(:mod:`slidestream.overlays`), then record the run in the statistics database
+(:mod:`slidestream.db`). This module is the only place these packages meet.
+
+Data never goes back upstream and no level-0 region is read twice for the nucleus model:
+tiles are read once by DataLoader workers, inferred in batches in this process, and post-processed
+(instance separation, ownership, polygons, measurements) in a pool of CPU processes that runs
+while the next batch is inferred. Results stream to disk in tile order.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from slidestream._version import __version__
+from slidestream.config import RunConfig
+from slidestream.errors import NoTissueError, SlidestreamError
+from slidestream.inputs import discover_slides
+from slidestream.publish import SUMMARY_NAME, publish, read_summary, staging_dir
+from slidestream.statistics import StatisticsAccumulator
+
+__all__ = ["LoadedModels", "SlideOutcome", "analyse_slide", "load_models", "run_batch"]
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA = "slidestream.summary/1"
+OUTPUT_NAMES = {
+    "nuclei_geojson": "nuclei.geojson.gz",
+    "tissue_geojson": "tissue.geojson",
+    "nuclei_parquet": "nuclei.parquet",
+    "overlay_png": "overlay.png",
+    "tissue_mask_png": "tissue_mask.png",
+    "summary_json": SUMMARY_NAME,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlideOutcome:
+    """What happened to one slide of a batch.
+
+    Attributes
+    ----------
+    path
+        The slide as given.
+    status
+        ``"succeeded"``, ``"skipped"`` (results up to date) or ``"failed"``.
+    error
+        One-line reason when failed.
+    summary
+        The slide's ``summary.json`` content when succeeded or skipped.
+    seconds
+        Wall time spent on the slide.
+    """
+
+    path: Path
+    status: Literal["succeeded", "skipped", "failed"]
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadedModels:
+    """The models of a run, loaded once for the whole batch."""
+
+    nuclei: Any
+    """The nucleus model (``slidestream.models.load_nuclei_model``)."""
+    tissue: Any
+    """The tissue classifier (``slidestream.models.load_tissue_model``)."""
+    device: str
+    """Torch device string the models run on."""
+
+    def hashes(self) -> dict[str, str]:
+        """Model name -> weights sha256, for the parameters hash."""
+        return {
+            "nuclei": str(self.nuclei.weights_sha256),
+            "tissue": str(self.tissue.weights_sha256),
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        """The ``provenance.models`` block of ``summary.json``."""
+        return {
+            "nuclei": {
+                "name": self.nuclei.name,
+                "sha256": self.nuclei.weights_sha256,
+                "mpp": float(self.nuclei.mpp),
+            },
+            "tissue": {
+                "name": self.tissue.name,
+                "sha256": self.tissue.weights_sha256,
+                "mpp": float(self.tissue.spec.spacing_um_px),
+                "classes": list(self.tissue.spec.class_names),
+            },
+        }
+
+
+def resolve_device(spec: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; others pass through."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise SlidestreamError(f"--device {spec}: no CUDA device is available; use --device cpu")
+    return spec
+
+
+def load_models(config: RunConfig) -> LoadedModels:
+    """Load the nucleus and tissue models of ``config`` onto its device."""
+    from slidestream.models import load_nuclei_model, load_tissue_model
+
+    device = resolve_device(config.device)
+    return LoadedModels(
+        nuclei=load_nuclei_model(config.nuclei_model, device=device),
+        tissue=load_tissue_model(config.tissue_model, device=device),
+        device=device,
+    )
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _worker_counts(config: RunConfig, device: str) -> tuple[int, int]:
+    """(tile-reading workers, post-processing workers) for this machine and device."""
+    cpus = _cpu_count()
+    readers = (
+        config.workers if config.workers is not None else (1 if cpus <= 4 else min(4, cpus // 4))
+    )
+    if config.postprocess_workers is not None:
+        post = config.postprocess_workers
+    elif device.startswith("cuda"):
+        post = max(1, cpus - readers - 1)
+    else:
+        post = max(1, cpus // 2)
+    return readers, post
+
+
+def _init_postprocess_worker() -> None:
+    """Keep each post-processing process single-threaded (the pool provides parallelism)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _process_nucleus_tile(
+    postprocess: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.int32]],
+    maps: npt.NDArray[np.float32],
+    rgb: npt.NDArray[np.uint8],
+    core: tuple[int, int, int, int],
+    l0_origin: tuple[float, float],
+    l0_per_px: float,
+    mpp: float,
+) -> Any:
+    """Worker: instance labels from model maps, then the nuclei this tile owns (level-0)."""
+    from slidestream.overlays import extract_tile_nuclei
+
+    labels = postprocess(maps)
+    return extract_tile_nuclei(
+        labels, rgb, core=core, l0_origin=l0_origin, l0_per_px=l0_per_px, mpp=mpp
+    )
+
+
+class _Progress:
+    """A thin wrapper over tqdm that is a no-op when progress is hidden."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, position: int = 1) -> None:
+        self._bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="tile", leave=False, position=position)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _tissue_pass(
+    slide: Any, mask: Any, models: LoadedModels, config: RunConfig, readers: int
+) -> tuple[Any, dict[str, float]]:
+    """Classify tissue patches; return the class regions and per-class areas (mm²)."""
+    from slidestream.overlays import tissue_class_regions
+    from slidestream.tiling import TileDataset, TilingConfig, make_loader, plan_tiles
+
+    spec = models.tissue.spec
+    tiling = TilingConfig(
+        tile_mpp=float(spec.spacing_um_px),
+        tile_size_px=int(spec.patch_size_pixels),
+        overlap_px=0,
+        min_tissue_fraction=config.min_tissue_fraction,
+    )
+    grid = plan_tiles(slide, tiling, mask)
+    n_classes = len(spec.class_names)
+    probs = np.full((grid.n_rows, grid.n_cols, n_classes), np.nan, dtype=np.float32)
+    dataset = TileDataset(
+        slide.path,
+        grid.tiles,
+        tile_mpp=tiling.tile_mpp,
+        tile_size_px=tiling.tile_size_px,
+        slide_mpp=config.mpp_override,
+    )
+    bar = _Progress(len(grid), "tissue", config.show_progress)
+    try:
+        for batch in make_loader(
+            dataset,
+            batch_size=max(config.batch_size, 16),
+            num_workers=readers,
+            device=models.device,
+        ):
+            p = models.tissue.predict_proba(batch.images)
+            for i, idx in enumerate(batch.indices.tolist()):
+                tile = grid.tiles[idx]
+                probs[tile.row, tile.col] = p[i]
+            bar.update(len(batch.indices))
+    finally:
+        bar.close()
+    regions = tissue_class_regions(
+        probs,
+        mask,
+        class_names=tuple(spec.class_names),
+        l0_cell_size=(grid.l0_stride, grid.l0_stride),
+        smoothing_sigma_cells=config.tissue_smoothing_cells,
+        min_island_area_um2=config.min_class_island_um2,
+    )
+    return regions, regions.class_area_mm2()
+
+
+def _nucleus_tables(
+    slide: Any,
+    mask: Any,
+    models: LoadedModels,
+    config: RunConfig,
+    readers: int,
+    pool: ProcessPoolExecutor | None,
+    max_pending: int,
+) -> Iterator[Any]:
+    """Stream the nuclei of every tissue tile, in tile order, as NucleusTables (level-0)."""
+    from slidestream.tiling import TileDataset, TilingConfig, make_loader, plan_tiles
+
+    nmodel = models.nuclei
+    halo_px = math.ceil(config.nucleus_halo_um / float(nmodel.mpp))
+    tiling = TilingConfig(
+        tile_mpp=float(nmodel.mpp),
+        tile_size_px=config.nuclei_tile_size_px,
+        overlap_px=2 * halo_px,
+        min_tissue_fraction=config.min_tissue_fraction,
+    )
+    grid = plan_tiles(slide, tiling, mask)
+    dataset = TileDataset(
+        slide.path,
+        grid.tiles,
+        tile_mpp=tiling.tile_mpp,
+        tile_size_px=tiling.tile_size_px,
+        slide_mpp=config.mpp_override,
+    )
+    l0_per_px = float(nmodel.mpp) / float(slide.mpp)
+    postprocess = nmodel.postprocess
+    pending: deque[Future[Any] | Any] = deque()
+    bar = _Progress(len(grid), "nuclei", config.show_progress)
+    try:
+        for batch in make_loader(
+            dataset, batch_size=config.batch_size, num_workers=readers, device=models.device
+        ):
+            maps = nmodel.predict(batch.images)
+            rgb = batch.images.permute(0, 2, 3, 1).cpu().numpy()
+            for i, idx in enumerate(batch.indices.tolist()):
+                tile = grid.tiles[idx]
+                args = (
+                    postprocess,
+                    maps[i],
+                    np.ascontiguousarray(rgb[i]),
+                    tuple(int(v) for v in tile.core),
+                    (float(tile.l0_x), float(tile.l0_y)),
+                    l0_per_px,
+                    float(nmodel.mpp),
+                )
+                if pool is None:
+                    pending.append(_process_nucleus_tile(*args))
+                else:
+                    pending.append(pool.submit(_process_nucleus_tile, *args))
+            while len(pending) > max_pending:
+                item = pending.popleft()
+                yield item.result() if isinstance(item, Future) else item
+                bar.update(1)
+        while pending:
+            item = pending.popleft()
+            yield item.result() if isinstance(item, Future) else item
+            bar.update(1)
+    finally:
+        for item in pending:
+            if isinstance(item, Future):
+                item.cancel()
+        bar.close()
+
+
+def _slide_block(slide: Any, path: Path) -> dict[str, Any]:
+    return {
+        "name": slide.name,
+        "path": str(Path(path).resolve()),
+        "fingerprint": slide.fingerprint,
+        "vendor": slide.vendor,
+        "width": int(slide.dimensions[0]),
+        "height": int(slide.dimensions[1]),
+        "mpp_x": float(slide.mpp_x),
+        "mpp_y": float(slide.mpp_y),
+        "objective_power": slide.objective_power,
+    }
+
+
+def analyse_slide(
+    path: Path,
+    config: RunConfig,
+    models: LoadedModels,
+    *,
+    pool: ProcessPoolExecutor | None = None,
+) -> SlideOutcome:
+    """Analyse one slide and publish its outputs under ``config.out_dir/<slide-name>/``.
+
+    Parameters
+    ----------
+    path
+        Slide file (or DICOM folder).
+    config
+        Run configuration.
+    models
+        Loaded models (see :func:`load_models`).
+    pool
+        Post-processing process pool; ``None`` post-processes in this process.
+
+    Returns
+    -------
+    SlideOutcome
+        ``succeeded`` or ``skipped``; failures raise.
+
+    Raises
+    ------
+    SlidestreamError
+        Unreadable slide, missing µm/px, no tissue, ...
+    """
+    from slidestream.overlays import (
+        render_overlay_png,
+        write_nuclei_geojson,
+        write_nuclei_parquet,
+        write_tissue_geojson,
+    )
+    from slidestream.tiling import detect_tissue
+    from slidestream.wsi import open_slide
+
+    t_start = time.perf_counter()
+    started_at = datetime.now(UTC).isoformat()
+    timings: dict[str, float] = {}
+    readers, post_workers = _worker_counts(config, models.device)
+    with open_slide(path, mpp=config.mpp_override) as slide:
+        slide_out = config.out_dir / slide.name
+        params_hash = config.parameters_hash(models.hashes())
+        previous = read_summary(slide_out)
+        if (
+            not config.force
+            and previous is not None
+            and previous.get("slide", {}).get("fingerprint") == slide.fingerprint
+            and previous.get("provenance", {}).get("parameters_hash") == params_hash
+        ):
+            logger.info("%s: results up to date, skipped (use --force to redo)", path)
+            return SlideOutcome(path=path, status="skipped", summary=previous)
+
+        stage = staging_dir(config.out_dir, slide.name)
+        t0 = time.perf_counter()
+        mask = detect_tissue(
+            slide,
+            mask_mpp=config.tissue_mask_mpp,
+            min_tissue_area_um2=config.min_tissue_area_um2,
+        )
+        if not mask.mask.any():
+            raise NoTissueError(
+                f"{path}: no tissue detected (mask at {mask.mpp:.1f} µm/px is empty); "
+                "check that the slide holds stained tissue on a bright background"
+            )
+        mask.to_png(stage / OUTPUT_NAMES["tissue_mask_png"])
+        timings["tissue_detection"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        regions, class_area_mm2 = _tissue_pass(slide, mask, models, config, readers)
+        timings["tissue_classification"] = time.perf_counter() - t0
+        class_names = tuple(models.tissue.spec.class_names)
+        class_colors = dict(models.tissue.spec.class_colors)
+        write_tissue_geojson(
+            stage / OUTPUT_NAMES["tissue_geojson"],
+            regions.polygons(),
+            class_colors=class_colors,
+            mpp=float(slide.mpp),
+            id_namespace=slide.fingerprint,
+        )
+
+        t0 = time.perf_counter()
+        stats = StatisticsAccumulator(class_names)
+        centroids: list[npt.NDArray[np.float64]] = []
+        truncated = 0
+
+        def classified() -> Iterator[Any]:
+            nonlocal truncated
+            for table in _nucleus_tables(
+                slide, mask, models, config, readers, pool, max_pending=4 * max(1, post_workers)
+            ):
+                if len(table) == 0:
+                    continue
+                names, index = regions.assign(table.centroid_x, table.centroid_y)
+                table = table.with_classes(names)
+                stats.add(
+                    area_um2=table.measurements["area_um2"],
+                    hematoxylin_od=table.measurements["hematoxylin_od"],
+                    class_index=index,
+                )
+                centroids.append(np.stack([table.centroid_x, table.centroid_y], axis=1))
+                truncated += table.truncated
+                yield table
+
+        n_written = write_nuclei_geojson(
+            stage / OUTPUT_NAMES["nuclei_geojson"],
+            classified(),
+            id_namespace=slide.fingerprint,
+            as_points=config.nuclei_as == "points",
+            class_colors=class_colors,
+            parquet_path=stage / OUTPUT_NAMES["nuclei_parquet"],
+        )
+        timings["nuclei"] = time.perf_counter() - t0
+        if truncated:
+            logger.warning(
+                "%s: %d nuclei touched a tile border (halo %.1f µm may be too small)",
+                path,
+                truncated,
+                config.nucleus_halo_um,
+            )
+
+        t0 = time.perf_counter()
+        thumb = slide.get_thumbnail((2048, 2048))
+        render_overlay_png(
+            stage / OUTPUT_NAMES["overlay_png"],
+            thumb,
+            thumb_l0_scale=thumb.shape[1] / slide.dimensions[0],
+            class_polygons=regions.polygons(),
+            class_colors=class_colors,
+            nucleus_centroids_l0=(
+                np.concatenate(centroids) if centroids else np.zeros((0, 2), dtype=np.float64)
+            ),
+            slide_mpp=float(slide.mpp),
+        )
+        timings["overlay"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+
+        statistics = stats.result(
+            tissue_area_mm2=float(mask.tissue_area_mm2), class_area_mm2=class_area_mm2
+        )
+        if statistics["nucleus_count"] != n_written:
+            raise SlidestreamError(
+                f"{path}: internal error, {n_written} nuclei written but "
+                f"{statistics['nucleus_count']} measured; please report this"
+            )
+        summary = {
+            "schema": SUMMARY_SCHEMA,
+            "slide": _slide_block(slide, path),
+            "statistics": statistics,
+            "provenance": {
+                "software_version": __version__,
+                "models": models.provenance(),
+                "parameters": config.result_parameters(),
+                "run_options": config.all_parameters(),
+                "parameters_hash": params_hash,
+                "device": models.device,
+                "workers": {"readers": readers, "postprocess": post_workers},
+                "timings_s": timings,
+                "tissue_mask_mpp": float(mask.mpp),
+                "truncated_nuclei": truncated,
+                "started_at": started_at,
+                "finished_at": datetime.now(UTC).isoformat(),
+            },
+            "outputs": {k: v for k, v in OUTPUT_NAMES.items()},
+        }
+        from slidestream.publish import write_json_atomic
+
+        write_json_atomic(stage / SUMMARY_NAME, summary)
+        publish(stage, slide_out)
+    return SlideOutcome(
+        path=path, status="succeeded", summary=summary, seconds=time.perf_counter() - t_start
+    )
+
+
+def _write_failures(out_dir: Path, failures: Sequence[SlideOutcome]) -> None:
+    path = out_dir / "failures.csv"
+    if not failures:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(".failures.csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "error", "time"])
+        now = datetime.now(UTC).isoformat()
+        for f in failures:
+            writer.writerow([str(f.path), f.error or "", now])
+    tmp.replace(path)
+
+
+def _record(config: RunConfig, outcome: SlideOutcome, models: LoadedModels | None) -> None:
+    """Record one slide's outcome in the statistics database (main process only)."""
+    if config.db_url is None:
+        return
+    from slidestream.db import connect, record_failure, record_run
+
+    engine = connect(config.db_url, create=True)
+    try:
+        if outcome.status == "succeeded" and outcome.summary is not None:
+            record_run(engine, outcome.summary)
+        elif outcome.status == "failed":
+            record_failure(
+                engine,
+                slide_path=str(outcome.path),
+                slide_name=outcome.path.name,
+                fingerprint=None,
+                error=outcome.error or "",
+                parameters=config.result_parameters(),
+                parameters_hash=config.parameters_hash(models.hashes() if models else {}),
+                software_version=__version__,
+            )
+    finally:
+        engine.dispose()
+
+
+def run_batch(inputs: Sequence[Path], config: RunConfig) -> list[SlideOutcome]:
+    """Analyse every slide of ``inputs``; a failing slide is recorded and the batch goes on.
+
+    Parameters
+    ----------
+    inputs
+        Slide files, folders and manifest CSVs (see :func:`slidestream.inputs.discover_slides`).
+    config
+        Run configuration.
+
+    Returns
+    -------
+    list of SlideOutcome
+        One per slide, in input order. Failures are also written to ``out_dir/failures.csv``.
+    """
+    import multiprocessing as mp
+
+    slides = discover_slides(inputs)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    models = load_models(config)
+    readers, post_workers = _worker_counts(config, models.device)
+    logger.info(
+        "%d slide(s); device %s, %d reader(s), %d post-processing worker(s)",
+        len(slides),
+        models.device,
+        readers,
+        post_workers,
+    )
+    pool = (
+        ProcessPoolExecutor(
+            max_workers=post_workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_postprocess_worker,
+        )
+        if post_workers > 0
+        else None
+    )
+    outcomes: list[SlideOutcome] = []
+    bar: Any = None
+    if config.show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(slides), desc="slides", unit="slide", position=0)
+    try:
+        for path in slides:
+            t0 = time.perf_counter()
+            try:
+                outcome = analyse_slide(path, config, models, pool=pool)
+            except SlidestreamError as exc:
+                logger.error("%s", exc)
+                logger.debug("traceback of the failure", exc_info=True)
+                outcome = SlideOutcome(
+                    path=path, status="failed", error=str(exc), seconds=time.perf_counter() - t0
+                )
+            except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+                logger.exception("%s: unexpected failure", path)
+                outcome = SlideOutcome(
+                    path=path,
+                    status="failed",
+                    error=f"{path}: {type(exc).__name__}: {exc}",
+                    seconds=time.perf_counter() - t0,
+                )
+            outcomes.append(outcome)
+            if outcome.status != "skipped":
+                _record(config, outcome, models)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _write_failures(config.out_dir, [o for o in outcomes if o.status == "failed"])
+    return outcomes
