@@ -1,1 +1,31 @@
-"""slidestream.overlays (being built)."""
+"""slidestream.overlays: stitching, tissue polygons, QuPath GeoJSON, parquet and overlay PNG.
+
+Everything here works on plain arrays and level-0 pixel coordinates (QuPath's frame); every file
+is written atomically (``<name>.tmp`` beside the target, fsync, rename).
+"""
+
+from ._atomic import atomic_open, atomic_path
+from ._stitch import MeasureFn, extract_tile_nuclei
+from ._table import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED, NucleusTable
+from ._tissue_polygons import (
+    ClassRaster,
+    assign_classes,
+    class_map_to_polygons,
+    class_map_to_raster,
+    raster_to_polygons,
+)
+
+__all__ = [
+    "MEASUREMENT_DISPLAY_NAMES",
+    "UNCLASSIFIED",
+    "ClassRaster",
+    "MeasureFn",
+    "NucleusTable",
+    "assign_classes",
+    "atomic_open",
+    "atomic_path",
+    "class_map_to_polygons",
+    "class_map_to_raster",
+    "extract_tile_nuclei",
+    "raster_to_polygons",
+]
