@@ -133,10 +133,10 @@ def resolve_mpp(
     if explicit is not None:
         value = check_mpp(explicit)
         return value, value
-    for source, value in candidates:
-        if value is not None:
-            logger.debug("%s: µm/px %.6g x %.6g from %s", path.name, value[0], value[1], source)
-            return value
+    for source, found in candidates:
+        if found is not None:
+            logger.debug("%s: µm/px %.6g x %.6g from %s", path.name, found[0], found[1], source)
+            return found
     raise MissingResolutionError(
         f"{path.name}: slide has no µm/px (no openslide.mpp-x, no TIFF resolution unit); "
         "pass --mpp 0.25 (or open_slide(..., mpp=0.25)) with the scanner's real value"
