@@ -1,6 +1,20 @@
-"""slidestream.db: the statistics database (SQLAlchemy 2 models, migrations, cohort queries)."""
+"""slidestream.db: the statistics database (SQLAlchemy 2 models, migrations, cohort queries).
+
+Open a database with :func:`open_database` (``create=True`` creates the schema of a fresh
+database), record runs with :func:`record_run` / :func:`record_failure`, import cohort metadata
+with :func:`import_metadata_csv` and summarise with :func:`query_cohort`. Every write and query
+first checks that the schema is at the head revision (:func:`check_schema`). Connection URLs
+are never logged with their password (:func:`mask_url`).
+"""
 
 from slidestream.db._engine import connect, mask_url
+from slidestream.db._metadata_import import (
+    ImportReport,
+    flag_slide,
+    import_metadata,
+    import_metadata_csv,
+    unflag_slide,
+)
 from slidestream.db._migrate import (
     check_schema,
     current_revision,
@@ -9,7 +23,17 @@ from slidestream.db._migrate import (
     open_database,
     upgrade,
 )
+from slidestream.db._query import (
+    BUILTIN_COLUMNS,
+    CLASS_METRICS,
+    SLIDE_METRICS,
+    SUMMARY_FIELDS,
+    list_slides,
+    query_cohort,
+    query_cohort_df,
+)
 from slidestream.db._schema import (
+    RUN_STATUSES,
     AnalysisRun,
     Base,
     ClassStatistics,
@@ -19,11 +43,19 @@ from slidestream.db._schema import (
     SlideMetadata,
     SlideStatistics,
 )
+from slidestream.db._write import SUMMARY_SCHEMA, record_failure, record_run, record_skip
 
 __all__ = [
+    "BUILTIN_COLUMNS",
+    "CLASS_METRICS",
+    "RUN_STATUSES",
+    "SLIDE_METRICS",
+    "SUMMARY_FIELDS",
+    "SUMMARY_SCHEMA",
     "AnalysisRun",
     "Base",
     "ClassStatistics",
+    "ImportReport",
     "PatientMetadata",
     "QCFlag",
     "Slide",
@@ -33,8 +65,18 @@ __all__ = [
     "connect",
     "current_revision",
     "downgrade",
+    "flag_slide",
     "head_revision",
+    "import_metadata",
+    "import_metadata_csv",
+    "list_slides",
     "mask_url",
     "open_database",
+    "query_cohort",
+    "query_cohort_df",
+    "record_failure",
+    "record_run",
+    "record_skip",
+    "unflag_slide",
     "upgrade",
 ]

@@ -215,6 +215,19 @@ def open_database(url: str | URL, *, create: bool = False, **engine_kwargs: Any)
         The database cannot be reached.
     """
     engine = connect(url, **engine_kwargs)
+    database = engine.url.database
+    if (
+        not create
+        and engine.url.get_backend_name() == "sqlite"
+        and database not in (None, "", ":memory:")
+        and not str(database).startswith("file:")
+        and not Path(str(database)).expanduser().exists()
+    ):
+        engine.dispose()
+        raise DatabaseError(
+            f"{mask_url(engine.url)}: no such database file; pass the --db of an existing "
+            "database, or create one with `slidestream run` or `slidestream db upgrade`"
+        )
     try:
         if create:
             with _connection(engine) as conn:

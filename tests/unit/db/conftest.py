@@ -1,0 +1,173 @@
+"""Fixtures of the database tests: every test runs on SQLite and on the real PostgreSQL.
+
+PostgreSQL tests use a fresh database ``slidestream_test_<random>`` per test session (dropped
+afterwards) and a fresh schema per test (selected through ``search_path`` in the URL), so
+parallel pytest-xdist workers never collide. They skip with a reason when no server answers on
+127.0.0.1:5432.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from slidestream.db import open_database
+
+PG_HOST = os.environ.get("SLIDESTREAM_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("SLIDESTREAM_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("SLIDESTREAM_TEST_PG_USER", "postgres")
+PG_ADMIN_DB = os.environ.get("SLIDESTREAM_TEST_PG_DB", "test")
+
+SummaryFactory = Callable[..., dict[str, Any]]
+
+
+def _pg_reachable() -> bool:
+    try:
+        with socket.create_connection((PG_HOST, PG_PORT), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _pg_url(database: str, *, password: str | None = None) -> str:
+    auth = PG_USER if password is None else f"{PG_USER}:{password}"
+    return f"postgresql+psycopg://{auth}@{PG_HOST}:{PG_PORT}/{database}"
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session (its name)."""
+    if not _pg_reachable():
+        pytest.skip(f"PostgreSQL not reachable on {PG_HOST}:{PG_PORT}")
+    name = f"slidestream_test_{secrets.token_hex(6)}"
+    admin = create_engine(_pg_url(PG_ADMIN_DB), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as err:  # pragma: no cover - depends on the server
+        admin.dispose()
+        pytest.skip(f"cannot create a PostgreSQL test database: {err}")
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> Iterator[str]:
+    """URL of a fresh, empty schema in the session's PostgreSQL database."""
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = create_engine(_pg_url(pg_database), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{_pg_url(pg_database)}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """URL of a fresh, empty database: SQLite file, then PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'slidestream.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a fresh database with the schema at head."""
+    eng = open_database(db_url, create=True)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+_BASE_SUMMARY: dict[str, Any] = {
+    "schema": "slidestream.summary/1",
+    "slide": {
+        "name": "slide",
+        "path": "/data/slide.svs",
+        "fingerprint": "fp",
+        "vendor": "aperio",
+        "width": 40000,
+        "height": 30000,
+        "mpp_x": 0.25,
+        "mpp_y": 0.25,
+        "objective_power": 40.0,
+    },
+    "statistics": {},
+    "provenance": {
+        "software_version": "0.1.0",
+        "models": {
+            "nuclei": {"name": "hovernet-lite", "sha256": "a" * 64, "mpp": 0.5},
+            "tissue": {"name": "tissue-resnet", "sha256": "b" * 64, "mpp": 1.0},
+        },
+        "parameters": {"tile_size_px": 512, "overlap_px": 64},
+        "parameters_hash": "c" * 64,
+        "timings_s": {"total": 12.5, "nuclei": 9.0},
+        "started_at": "2026-01-31T12:00:00+00:00",
+        "finished_at": "2026-01-31T12:00:12.5+00:00",
+    },
+    "outputs": {
+        "nuclei_geojson": "nuclei.geojson.gz",
+        "tissue_geojson": "tissue.geojson",
+        "nuclei_parquet": "nuclei.parquet",
+        "overlay_png": "overlay.png",
+        "summary_json": "summary.json",
+    },
+}
+
+
+def _stats(density: float | None, area_mm2: float | None = 10.0) -> dict[str, Any]:
+    count = None if density is None or area_mm2 is None else round(density * area_mm2)
+    return {
+        "nucleus_count": count,
+        "nuclei_per_mm2": density,
+        "nucleus_area_um2": {"mean": 40.0, "median": 38.0, "q1": 30.0, "q3": 50.0},
+        "mean_hematoxylin_od": 0.4,
+    }
+
+
+def build_summary(
+    name: str,
+    *,
+    nuclei_per_mm2: float | None = 1000.0,
+    classes: dict[str, float | None] | None = None,
+    parameters_hash: str | None = None,
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """A summary.json for slide ``name``; ``classes`` maps class name to nuclei per mm²."""
+    summary = copy.deepcopy(_BASE_SUMMARY)
+    summary["slide"].update(
+        name=name, path=f"/data/{name}.svs", fingerprint=fingerprint or f"fp-{name}"
+    )
+    if parameters_hash is not None:
+        summary["provenance"]["parameters_hash"] = parameters_hash
+    stats = {"tissue_area_mm2": 20.0, **_stats(nuclei_per_mm2, 20.0)}
+    classes = {"tumour": nuclei_per_mm2, "stroma": 500.0} if classes is None else classes
+    stats["classes"] = {
+        cls: {"area_mm2": 10.0, "fraction": 0.5, **_stats(dens)} for cls, dens in classes.items()
+    }
+    summary["statistics"] = stats
+    return summary
+
+
+@pytest.fixture
+def make_summary() -> SummaryFactory:
+    """Factory of summary.json mappings (see :func:`build_summary`)."""
+    return build_summary
