@@ -201,8 +201,9 @@ class TiffTileReader:
         downsample = self._downsamples[level]
         if level == 0:
             return self.read_level(0, l0_x, l0_y, width, height)
-        lv_x = math.floor(l0_x / downsample + 1e-9)
-        lv_y = math.floor(l0_y / downsample + 1e-9)
+        # nearest level px: OpenSlide interpolates fractional positions, this snaps to the pixel
+        lv_x = math.floor(l0_x / downsample + 0.5)
+        lv_y = math.floor(l0_y / downsample + 0.5)
         return self.read_level(level, lv_x, lv_y, width, height)
 
     def read_level(
