@@ -1,8 +1,9 @@
 """Fixtures of the database tests: every test runs on SQLite and on the real PostgreSQL.
 
 PostgreSQL tests use a fresh database ``slidestream_test_<random>`` per test session (dropped
-afterwards) and a fresh schema per test (selected through ``search_path`` in the URL), so
-parallel pytest-xdist workers never collide. They skip with a reason when no server answers on
+afterwards, so parallel pytest-xdist workers never collide). Migration tests get a fresh schema
+each (selected through ``search_path`` in the URL); the others share one schema migrated once and
+emptied after each test. They skip with a reason when no server answers on
 127.0.0.1:5432.
 """
 
@@ -13,12 +14,13 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from slidestream.db import open_database
+from slidestream.db import Base, open_database
 
 PG_HOST = os.environ.get("SLIDESTREAM_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("SLIDESTREAM_TEST_PG_PORT", "5432"))
@@ -62,34 +64,94 @@ def pg_database() -> Iterator[str]:
         admin.dispose()
 
 
+def _create_schema(database: str) -> str:
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = create_engine(_pg_url(database), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    admin.dispose()
+    return schema
+
+
+def _drop_schema(database: str, schema: str) -> None:
+    admin = create_engine(_pg_url(database), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def _schema_url(database: str, schema: str) -> str:
+    return f"{_pg_url(database)}?options=-csearch_path%3D{schema}"
+
+
 @pytest.fixture
 def pg_url(pg_database: str) -> Iterator[str]:
     """URL of a fresh, empty schema in the session's PostgreSQL database."""
-    schema = f"t_{secrets.token_hex(6)}"
-    admin = create_engine(_pg_url(pg_database), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    schema = _create_schema(pg_database)
     try:
-        yield f"{_pg_url(pg_database)}?options=-csearch_path%3D{schema}"
+        yield _schema_url(pg_database, schema)
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
+        _drop_schema(pg_database, schema)
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
-)
-def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    """URL of a fresh, empty database: SQLite file, then PostgreSQL schema."""
+@pytest.fixture(scope="session")
+def pg_shared_url(pg_database: str) -> Iterator[str]:
+    """URL of a schema migrated to head once per session (emptied after each test)."""
+    schema = _create_schema(pg_database)
+    url = _schema_url(pg_database, schema)
+    open_database(url, create=True).dispose()
+    try:
+        yield url
+    finally:
+        _drop_schema(pg_database, schema)
+
+
+def _truncate(url: str) -> None:
+    eng = create_engine(url)
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with eng.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    eng.dispose()
+
+
+_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=_BACKENDS)
+def fresh_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of a fresh, empty database (no schema): SQLite file, then PostgreSQL schema."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'slidestream.db'}"
     return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture
+def fresh_engine(fresh_db_url: str) -> Iterator[Engine]:
+    """An engine on a fresh database just upgraded to head (for migration tests)."""
+    eng = open_database(fresh_db_url, create=True)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture(params=_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty database at head: a new SQLite file, or the session's PostgreSQL schema
+    (emptied after the test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'slidestream.db'}"
+        return
+    url = str(request.getfixturevalue("pg_shared_url"))
+    try:
+        yield url
+    finally:
+        _truncate(url)
+
+
+@pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
-    """An engine on a fresh database with the schema at head."""
+    """An engine on an empty database at head."""
     eng = open_database(db_url, create=True)
     try:
         yield eng

@@ -42,37 +42,37 @@ def test_migrations_ship_with_env_and_versions() -> None:
     assert head_revision() == "0002"
 
 
-def test_upgrade_head_equals_models(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision()
-    assert _diff(engine) == []
+def test_upgrade_head_equals_models(fresh_engine: Engine) -> None:
+    assert current_revision(fresh_engine) == head_revision()
+    assert _diff(fresh_engine) == []
 
 
-def test_downgrade_base_then_upgrade_round_trips(engine: Engine) -> None:
-    downgrade(engine, "base")
-    assert current_revision(engine) is None
-    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
-    upgrade(engine, "0001")
-    assert current_revision(engine) == "0001"
-    upgrade(engine)
-    assert current_revision(engine) == head_revision()
-    assert _diff(engine) == []
+def test_downgrade_base_then_upgrade_round_trips(fresh_engine: Engine) -> None:
+    downgrade(fresh_engine, "base")
+    assert current_revision(fresh_engine) is None
+    assert set(inspect(fresh_engine).get_table_names()) <= {"alembic_version"}
+    upgrade(fresh_engine, "0001")
+    assert current_revision(fresh_engine) == "0001"
+    upgrade(fresh_engine)
+    assert current_revision(fresh_engine) == head_revision()
+    assert _diff(fresh_engine) == []
 
 
-def test_old_schema_refuses_writes_and_queries(engine: Engine, make_summary) -> None:
-    downgrade(engine, "0001")
+def test_old_schema_refuses_writes_and_queries(fresh_engine: Engine, make_summary) -> None:
+    downgrade(fresh_engine, "0001")
     with pytest.raises(SchemaVersionError) as info:
-        record_run(engine, make_summary("s1"))
+        record_run(fresh_engine, make_summary("s1"))
     message = str(info.value)
     assert "revision 0001" in message and head_revision() in message
     assert "slidestream db upgrade --db " in message
     with pytest.raises(SchemaVersionError):
-        query_cohort(engine)
+        query_cohort(fresh_engine)
     # open_database(create=True) does not touch a database that is not fresh
     with pytest.raises(SchemaVersionError):
-        open_database(engine.url, create=True).dispose()
-    upgrade(engine)
-    check_schema(engine)
-    assert record_run(engine, make_summary("s1")) > 0
+        open_database(fresh_engine.url, create=True).dispose()
+    upgrade(fresh_engine)
+    check_schema(fresh_engine)
+    assert record_run(fresh_engine, make_summary("s1")) > 0
 
 
 def test_unmigrated_sqlite_file_without_create(tmp_path: Path) -> None:

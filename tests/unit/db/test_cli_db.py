@@ -1,0 +1,92 @@
+"""The db/cohort/query CLI (CliRunner, both backends)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine
+
+from slidestream.cli import cli
+from slidestream.db import record_run
+
+INJECTION = "x'); DROP TABLE slides;--"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def filled(engine: Engine, make_summary, tmp_path: Path) -> Path:
+    for name, density in (("a", 100.0), ("b", 300.0), ("c", 700.0)):
+        record_run(engine, make_summary(name, nuclei_per_mm2=density))
+    meta = tmp_path / "meta.csv"
+    meta.write_text(f"name,diagnosis\na,LUAD\nb,LUAD\nc,{INJECTION}\nmissing,LUSC\n", encoding="utf-8")
+    return meta
+
+
+def test_db_upgrade_and_current(runner: CliRunner, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new' / 'x.db'}"
+    result = runner.invoke(cli, ["db", "current", "--db", url])
+    assert result.exit_code == 0 and "revision <none>" in result.output
+    result = runner.invoke(cli, ["db", "upgrade", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "at revision 0002" in result.output
+    result = runner.invoke(cli, ["db", "downgrade", "0001", "--yes"], env={"SLIDESTREAM_DB": url})
+    assert result.exit_code == 0 and "at revision 0001" in result.output
+    result = runner.invoke(cli, ["query", "--db", url])
+    assert result.exit_code == 1
+    assert f"run `slidestream db upgrade --db {url}`" in result.output
+
+
+def test_query_needs_a_database(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["query"], env={"SLIDESTREAM_DB": None})
+    assert result.exit_code == 2 and "pass --db URL" in result.output
+
+
+def test_cohort_import_query_flag(runner: CliRunner, db_url: str, filled: Path) -> None:
+    result = runner.invoke(cli, ["cohort", "import", str(filled), "--db", db_url])
+    assert result.exit_code == 0, result.output
+    assert "4 rows, 3 matched" in result.output and "'missing'" in result.output
+
+    result = runner.invoke(cli, ["query", "--db", db_url, "--by", "diagnosis", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["diagnosis"]: r for r in json.loads(result.output)}
+    assert rows["LUAD"]["n"] == 2 and rows["LUAD"]["mean"] == 200.0
+    assert rows[INJECTION]["median"] == 700.0
+
+    args = ["query", "--db", db_url, "--where", f"diagnosis={INJECTION}", "--format", "csv"]
+    result = runner.invoke(cli, [*args, "--metric", "nuclei_per_mm2", "--metric", "tissue_area_mm2"])
+    assert result.exit_code == 0, result.output
+    table = list(csv.DictReader(io.StringIO(result.output)))
+    assert [(r["metric"], r["n"]) for r in table] == [("nuclei_per_mm2", "1"), ("tissue_area_mm2", "1")]
+
+    result = runner.invoke(cli, ["cohort", "flag", "b", "--reason", "folded", "--db", db_url])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["query", "--db", db_url, "--by", "diagnosis", "--class", "tumour"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["diagnosis", "tissue_class", "metric", "n", "mean", "median", "std", "q1", "q3"]
+    assert lines[2].split()[:4] == ["LUAD", "tumour", "nuclei_per_mm2", "1"]
+
+    result = runner.invoke(cli, ["query", "--db", db_url, "--slides", "--format", "json"])
+    slides = json.loads(result.output)
+    assert [s["name"] for s in slides] == ["a", "c"]
+    result = runner.invoke(cli, ["query", "--db", db_url, "--slides", "--include-flagged"])
+    assert "folded" not in result.output and "qc" in result.output
+
+    result = runner.invoke(cli, ["cohort", "unflag", "b", "--db", db_url])
+    assert result.exit_code == 0 and "1 flag(s) removed" in result.output
+
+
+def test_query_usage_errors(runner: CliRunner, db_url: str, filled: Path) -> None:
+    result = runner.invoke(cli, ["query", "--db", db_url, "--where", "diagnosis"])
+    assert result.exit_code == 2 and "COLUMN=VALUE" in result.output
+    result = runner.invoke(cli, ["query", "--db", db_url, "--metric", "bogus"])
+    assert result.exit_code == 1 and "metric 'bogus' does not exist" in result.output
