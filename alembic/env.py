@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging.config
 
-from alembic import context
 from sqlalchemy import Connection, engine_from_config, pool, text
 
+from alembic import context
 from slidestream.db._schema import Base
 
 # An arbitrary constant: the advisory lock id of slidestream migrations.
@@ -36,7 +36,9 @@ def _run(connection: Connection) -> None:
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
+            )
         context.run_migrations()
 
 

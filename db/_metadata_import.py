@@ -176,7 +176,9 @@ def import_metadata(
                 continue
             matched_rows += 1
             batch = [
-                {"slide_id": sid, "key": k, "value": v} for sid in slide_ids for k, v in pairs.items()
+                {"slide_id": sid, "key": k, "value": v}
+                for sid in slide_ids
+                for k, v in pairs.items()
             ]
             _upsert_values(conn, _SLIDE_META, "slide_id", batch)
             values += len(batch)
@@ -224,7 +226,9 @@ def import_metadata_csv(
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the metadata CSV ({err}); pass a UTF-8 CSV") from err
+        raise ConfigError(
+            f"{path}: cannot read the metadata CSV ({err}); pass a UTF-8 CSV"
+        ) from err
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(
             text.split("\n", 1)[0], delimiters=",;\t"

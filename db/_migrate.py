@@ -12,13 +12,13 @@ A *fresh* database (none of our tables and no ``alembic_version``) may be create
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
 import logging
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -26,6 +26,7 @@ from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 
+from alembic import command
 from slidestream.db._engine import connect, mask_url, scrub_credentials
 from slidestream.db._schema import Base
 from slidestream.errors import DatabaseError, SchemaVersionError
@@ -61,10 +62,8 @@ def migrations_dir() -> Path:
         The migration scripts are not installed.
     """
     candidates: list[Path] = []
-    try:
+    with contextlib.suppress(ModuleNotFoundError, TypeError):
         candidates.append(Path(str(importlib.resources.files("slidestream.migrations"))))
-    except (ModuleNotFoundError, TypeError):
-        pass
     candidates.append(Path(__file__).resolve().parent.parent / "alembic")
     for candidate in candidates:
         if (candidate / "env.py").is_file() and (candidate / "versions").is_dir():

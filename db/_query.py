@@ -239,11 +239,11 @@ def query_cohort(
     n_by = len(by)
     groups: dict[tuple[Any, ...], list[list[float]]] = {}
     for row in rows:
-        values = groups.setdefault(tuple(row[:n_by]), [[] for _ in metrics])
+        per_metric = groups.setdefault(tuple(row[:n_by]), [[] for _ in metrics])
         for j in range(len(metrics)):
             value = row[n_by + j]
             if value is not None:
-                values[j].append(float(value))
+                per_metric[j].append(float(value))
     result: list[dict[str, Any]] = []
     for group in sorted(groups, key=_sort_key):
         for metric, values in zip(metrics, groups[group], strict=True):

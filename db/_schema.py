@@ -24,7 +24,7 @@ Areas are in mm² (tissue) or µm² (nuclei); densities in nuclei per mm² of ti
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -68,7 +68,7 @@ class Base(DeclarativeBase):
     """Declarative base of every slidestream table (with a constraint naming convention)."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON}
 
 
 class Slide(Base):
@@ -127,9 +127,7 @@ class AnalysisRun(Base):
 
     __tablename__ = "analysis_runs"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('running', 'succeeded', 'failed', 'skipped')", name="status"
-        ),
+        CheckConstraint("status IN ('running', 'succeeded', 'failed', 'skipped')", name="status"),
         Index(None, "slide_id", "status", "id"),
     )
 

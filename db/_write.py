@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Insert, Table, select
+from sqlalchemy import Connection, Engine, Table, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -182,16 +182,15 @@ def success_key(fingerprint: str, parameters_hash: str, models: Mapping[str, Any
 def _upsert_slide(conn: Connection, values: dict[str, Any], *, full: bool) -> int:
     """Insert a slide or refresh it (by fingerprint); returns its id."""
     now = _now()
-    stmt = dialect_insert(conn, Slide.__table__).values(  # type: ignore[arg-type]
-        **values, first_seen=now, last_seen=now
-    )
+    table: Table = Slide.__table__  # type: ignore[assignment]
+    insert = dialect_insert(conn, table).values(**values, first_seen=now, last_seen=now)
     update_cols = ["path", "name", "last_seen"]
     if full:
         update_cols += ["vendor", "width", "height", "mpp_x", "mpp_y", "objective_power"]
-    stmt = stmt.on_conflict_do_update(
+    stmt = insert.on_conflict_do_update(
         index_elements=["fingerprint"],
-        set_={col: stmt.excluded[col] for col in update_cols},
-    ).returning(Slide.__table__.c.id)
+        set_={col: insert.excluded[col] for col in update_cols},
+    ).returning(table.c.id)
     return int(conn.execute(stmt).scalar_one())
 
 

@@ -99,7 +99,9 @@ def _render(rows: list[dict[str, Any]], columns: list[str], fmt: str) -> str:
         return buffer.getvalue().rstrip("\n")
     table = [columns, *[[_cell(row.get(c)) for c in columns] for row in rows]]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
 
@@ -161,7 +163,9 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
                     abort=True,
                 )
             downgrade_db(engine, revision)
-            click.echo(f"{mask_url(engine.url)}: at revision {current_revision(engine) or '<none>'}")
+            click.echo(
+                f"{mask_url(engine.url)}: at revision {current_revision(engine) or '<none>'}"
+            )
         finally:
             engine.dispose()
 
@@ -170,7 +174,11 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         """Cohort metadata and QC flags."""
 
     @cohort.command(name="import")
-    @click.argument("csv_path", metavar="METADATA.CSV", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.argument(
+        "csv_path",
+        metavar="METADATA.CSV",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    )
     @click.option(
         "--key",
         type=click.Choice(["slide", "patient"]),
@@ -233,13 +241,44 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
 
     @cli.command()
     @db_option
-    @click.option("--by", "by", multiple=True, metavar="COLUMN", help="Group by a metadata key or vendor/objective_power (repeatable).")
-    @click.option("--class", "tissue_class", metavar="CLASS", help="Statistics of one tissue class.")
-    @click.option("--where", "where", multiple=True, metavar="COLUMN=VALUE", help="Keep slides with this value (repeatable; same column repeated: any value).")
-    @click.option("--metric", "metrics", multiple=True, metavar="METRIC", help="Metric to summarise (repeatable; default nuclei_per_mm2).")
-    @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+    @click.option(
+        "--by",
+        "by",
+        multiple=True,
+        metavar="COLUMN",
+        help="Group by a metadata key or vendor/objective_power (repeatable).",
+    )
+    @click.option(
+        "--class", "tissue_class", metavar="CLASS", help="Statistics of one tissue class."
+    )
+    @click.option(
+        "--where",
+        "where",
+        multiple=True,
+        metavar="COLUMN=VALUE",
+        help="Keep slides with this value (repeatable; same column repeated: any value).",
+    )
+    @click.option(
+        "--metric",
+        "metrics",
+        multiple=True,
+        metavar="METRIC",
+        help="Metric to summarise (repeatable; default nuclei_per_mm2).",
+    )
+    @click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "csv", "json"]),
+        default="table",
+        show_default=True,
+    )
     @click.option("--include-flagged", is_flag=True, help="Include QC-flagged slides.")
-    @click.option("--slides", "list_only", is_flag=True, help="List slides with their latest statistics instead.")
+    @click.option(
+        "--slides",
+        "list_only",
+        is_flag=True,
+        help="List slides with their latest statistics instead.",
+    )
     def query(
         db_url: str | None,
         by: tuple[str, ...],
@@ -255,7 +294,13 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         Each slide counts once, with its latest succeeded run; QC-flagged slides are left out
         unless --include-flagged.
         """
-        from slidestream.db import SLIDE_METRICS, SUMMARY_FIELDS, list_slides, open_database, query_cohort
+        from slidestream.db import (
+            SLIDE_METRICS,
+            SUMMARY_FIELDS,
+            list_slides,
+            open_database,
+            query_cohort,
+        )
 
         url = _require_url(db_url)
         where_map = _parse_where(where)
@@ -265,7 +310,16 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
                 rows = list_slides(engine, include_flagged=True)
                 if not include_flagged:
                     rows = [r for r in rows if not r["flags"]]
-                columns = ["name", "fingerprint", "vendor", "run_id", *SLIDE_METRICS, "flags", "metadata", "path"]
+                columns = [
+                    "name",
+                    "fingerprint",
+                    "vendor",
+                    "run_id",
+                    *SLIDE_METRICS,
+                    "flags",
+                    "metadata",
+                    "path",
+                ]
             else:
                 rows = query_cohort(
                     engine,
@@ -275,7 +329,12 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
                     metrics=metrics or ("nuclei_per_mm2",),
                     include_flagged=include_flagged,
                 )
-                columns = [*by, *(["tissue_class"] if tissue_class else []), "metric", *SUMMARY_FIELDS]
+                columns = [
+                    *by,
+                    *(["tissue_class"] if tissue_class else []),
+                    "metric",
+                    *SUMMARY_FIELDS,
+                ]
         finally:
             engine.dispose()
         click.echo(_render(rows, columns, fmt))

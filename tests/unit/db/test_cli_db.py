@@ -27,7 +27,9 @@ def filled(engine: Engine, make_summary, tmp_path: Path) -> Path:
     for name, density in (("a", 100.0), ("b", 300.0), ("c", 700.0)):
         record_run(engine, make_summary(name, nuclei_per_mm2=density))
     meta = tmp_path / "meta.csv"
-    meta.write_text(f"name,diagnosis\na,LUAD\nb,LUAD\nc,{INJECTION}\nmissing,LUSC\n", encoding="utf-8")
+    meta.write_text(
+        f"name,diagnosis\na,LUAD\nb,LUAD\nc,{INJECTION}\nmissing,LUSC\n", encoding="utf-8"
+    )
     return meta
 
 
@@ -62,17 +64,32 @@ def test_cohort_import_query_flag(runner: CliRunner, db_url: str, filled: Path) 
     assert rows[INJECTION]["median"] == 700.0
 
     args = ["query", "--db", db_url, "--where", f"diagnosis={INJECTION}", "--format", "csv"]
-    result = runner.invoke(cli, [*args, "--metric", "nuclei_per_mm2", "--metric", "tissue_area_mm2"])
+    result = runner.invoke(
+        cli, [*args, "--metric", "nuclei_per_mm2", "--metric", "tissue_area_mm2"]
+    )
     assert result.exit_code == 0, result.output
     table = list(csv.DictReader(io.StringIO(result.output)))
-    assert [(r["metric"], r["n"]) for r in table] == [("nuclei_per_mm2", "1"), ("tissue_area_mm2", "1")]
+    assert [(r["metric"], r["n"]) for r in table] == [
+        ("nuclei_per_mm2", "1"),
+        ("tissue_area_mm2", "1"),
+    ]
 
     result = runner.invoke(cli, ["cohort", "flag", "b", "--reason", "folded", "--db", db_url])
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["query", "--db", db_url, "--by", "diagnosis", "--class", "tumour"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["diagnosis", "tissue_class", "metric", "n", "mean", "median", "std", "q1", "q3"]
+    assert lines[0].split() == [
+        "diagnosis",
+        "tissue_class",
+        "metric",
+        "n",
+        "mean",
+        "median",
+        "std",
+        "q1",
+        "q3",
+    ]
     assert lines[2].split()[:4] == ["LUAD", "tumour", "nuclei_per_mm2", "1"]
 
     result = runner.invoke(cli, ["query", "--db", db_url, "--slides", "--format", "json"])

@@ -31,9 +31,19 @@ SITE = {"s1": "A", "s4": "A", "s2": "B", "s3": "B", "s5": "B", "s6": "B"}
 @pytest.fixture
 def cohort(engine: Engine, make_summary) -> Engine:
     for name, density in DENSITY.items():
-        record_run(engine, make_summary(name, nuclei_per_mm2=density, classes={"tumour": 2 * density, "stroma": 100.0}))
+        record_run(
+            engine,
+            make_summary(
+                name, nuclei_per_mm2=density, classes={"tumour": 2 * density, "stroma": 100.0}
+            ),
+        )
     # s2 rerun with other parameters: its latest run counts (3000 instead of 2000).
-    record_run(engine, make_summary("s2", nuclei_per_mm2=3000.0, parameters_hash="e" * 64, classes={"tumour": 6000.0}))
+    record_run(
+        engine,
+        make_summary(
+            "s2", nuclei_per_mm2=3000.0, parameters_hash="e" * 64, classes={"tumour": 6000.0}
+        ),
+    )
     rows = [{"slide": n, "diagnosis": DIAGNOSIS.get(n, ""), "site": SITE[n]} for n in DENSITY]
     report = import_metadata(engine, rows)
     assert report.unmatched == () and report.matched_rows == 6
@@ -104,7 +114,9 @@ def test_bad_metric(cohort: Engine) -> None:
 def test_injection_strings_are_values(cohort: Engine) -> None:
     import_metadata(cohort, [{"name": "s5", "diagnosis": INJECTION, INJECTION: "v"}])
     rows = query_cohort(cohort, by=[INJECTION], where={"diagnosis": INJECTION})
-    assert rows == [{INJECTION: "v", "metric": "nuclei_per_mm2"} | _expected([1500.0]) | {"std": None}]
+    assert rows == [
+        {INJECTION: "v", "metric": "nuclei_per_mm2"} | _expected([1500.0]) | {"std": None}
+    ]
     assert query_cohort(cohort, where={"diagnosis": "x"}) == []
     assert query_cohort(cohort, where={"vendor": INJECTION}) == []
     flag_slide(cohort, "s5", reason=INJECTION, flag=INJECTION)
@@ -119,7 +131,13 @@ def test_list_slides(cohort: Engine) -> None:
     s2 = slides[1]
     assert s2["nuclei_per_mm2"] == 3000.0 and s2["metadata"] == {"diagnosis": "LUAD", "site": "B"}
     assert slides[2]["flags"] == ["qc"]
-    assert [s["name"] for s in list_slides(cohort, include_flagged=False)] == ["s1", "s2", "s4", "s5", "s6"]
+    assert [s["name"] for s in list_slides(cohort, include_flagged=False)] == [
+        "s1",
+        "s2",
+        "s4",
+        "s5",
+        "s6",
+    ]
 
 
 def test_query_cohort_df(cohort: Engine) -> None:
@@ -129,7 +147,9 @@ def test_query_cohort_df(cohort: Engine) -> None:
     assert len(df) == 4
 
 
-def test_import_csv_by_fingerprint_path_and_name(engine: Engine, make_summary, tmp_path: Path) -> None:
+def test_import_csv_by_fingerprint_path_and_name(
+    engine: Engine, make_summary, tmp_path: Path
+) -> None:
     for name in ("a", "b", "c"):
         record_run(engine, make_summary(name))
     csv_path = tmp_path / "meta.csv"
@@ -156,7 +176,9 @@ def test_import_csv_by_fingerprint_path_and_name(engine: Engine, make_summary, t
 def test_import_by_patient(engine: Engine, make_summary) -> None:
     for name in ("a", "b", "c"):
         record_run(engine, make_summary(name))
-    import_metadata(engine, [{"slide": "a", "patient_id": "P1"}, {"slide": "b", "patient_id": "P1"}])
+    import_metadata(
+        engine, [{"slide": "a", "patient_id": "P1"}, {"slide": "b", "patient_id": "P1"}]
+    )
     report = import_metadata(
         engine,
         [{"patient_id": "P1", "sex": "F", "stage": "II"}, {"patient_id": "P9", "sex": "M"}],

@@ -41,7 +41,9 @@ def test_record_run_writes_everything(engine: Engine, make_summary) -> None:
         assert stats["nucleus_area_q3_um2"] == 50.0
         classes = {
             r.tissue_class: r.nuclei_per_mm2
-            for r in conn.execute(select(ClassStatistics.tissue_class, ClassStatistics.nuclei_per_mm2))
+            for r in conn.execute(
+                select(ClassStatistics.tissue_class, ClassStatistics.nuclei_per_mm2)
+            )
         }
         slide = conn.execute(select(Slide)).one()._mapping
     assert classes == {"tumour": 2000.0, "stroma": 300.0, "fat": None}
@@ -72,26 +74,42 @@ def test_null_statistics(engine: Engine, make_summary) -> None:
 def test_bad_summary_schema(engine: Engine, make_summary) -> None:
     summary = make_summary("s1")
     summary["schema"] = "something/9"
-    with pytest.raises(ConfigError, match="slidestream.summary/1"):
+    with pytest.raises(ConfigError, match=r"slidestream\.summary/1"):
         record_run(engine, summary)
 
 
 def test_failures_and_skips(engine: Engine, make_summary) -> None:
-    common: dict[str, Any] = {"parameters": {"a": 1}, "parameters_hash": "h", "software_version": "0.1.0"}
+    common: dict[str, Any] = {
+        "parameters": {"a": 1},
+        "parameters_hash": "h",
+        "software_version": "0.1.0",
+    }
     no_slide = record_failure(
-        engine, slide_path="/x/broken.svs", slide_name="broken", fingerprint=None, error="boom", **common
+        engine,
+        slide_path="/x/broken.svs",
+        slide_name="broken",
+        fingerprint=None,
+        error="boom",
+        **common,
     )
     with_slide = record_failure(
         engine, slide_path="/x/s1.svs", slide_name="s1", fingerprint="fp-s1", error="OOM", **common
     )
     skipped = record_skip(
-        engine, slide_path="/x/s1.svs", slide_name="s1", fingerprint="fp-s1", reason="no tissue", **common
+        engine,
+        slide_path="/x/s1.svs",
+        slide_name="s1",
+        fingerprint="fp-s1",
+        reason="no tissue",
+        **common,
     )
     ok = record_run(engine, make_summary("s1"))
     with engine.connect() as conn:
         rows = {
             r.id: (r.status, r.slide_id, r.error)
-            for r in conn.execute(select(AnalysisRun.id, AnalysisRun.status, AnalysisRun.slide_id, AnalysisRun.error))
+            for r in conn.execute(
+                select(AnalysisRun.id, AnalysisRun.status, AnalysisRun.slide_id, AnalysisRun.error)
+            )
         }
         slide = conn.execute(select(Slide)).one()._mapping
     assert rows[no_slide] == ("failed", None, "boom")
@@ -125,7 +143,8 @@ def test_concurrent_writers_lose_nothing(engine: Engine, db_url: str) -> None:
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_writer, args=(db_url, w, n_shared, n_own, queue)) for w in range(n_workers)
+        ctx.Process(target=_writer, args=(db_url, w, n_shared, n_own, queue))
+        for w in range(n_workers)
     ]
     for p in procs:
         p.start()
