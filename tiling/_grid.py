@@ -267,10 +267,12 @@ class TileGrid:
         """
         stride = self.config.stride_px
         if isinstance(t_x, np.ndarray) or isinstance(t_y, np.ndarray):
-            cols = np.floor(np.asarray(t_x, dtype=np.float64) / stride).astype(np.int64)
-            rows = np.floor(np.asarray(t_y, dtype=np.float64) / stride).astype(np.int64)
-            return cols, rows
-        return math.floor(t_x / stride), math.floor(t_y / stride)
+            return _owner_cells(np.asarray(t_x, np.float64), stride), _owner_cells(
+                np.asarray(t_y, np.float64), stride
+            )
+        col = int(_owner_cells(np.asarray([t_x], np.float64), stride)[0])
+        row = int(_owner_cells(np.asarray([t_y], np.float64), stride)[0])
+        return col, row
 
     def tile_at(self, col: int, row: int) -> TileSpec | None:
         """The kept tile of grid cell ``(col, row)``, or None."""
@@ -279,6 +281,14 @@ class TileGrid:
         if pos < len(self.tiles) and self.tiles[pos].col == col and self.tiles[pos].row == row:
             return self.tiles[pos]
         return None
+
+
+def _owner_cells(t: npt.NDArray[np.float64], stride: int) -> npt.NDArray[np.int64]:
+    """Cell index ``c`` with ``c * stride <= t < (c + 1) * stride``, exact despite round-off."""
+    cells = np.floor(t / stride).astype(np.int64)
+    cells -= (t < cells * stride).astype(np.int64)
+    cells += (t >= (cells + 1) * stride).astype(np.int64)
+    return cells
 
 
 def _grid_shape(
