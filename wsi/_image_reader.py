@@ -39,7 +39,8 @@ def load_image_rgb(path: Path, background: tuple[int, int, int]) -> npt.NDArray[
         alpha = rgba[..., 3:4].astype(np.float32) / 255.0
         bg = np.asarray(background, dtype=np.float32)
         mixed = rgba[..., :3].astype(np.float32) * alpha + bg * (1.0 - alpha)
-        return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        composited: npt.NDArray[np.uint8] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        return composited
     rgb: npt.NDArray[np.uint8] = np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
     return rgb
 

@@ -60,7 +60,7 @@ def fast_levels(
 
     try:
         with tifffile.TiffFile(path) as tif:
-            tiled = [page for page in tif.pages if getattr(page, "is_tiled", False)]
+            tiled: list[Any] = [page for page in tif.pages if getattr(page, "is_tiled", False)]
             levels: list[TiffLevel] = []
             start = 0
             for width, height in level_dimensions:

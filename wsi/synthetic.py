@@ -68,7 +68,7 @@ class _Encoder:
         if self.compression == "jpeg":
             return bytes(imagecodecs.jpeg8_encode(tile, level=self.quality))
         if self.compression == "deflate":
-            return bytes(imagecodecs.zlib_encode(tile, level=6))
+            return bytes(imagecodecs.zlib_encode(tile.tobytes(), level=6))
         return tile.tobytes()
 
 
@@ -198,9 +198,10 @@ def write_pyramidal_tiff(
         array = image
         width, height = int(image.shape[1]), int(image.shape[0])
 
-        def source(x: int, y: int, w: int, h: int) -> npt.NDArray[np.uint8]:
+        def _crop(x: int, y: int, w: int, h: int) -> npt.NDArray[np.uint8]:
             return array[y : y + h, x : x + w]
 
+        source: TileSource = _crop
     else:
         if size is None:
             raise ConfigError("size=(width, height) is required when image is a tile callable")
