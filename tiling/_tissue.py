@@ -73,9 +73,9 @@ class TissueDetectionConfig:
     min_tissue_area_um2: float = 10_000.0
     min_hole_area_um2: float = 5_000.0
     min_saturation: float = 0.04
-    max_saturation: float = 0.15
+    max_saturation: float = 0.08
     min_od: float = 0.10
-    max_od: float = 0.30
+    max_od: float = 0.25
     saturation_floor: float = 0.03
     dark_value: int = 60
     dark_chroma: int = 30
