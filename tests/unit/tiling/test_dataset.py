@@ -1,0 +1,141 @@
+"""Streaming: every planned tile exactly once with the right pixels, under fork and spawn."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from slidestream.errors import SlideReadError
+from slidestream.tiling import (
+    SlideLike,
+    TileBatch,
+    TileDataset,
+    TilingConfig,
+    make_loader,
+    plan_tiles,
+)
+
+from .conftest import FakeSlide
+
+CFG = TilingConfig(tile_mpp=0.5, tile_size_px=96, overlap_px=16, min_tissue_fraction=0.0)
+
+
+def _expected_tile(
+    image: npt.NDArray[np.uint8], l0_x: float, l0_y: float, size: int
+) -> npt.NDArray[np.uint8]:
+    """Native-resolution tile cut from the source array, padded with white."""
+    pad = size
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+    x, y = round(l0_x) + pad, round(l0_y) + pad
+    return padded[y : y + size, x : x + size]
+
+
+def _collect(batches: list[TileBatch]) -> tuple[list[int], dict[int, npt.NDArray[np.uint8]]]:
+    order: list[int] = []
+    pixels: dict[int, npt.NDArray[np.uint8]] = {}
+    for batch in batches:
+        assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (3, 96, 96)
+        assert batch.indices.dtype == torch.int64 and batch.l0_xy.shape == (len(batch.indices), 2)
+        for image, index in zip(batch.images, batch.indices.tolist(), strict=True):
+            order.append(index)
+            pixels[index] = image.permute(1, 2, 0).numpy()
+    return order, pixels
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fork_loader_yields_every_tile_once_with_correct_pixels(
+    generated_slide: Path, he_image: npt.NDArray[np.uint8], num_workers: int
+) -> None:
+    from slidestream.wsi import open_slide
+
+    with open_slide(generated_slide) as slide:
+        grid = plan_tiles(slide, CFG)
+    assert len(grid) == grid.n_cols * grid.n_rows > 10
+    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
+    loader = make_loader(
+        dataset, batch_size=5, num_workers=num_workers, device="cpu", multiprocessing_context="fork"
+    )
+    order, pixels = _collect(list(loader))
+    assert order == list(range(len(grid)))  # each exactly once, in tile order
+    for tile in grid:
+        expected = _expected_tile(he_image, tile.l0_x, tile.l0_y, 96)
+        np.testing.assert_array_equal(pixels[tile.index], expected)
+
+
+def test_spawn_loader_and_pickling(generated_slide: Path) -> None:
+    from slidestream.wsi import open_slide
+
+    cfg = TilingConfig(tile_mpp=1.0, tile_size_px=96, overlap_px=16, min_tissue_fraction=0.0)
+    with open_slide(generated_slide) as slide:
+        grid = plan_tiles(slide, cfg)
+        expected = {t.index: slide.read_at_mpp((t.l0_x, t.l0_y), (96, 96), 1.0) for t in grid}
+    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=1.0, tile_size_px=96)
+    image, index = dataset[3]  # opens the slide in this process
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected[index])
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone._slide is None and len(clone) == len(dataset)
+    np.testing.assert_array_equal(clone[3][0].numpy(), image.numpy())
+    loader = make_loader(
+        clone, batch_size=4, num_workers=2, device="cpu", multiprocessing_context="spawn"
+    )
+    order: list[int] = []
+    for batch in loader:
+        for img, idx in zip(batch.images, batch.indices.tolist(), strict=True):
+            order.append(idx)
+            np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), expected[idx])
+    assert order == list(range(len(grid)))
+    dataset.close()
+    dataset.close()  # idempotent
+
+
+class _CorruptSlide(FakeSlide):
+    def read_region(
+        self, location: tuple[int, int], size: tuple[int, int], *, level: int = 0
+    ) -> npt.NDArray[np.uint8]:
+        if location[0] > 100:
+            raise SlideReadError(f"{self.path}: corrupt tile data at {location}")
+        return super().read_region(location, size, level=level)
+
+
+def _open_corrupt(path: Path, mpp: float | None) -> SlideLike:
+    return _CorruptSlide(np.full((200, 300, 3), 200, np.uint8), mpp=0.5, path=str(path))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_worker_read_error_reaches_the_caller(num_workers: int) -> None:
+    slide = _open_corrupt(Path("bad.svs"), None)
+    grid = plan_tiles(slide, CFG)
+    dataset = TileDataset(
+        "bad.svs", grid.tiles, tile_mpp=0.5, tile_size_px=96, opener=_open_corrupt
+    )
+    loader = make_loader(
+        dataset, batch_size=2, num_workers=num_workers, device="cpu", multiprocessing_context="fork"
+    )
+    with pytest.raises(SlideReadError) as info:
+        list(loader)
+    message = str(info.value)
+    assert "bad.svs" in message and "cannot read tile" in message and "level-0 x=" in message
+    assert "\n" not in message
+
+
+@pytest.mark.realdata
+def test_unreadable_svs_raises_slide_read_error(shared_data: Path) -> None:
+    from slidestream.wsi import open_slide
+
+    path = shared_data / "slides" / "synthetic" / "unreadable.svs"
+    with open_slide(path) as slide:
+        grid = plan_tiles(
+            slide, TilingConfig(tile_mpp=slide.mpp, tile_size_px=16, min_tissue_fraction=0)
+        )
+    dataset = TileDataset(path, grid.tiles, tile_mpp=slide.mpp, tile_size_px=16)
+    with pytest.raises(SlideReadError, match="unreadable.svs"):
+        list(
+            make_loader(
+                dataset, batch_size=1, num_workers=1, device="cpu", multiprocessing_context="fork"
+            )
+        )
