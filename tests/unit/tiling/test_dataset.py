@@ -133,7 +133,7 @@ def test_unreadable_svs_raises_slide_read_error(shared_data: Path) -> None:
             slide, TilingConfig(tile_mpp=slide.mpp, tile_size_px=16, min_tissue_fraction=0)
         )
     dataset = TileDataset(path, grid.tiles, tile_mpp=slide.mpp, tile_size_px=16)
-    with pytest.raises(SlideReadError, match="unreadable.svs"):
+    with pytest.raises(SlideReadError, match=r"unreadable\.svs"):
         list(
             make_loader(
                 dataset, batch_size=1, num_workers=1, device="cpu", multiprocessing_context="fork"

@@ -114,7 +114,7 @@ def test_excludes_background_and_artefacts(
 def test_polygons_follow_the_mask(
     artefact_case: tuple[FakeSlide, dict, TissueMask], tmp_path: Path
 ) -> None:
-    slide, regions, tissue = artefact_case
+    slide, _, tissue = artefact_case
     poly = tissue.to_polygons()
     assert isinstance(poly, shapely.MultiPolygon) and poly.is_valid
     assert len(poly.geoms) == 2
