@@ -1,6 +1,7 @@
 """Cohort queries: per-group summaries of slide statistics, and the slide list.
 
-Each slide contributes the statistics of its *latest* succeeded run (highest run id). QC-flagged
+Each slide contributes the statistics of its *latest* succeeded run (highest run id, kept in
+``slides.latest_run_id`` by :func:`~slidestream.db.record_run`). QC-flagged
 slides are left out unless ``include_flagged``. Grouping (``by``) and filtering (``where``)
 columns are metadata keys (``diagnosis``, ``site``, ``patient_id``...) or the built-in slide
 columns of :data:`BUILTIN_COLUMNS`; a built-in name wins over a metadata key of the same name.
@@ -26,7 +27,6 @@ from sqlalchemy import (
     Table,
     and_,
     exists,
-    func,
     select,
 )
 from sqlalchemy.orm import aliased
@@ -117,17 +117,11 @@ def _cohort_select(
     include_flagged: bool,
 ) -> Select[Any]:
     """One row per slide: the group values ``g0..`` then the metric values ``m0..``."""
-    latest = (
-        select(_RUNS.c.slide_id, func.max(_RUNS.c.id).label("run_id"))
-        .where(_RUNS.c.status == "succeeded", _RUNS.c.slide_id.is_not(None))
-        .group_by(_RUNS.c.slide_id)
-        .subquery("latest")
-    )
     stats = _CSTATS if tissue_class is not None else _SSTATS
-    on = stats.c.run_id == latest.c.run_id
+    on = stats.c.run_id == _SLIDES.c.latest_run_id
     if tissue_class is not None:
         on = and_(on, stats.c.tissue_class == tissue_class)
-    source: FromClause = latest.join(stats, on).join(_SLIDES, _SLIDES.c.id == latest.c.slide_id)
+    source: FromClause = _SLIDES.join(stats, on)
     conditions: list[ColumnElement[bool]] = []
     for key, raw in where.items():
         values = [raw] if isinstance(raw, str) else list(raw)
@@ -315,15 +309,6 @@ def list_slides(engine: Engine, *, include_flagged: bool = True) -> list[dict[st
         (``None`` without one), the metrics of :data:`SLIDE_METRICS`, ``flags`` (sorted
         flag names) and ``metadata`` (dict).
     """
-    latest = (
-        select(
-            _RUNS.c.slide_id,
-            func.max(_RUNS.c.id).label("run_id"),
-        )
-        .where(_RUNS.c.status == "succeeded", _RUNS.c.slide_id.is_not(None))
-        .group_by(_RUNS.c.slide_id)
-        .subquery("latest")
-    )
     slide_cols = [
         _SLIDES.c[c]
         for c in (
@@ -342,14 +327,14 @@ def list_slides(engine: Engine, *, include_flagged: bool = True) -> list[dict[st
     stmt = (
         select(
             *slide_cols,
-            latest.c.run_id,
+            _SLIDES.c.latest_run_id.label("run_id"),
             _RUNS.c.finished_at,
             *(_SSTATS.c[m] for m in SLIDE_METRICS),
         )
         .select_from(
-            _SLIDES.outerjoin(latest, latest.c.slide_id == _SLIDES.c.id)
-            .outerjoin(_RUNS, _RUNS.c.id == latest.c.run_id)
-            .outerjoin(_SSTATS, _SSTATS.c.run_id == latest.c.run_id)
+            _SLIDES.outerjoin(_RUNS, _RUNS.c.id == _SLIDES.c.latest_run_id).outerjoin(
+                _SSTATS, _SSTATS.c.run_id == _SLIDES.c.latest_run_id
+            )
         )
         .order_by(_SLIDES.c.name, _SLIDES.c.id)
     )

@@ -75,6 +75,7 @@ class Slide(Base):
     """A slide file, identified by its content fingerprint (quickhash-1 or sha256)."""
 
     __tablename__ = "slides"
+    __table_args__ = (Index(None, "latest_run_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(128), unique=True)
@@ -92,6 +93,12 @@ class Slide(Base):
     objective_power: Mapped[float | None] = mapped_column(Float)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    latest_run_id: Mapped[int | None] = mapped_column(Integer)
+    """Id of the slide's latest succeeded run (the highest id), kept by ``record_run``.
+
+    A denormalised pointer (no foreign key, which would make the two tables refer to each
+    other) so that cohort queries need no ``GROUP BY`` over all runs.
+    """
 
 
 class SlideMetadata(Base):

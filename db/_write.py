@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Table, select
+from sqlalchemy import Connection, Engine, Table, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -300,6 +300,15 @@ def record_run(engine: Engine, summary: Mapping[str, Any]) -> int:
         conn.execute(
             SlideStatistics.__table__.insert(),  # type: ignore[attr-defined]
             [{"run_id": run_id, "slide_id": slide_id, **slide_stats}],
+        )
+        slides: Table = Slide.__table__  # type: ignore[assignment]
+        conn.execute(
+            update(slides)
+            .where(
+                slides.c.id == slide_id,
+                or_(slides.c.latest_run_id.is_(None), slides.c.latest_run_id < run_id),
+            )
+            .values(latest_run_id=run_id)
         )
         if class_rows:
             conn.execute(

@@ -49,10 +49,12 @@ def upgrade() -> None:
         sa.Column("objective_power", sa.Float(), nullable=True),
         sa.Column("first_seen", _TZ, nullable=False),
         sa.Column("last_seen", _TZ, nullable=False),
+        sa.Column("latest_run_id", sa.Integer(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_slides")),
         sa.UniqueConstraint("fingerprint", name=op.f("uq_slides_fingerprint")),
     )
     op.create_index(op.f("ix_slides_name"), "slides", ["name"], unique=False)
+    op.create_index(op.f("ix_slides_latest_run_id"), "slides", ["latest_run_id"], unique=False)
     op.create_table(
         "analysis_runs",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -155,5 +157,6 @@ def downgrade() -> None:
     op.drop_table("slide_statistics")
     op.drop_index(op.f("ix_analysis_runs_slide_id_status_id"), table_name="analysis_runs")
     op.drop_table("analysis_runs")
+    op.drop_index(op.f("ix_slides_latest_run_id"), table_name="slides")
     op.drop_index(op.f("ix_slides_name"), table_name="slides")
     op.drop_table("slides")
