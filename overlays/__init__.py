@@ -5,6 +5,15 @@ is written atomically (``<name>.tmp`` beside the target, fsync, rename).
 """
 
 from ._atomic import atomic_open, atomic_path
+from ._geojson import (
+    NUCLEUS_ID_NAMESPACE,
+    RGB,
+    nucleus_ids,
+    write_nuclei_geojson,
+    write_tissue_geojson,
+)
+from ._overlay_png import render_overlay_png
+from ._parquet import write_nuclei_parquet
 from ._stitch import MeasureFn, extract_tile_nuclei
 from ._table import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED, NucleusTable
 from ._tissue_polygons import (
@@ -16,6 +25,12 @@ from ._tissue_polygons import (
 )
 
 __all__ = [
+    "NUCLEUS_ID_NAMESPACE",
+    "RGB",
+    "nucleus_ids",
+    "write_nuclei_geojson",
+    "write_nuclei_parquet",
+    "write_tissue_geojson",
     "MEASUREMENT_DISPLAY_NAMES",
     "UNCLASSIFIED",
     "ClassRaster",
@@ -28,4 +43,5 @@ __all__ = [
     "class_map_to_raster",
     "extract_tile_nuclei",
     "raster_to_polygons",
+    "render_overlay_png",
 ]

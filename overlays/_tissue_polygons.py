@@ -151,7 +151,9 @@ def class_map_to_raster(
     def up(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return np.asarray(cv2.resize(a, size, interpolation=cv2.INTER_LINEAR), np.float32)
 
-    tissue = up(np.pad(weight, 0)) >= 0.5
+    # the outline follows the lightly smoothed tissue mask (no patch staircase)
+    soft = ndimage.gaussian_filter(weight, sigma=smoothing_sigma_cells, mode="constant")
+    tissue = up(soft if smoothing_sigma_cells > 0 else weight) >= 0.5
     den_up = up(den)
     score = np.stack([up(np.ascontiguousarray(num[..., i])) for i in range(k)], axis=2)
     labels = np.argmax(score, axis=2).astype(np.int16)
@@ -206,7 +208,7 @@ def _class_coverage(labels: npt.NDArray[np.int16], value: int) -> BaseGeometry:
 
 
 def raster_to_polygons(
-    raster: ClassRaster, *, min_island_area_um2: float = 0.0, simplify_tolerance_px: float = 1.0
+    raster: ClassRaster, *, min_island_area_um2: float = 0.0, simplify_tolerance_px: float = 1.5
 ) -> dict[str, BaseGeometry]:
     """Vectorise a class raster: one valid (Multi)Polygon per present class, in level-0 px.
 
