@@ -62,8 +62,12 @@ def migrations_dir() -> Path:
         The migration scripts are not installed.
     """
     candidates: list[Path] = []
-    with contextlib.suppress(ModuleNotFoundError, TypeError):
-        candidates.append(Path(str(importlib.resources.files("slidestream.migrations"))))
+    with contextlib.suppress(ModuleNotFoundError):
+        # A namespace package: files() gives a MultiplexedPath; joining a file name gives the
+        # real file (a pathlib.Path for an installed wheel; Alembic needs a real folder).
+        env = importlib.resources.files("slidestream.migrations").joinpath("env.py")
+        if isinstance(env, Path):
+            candidates.append(env.parent)
     candidates.append(Path(__file__).resolve().parent.parent / "alembic")
     for candidate in candidates:
         if (candidate / "env.py").is_file() and (candidate / "versions").is_dir():
