@@ -4,7 +4,7 @@ The migration scripts ship inside the package as ``slidestream.migrations`` (the
 ``alembic/`` folder). Alembic is configured programmatically (no ``alembic.ini`` is read) and
 runs on a connection handed to ``env.py`` through ``Config.attributes["connection"]``.
 
-A *fresh* database (none of our tables and no ``alembic_version``) may be created by
+A *fresh* database (none of our tables and no revision recorded) may be created by
 :func:`open_database` with ``create=True``: it runs ``upgrade head``, the same code path as
 ``slidestream db upgrade``. Any other database must already be at the head revision; otherwise
 :class:`~slidestream.errors.SchemaVersionError` names the command that fixes it.
@@ -163,8 +163,11 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def _is_fresh(conn: Connection) -> bool:
+    """No slidestream table, and no revision recorded (a database downgraded to base is)."""
     tables = set(inspect(conn).get_table_names())
-    return "alembic_version" not in tables and not tables & set(Base.metadata.tables)
+    if tables & set(Base.metadata.tables):
+        return False
+    return MigrationContext.configure(conn).get_current_revision() is None
 
 
 def check_schema(engine: Engine) -> None:
@@ -201,7 +204,7 @@ def open_database(url: str | URL, *, create: bool = False, **engine_kwargs: Any)
         Database URL (see :func:`connect`).
     create : bool
         Create the schema (``upgrade head``) when the database is fresh: no slidestream tables
-        and no ``alembic_version``. ``slidestream run`` passes ``True``; queries do not.
+        and no revision recorded. ``slidestream run`` passes ``True``; queries do not.
     **engine_kwargs
         Passed on to :func:`sqlalchemy.create_engine`.
 

@@ -51,6 +51,10 @@ def test_downgrade_base_then_upgrade_round_trips(fresh_engine: Engine) -> None:
     downgrade(fresh_engine, "base")
     assert current_revision(fresh_engine) is None
     assert set(inspect(fresh_engine).get_table_names()) <= {"alembic_version"}
+    # a database downgraded to base counts as fresh again
+    open_database(fresh_engine.url, create=True).dispose()
+    assert current_revision(fresh_engine) == head_revision()
+    downgrade(fresh_engine, "base")
     upgrade(fresh_engine, "0001")
     assert current_revision(fresh_engine) == "0001"
     upgrade(fresh_engine)
