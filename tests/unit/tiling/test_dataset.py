@@ -139,3 +139,22 @@ def test_unreadable_svs_raises_slide_read_error(shared_data: Path) -> None:
                 dataset, batch_size=1, num_workers=1, device="cpu", multiprocessing_context="fork"
             )
         )
+
+
+@pytest.mark.gpu
+def test_cuda_loader_pins_and_transfers(generated_slide: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from slidestream.wsi import open_slide
+
+    with open_slide(generated_slide) as slide:
+        grid = plan_tiles(slide, CFG)
+    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
+    loader = make_loader(dataset, batch_size=4, num_workers=2, device="cuda")
+    assert loader._loader.pin_memory
+    seen: list[int] = []
+    for batch in loader:
+        assert batch.images.is_cuda and batch.images.dtype == torch.uint8
+        assert not batch.indices.is_cuda
+        seen.extend(batch.indices.tolist())
+    assert seen == list(range(len(grid)))
