@@ -112,14 +112,18 @@ def trace_nuclei(
     if n == 0:
         return np.zeros((0, 2), np.float64), np.zeros(1, np.int64)
     outlines: list[npt.NDArray[np.int32]] = []
-    for lab in label_ids:
+    origins = np.zeros((n, 2), np.float64)  # crop origin (x, y) in tile px
+    extents = np.zeros((n, 2), np.float64)  # crop (width, height) in px
+    for j, lab in enumerate(label_ids):
         sl = slices[int(lab) - 1]
         if sl is None:  # measured but absent from the image: cannot happen with a sane measure
             raise ConfigError(f"trace_nuclei: label {int(lab)} is not in the label image")
         crop = np.pad((labels[sl] == lab).view(np.uint8), 1)
-        outline = _largest_contour(crop)
-        outline += (sl[1].start - 1, sl[0].start - 1)  # padded crop -> tile pixel index
-        outlines.append(outline)
+        # geometry is computed in crop coordinates, so a nucleus gets the same outline whichever
+        # tile it is traced in (no dependence of rounding / simplification ties on the position)
+        outlines.append(_largest_contour(crop) - 1)  # padded crop -> crop pixel index
+        origins[j] = sl[1].start, sl[0].start
+        extents[j] = sl[1].stop - sl[1].start, sl[0].stop - sl[0].start
     sizes = np.fromiter((len(o) for o in outlines), np.int64, n)
     flat = np.concatenate(outlines).astype(np.float64)
     owner = np.repeat(np.arange(n), sizes)
@@ -138,6 +142,10 @@ def trace_nuclei(
     for i in np.flatnonzero(sizes == 1):
         geoms[i] = shapely.Point(outlines[i][0])
     grown = shapely.buffer(geoms, 0.5, cap_style="square", join_style="mitre")
+    # mitres overshoot 45-degree corners: clip to the pixels' box (pixel centres at integers)
+    grown = shapely.intersection(
+        grown, shapely.box(-0.5, -0.5, extents[:, 0] - 0.5, extents[:, 1] - 0.5)
+    )
     grown = _largest_polygons(grown)
     simple = shapely.simplify(grown, simplify_tolerance_px, preserve_topology=False)
     redo = np.flatnonzero(~shapely.is_valid(simple) | shapely.is_empty(simple))
@@ -148,7 +156,7 @@ def trace_nuclei(
     counts = np.bincount(index, minlength=n)
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    coords += 0.5  # pixel-centre index -> continuous (edges at integers)
+    coords += origins[index] + 0.5  # crop pixel index -> continuous tile px (edges at integers)
     return coords, offsets
 
 

@@ -67,3 +67,15 @@ def synthetic_labels(
 def slide_labels() -> npt.NDArray[np.int32]:
     """A 480 x 400 label image with a few hundred nuclei straddling every tile seam."""
     return synthetic_labels((400, 480), 700, seed=1)
+
+
+@pytest.fixture(scope="session")
+def measure() -> Any:
+    """The fake ``measure_nuclei``."""
+    return fake_measure
+
+
+@pytest.fixture(scope="session")
+def make_labels() -> Any:
+    """``synthetic_labels(shape, n, seed=0, max_radius=9)``."""
+    return synthetic_labels
