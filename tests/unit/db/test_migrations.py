@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -125,3 +127,29 @@ def test_password_masked_when_server_unreachable() -> None:
 def test_unsupported_backend_is_rejected() -> None:
     with pytest.raises(DatabaseError, match="unsupported database backend"):
         connect("mysql://u:pw@host/db")
+
+
+def _create(url: str, queue: Any) -> None:
+    try:
+        open_database(url, create=True).dispose()
+        queue.put("ok")
+    except Exception as err:  # reported to the parent
+        queue.put(f"{type(err).__name__}: {err}")
+
+
+def test_concurrent_creation_of_a_fresh_database(fresh_db_url: str) -> None:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_create, args=(fresh_db_url, queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == ["ok"] * 4
+    engine = connect(fresh_db_url)
+    try:
+        assert current_revision(engine) == head_revision()
+        assert _diff(engine) == []
+    finally:
+        engine.dispose()
