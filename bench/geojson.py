@@ -71,7 +71,7 @@ def synth_table(n: int, seed: int, *, vertices: int = 20, mpp: float = 0.25) -> 
 
 
 def tables(total: int, chunk: int, templates: list[NucleusTable]) -> Iterator[NucleusTable]:
-    """Yield ``total`` nuclei as chunks, cycling a few pre-built templates (generation not timed)."""
+    """Yield ``total`` nuclei as chunks cycling pre-built templates (generation is not timed)."""
     done = 0
     i = 0
     while done < total:
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(
             f"{name:22s} {count:>10,} nuclei  wall {dt:6.2f} s = {count / dt:>9,.0f} nuclei/s  "
-            f"CPU {cpu:6.2f} s = {count / cpu:>9,.0f} nuclei/CPU-s  peak RSS {peak_rss_mib():.0f} MiB"
+            f"CPU {cpu:6.2f} s = {count / cpu:>9,.0f} nuclei/CPU-s  "
+            f"peak RSS {peak_rss_mib():.0f} MiB"
         )
     for f in sorted(out.iterdir()):
         print(f"  {f.name}: {f.stat().st_size / 2**20:.1f} MiB")

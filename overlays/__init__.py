@@ -5,43 +5,43 @@ is written atomically (``<name>.tmp`` beside the target, fsync, rename).
 """
 
 from ._atomic import atomic_open, atomic_path
-from ._geojson import (
-    NUCLEUS_ID_NAMESPACE,
-    RGB,
-    nucleus_ids,
-    write_nuclei_geojson,
-    write_tissue_geojson,
-)
+from ._geojson import RGB, write_nuclei_geojson, write_tissue_geojson
+from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids
 from ._overlay_png import render_overlay_png
-from ._parquet import write_nuclei_parquet
+from ._parquet import ParquetStream, write_nuclei_parquet
 from ._stitch import MeasureFn, extract_tile_nuclei
 from ._table import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED, NucleusTable
 from ._tissue_polygons import (
     ClassRaster,
+    TissueRegions,
     assign_classes,
     class_map_to_polygons,
     class_map_to_raster,
     raster_to_polygons,
+    tissue_class_regions,
 )
 
 __all__ = [
+    "MEASUREMENT_DISPLAY_NAMES",
     "NUCLEUS_ID_NAMESPACE",
     "RGB",
-    "nucleus_ids",
-    "write_nuclei_geojson",
-    "write_nuclei_parquet",
-    "write_tissue_geojson",
-    "MEASUREMENT_DISPLAY_NAMES",
     "UNCLASSIFIED",
     "ClassRaster",
     "MeasureFn",
     "NucleusTable",
+    "ParquetStream",
+    "TissueRegions",
     "assign_classes",
     "atomic_open",
     "atomic_path",
     "class_map_to_polygons",
     "class_map_to_raster",
     "extract_tile_nuclei",
+    "nucleus_ids",
     "raster_to_polygons",
     "render_overlay_png",
+    "tissue_class_regions",
+    "write_nuclei_geojson",
+    "write_nuclei_parquet",
+    "write_tissue_geojson",
 ]

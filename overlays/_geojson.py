@@ -18,16 +18,15 @@ QuPath v0.4 cannot read NaN) are :data:`~slidestream.overlays.MEASUREMENT_DISPLA
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import uuid
 import zlib
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +37,9 @@ from shapely.geometry.base import BaseGeometry
 from slidestream.errors import ConfigError
 
 from . import _json_text as jt
-from ._atomic import atomic_open
+from ._atomic import atomic_open, atomic_path
+from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids, uuid5_text
+from ._parquet import ParquetStream
 from ._table import UNCLASSIFIED, NucleusTable, measurement_display_name
 
 __all__ = [
@@ -53,50 +54,9 @@ logger = logging.getLogger(__name__)
 
 RGB = tuple[int, int, int]
 
-NUCLEUS_ID_NAMESPACE: Final = uuid.UUID("5d1e5a7e-0b8c-5c5e-9a43-51de57ea0000")
-"""uuid5 namespace of every slidestream object id (nuclei and tissue annotations)."""
-
 _HEADER: Final = b'{"type":"FeatureCollection","features":[\n'
 _FOOTER: Final = b"\n]}\n"
 _DEFAULT_COLOR: Final[RGB] = (128, 128, 128)
-_HEX: Final = np.frombuffer(b"0123456789abcdef", np.uint8)
-_UUID_HEX_POS: Final = np.r_[0:8, 9:13, 14:18, 19:23, 24:36]
-
-
-def _uuid5_text(id_namespace: str, start: int, count: int) -> npt.NDArray[np.uint8]:
-    """Canonical uuid5 strings of nuclei ``start ..`` as a (count, 36) uint8 ASCII matrix."""
-    base = hashlib.sha1(NUCLEUS_ID_NAMESPACE.bytes + f"{id_namespace}:".encode())
-    digests = bytearray()
-    for i in range(start, start + count):
-        h = base.copy()
-        h.update(str(i).encode())
-        digests += h.digest()[:16]
-    raw = np.frombuffer(bytes(digests), np.uint8).reshape(count, 16).copy()
-    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5
-    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
-    text = np.full((count, 36), ord("-"), np.uint8)
-    hexed = np.empty((count, 32), np.uint8)
-    hexed[:, 0::2] = _HEX[raw >> 4]
-    hexed[:, 1::2] = _HEX[raw & 0x0F]
-    text[:, _UUID_HEX_POS] = hexed
-    return text
-
-
-def nucleus_ids(id_namespace: str, start: int, count: int) -> list[str]:
-    """Return the ids of nuclei ``start .. start + count - 1`` of a slide, as canonical strings.
-
-    Equal to ``str(uuid.uuid5(NUCLEUS_ID_NAMESPACE, f"{id_namespace}:{index}"))``, computed in bulk.
-
-    Examples
-    --------
-    >>> import uuid
-    >>> nucleus_ids("abc", 7, 1) == [str(uuid.uuid5(NUCLEUS_ID_NAMESPACE, "abc:7"))]
-    True
-    """
-    if count <= 0:
-        return []
-    text = _uuid5_text(id_namespace, start, count)
-    return text.view("S36").ravel().astype("U36").tolist()  # type: ignore[no-any-return]
 
 
 def _check_name(path: Path) -> bool:
@@ -255,6 +215,7 @@ def write_nuclei_geojson(
     class_colors: Mapping[str, RGB] | None = None,
     compresslevel: int = 2,
     chunk_size: int = 20_000,
+    parquet_path: str | os.PathLike[str] | None = None,
 ) -> int:
     """Stream nuclei to a QuPath GeoJSON FeatureCollection of detections.
 
@@ -275,7 +236,10 @@ def write_nuclei_geojson(
     compresslevel : int
         zlib level for ``.gz`` (1-3 keeps writing above 100,000 nuclei/s).
     chunk_size : int
-        Nuclei serialised per orjson call (bounds memory).
+        Nuclei formatted per batch (bounds memory).
+    parquet_path : str or PathLike, optional
+        Also write ``nuclei.parquet`` (see :func:`write_nuclei_parquet`) in the same pass, so
+        ``tables`` may be a one-shot generator; both files are published only if both succeed.
 
     Returns
     -------
@@ -286,24 +250,34 @@ def write_nuclei_geojson(
     colors = dict(class_colors or {})
     count = 0
     pending = b""
-    with _open_output(target, compresslevel) as out:
+    with contextlib.ExitStack() as stack:
+        parquet: ParquetStream | None = None
+        if parquet_path is not None:
+            tmp = stack.enter_context(atomic_path(parquet_path))
+            parquet = ParquetStream(tmp, id_namespace=id_namespace)
+            stack.callback(parquet.abort)
+        out = stack.enter_context(_open_output(target, compresslevel))
         out.write(_HEADER)
         for table in tables:
             for start in range(0, len(table), chunk_size):
                 chunk = table.slice(start, start + chunk_size)
                 body = _nuclei_chunk_bytes(
                     chunk,
-                    _uuid5_text(id_namespace, count, len(chunk)),
+                    uuid5_text(id_namespace, count, len(chunk)),
                     as_points=as_points,
                     class_colors=colors,
                 )
                 if pending:
                     out.write(pending)
                 pending = body
+                if parquet is not None:
+                    parquet.write(chunk)
                 count += len(chunk)
         if pending:
             out.write(pending[:-2])  # no comma after the last feature
         out.write(_FOOTER)
+        if parquet is not None:
+            parquet.close()
     logger.info("wrote %d nuclei to %s", count, target)
     return count
 

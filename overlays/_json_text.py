@@ -77,9 +77,7 @@ def format_fixed(values: npt.NDArray[np.floating], decimals: int) -> U8:
     return out
 
 
-def scatter_rows(
-    items: U8, owner_offsets: npt.NDArray[np.int64], n: int
-) -> U8:
+def scatter_rows(items: U8, owner_offsets: npt.NDArray[np.int64], n: int) -> U8:
     """Lay variable-length groups of item rows side by side, one group per output row.
 
     ``items[offsets[i]:offsets[i + 1]]`` (each (w,) bytes) go, in order, on output row ``i``;

@@ -1,4 +1,4 @@
-"""``overlay.png``: the slide thumbnail with tissue classes, a nucleus-density heat map and a legend.
+"""``overlay.png``: slide thumbnail with tissue classes, nucleus-density heat map and legend.
 
 Layout (what a pathologist looks at first): a title line, then two panels of the thumbnail's size
 side by side — left *Tissue classes* (semi-transparent class fill, class outlines, a scale bar),
@@ -91,7 +91,9 @@ def _rings(geom: BaseGeometry, scale: float) -> list[tuple[list[tuple[float, flo
     return out
 
 
-def _fill_mask(size: tuple[int, int], rings: Sequence[tuple[list[tuple[float, float]], bool]]) -> Image.Image:
+def _fill_mask(
+    size: tuple[int, int], rings: Sequence[tuple[list[tuple[float, float]], bool]]
+) -> Image.Image:
     mask = Image.new("L", size, 0)
     draw = ImageDraw.Draw(mask)
     for pts, hole in sorted(rings, key=lambda r: r[1]):  # shells first, then punch holes
@@ -108,7 +110,7 @@ def render_overlay_png(
     class_polygons: Mapping[str, BaseGeometry],
     class_colors: Mapping[str, RGB],
     nucleus_centroids_l0: npt.NDArray[np.floating],
-    mpp: float,
+    slide_mpp: float,
     density_bin_um: float = 100.0,
     fill_alpha: float = 0.4,
     heat_alpha: float = 0.75,
@@ -130,7 +132,7 @@ def render_overlay_png(
         Tissue class -> ``(r, g, b)``.
     nucleus_centroids_l0 : ndarray of float, shape (N, 2)
         Nucleus centroids ``(x, y)`` in level-0 px.
-    mpp : float
+    slide_mpp : float
         Level-0 µm/px (areas in mm², density in nuclei per mm²).
     density_bin_um : float
         Side of the square density bins, µm (smoothed by one bin).
@@ -145,6 +147,7 @@ def render_overlay_png(
         Size of the written image: width ``max(2 w + 3 * 16, 560)``; the height adds the title,
         panel captions and the legend.
     """
+    mpp = slide_mpp
     if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumb_l0_scale <= 0 or mpp <= 0:
         raise ConfigError(
             f"render_overlay_png: thumbnail {thumbnail.shape} must be (h, w, 3) RGB and "
@@ -180,7 +183,8 @@ def render_overlay_png(
         range=((0, bins[1] * bin_px), (0, bins[0] * bin_px)),
     )  # fmt: skip
     density = ndimage.gaussian_filter(counts, 1.0) / (density_bin_um**2 / 1e6)  # per mm²
-    full = cv2.resize(density.astype(np.float32), (round(bins[0] * bin_px), round(bins[1] * bin_px)),
+    up_size = (round(bins[0] * bin_px), round(bins[1] * bin_px))
+    full = cv2.resize(density.astype(np.float32), up_size,
                       interpolation=cv2.INTER_LINEAR)[:h, :w]  # fmt: skip
     full = np.pad(full, ((0, h - full.shape[0]), (0, w - full.shape[1])))
     m_tissue = np.asarray(tissue_mask) > 0 if class_polygons else full > 0
@@ -256,10 +260,14 @@ def render_overlay_png(
         draw.line((tx, ly + 32, tx, ly + 36), fill=_INK)
         label = f"{frac * vmax:,.0f}" + ("+" if frac == 1.0 else "")
         tw = draw.textlength(label, font=font_small)
-        draw.text((min(max(tx - tw / 2, cx), cx + cb_w - tw), ly + 38), label, fill=_INK, font=font_small)
+        draw.text(
+            (min(max(tx - tw / 2, cx), cx + cb_w - tw), ly + 38), label, fill=_INK, font=font_small
+        )
     draw.text(
         (cx, ly + 56),
-        txt(f"{density_bin_um:g} µm bins, smoothed; top of scale = 99th percentile"), fill=_MUTED, font=font_small
+        txt(f"{density_bin_um:g} µm bins, smoothed; top of scale = 99th percentile"),
+        fill=_MUTED,
+        font=font_small,
     )
 
     with atomic_path(Path(path)) as tmp:

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._atomic import atomic_path
-from ._geojson import nucleus_ids
+from ._ids import nucleus_ids
 from ._table import UNCLASSIFIED, NucleusTable
 
-__all__ = ["write_nuclei_parquet"]
+__all__ = ["ParquetStream", "write_nuclei_parquet"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,41 @@ def _arrow_chunk(table: NucleusTable, start: int, id_namespace: str) -> pa.Table
         mask = table.classes == UNCLASSIFIED
         cols["tissue_class"] = pa.array(table.classes.tolist(), pa.string(), mask=mask)
     return pa.table(cols)
+
+
+class ParquetStream:
+    """Incremental parquet writer of nucleus chunks (the schema comes from the first chunk)."""
+
+    def __init__(self, path: Path, *, id_namespace: str, compression: str = "zstd") -> None:
+        self._path, self._ns, self._compression = path, id_namespace, compression
+        self._writer: pq.ParquetWriter | None = None
+        self.count = 0
+
+    def write(self, table: NucleusTable) -> None:
+        """Append ``table`` as one row group; its first nucleus gets index ``self.count``."""
+        if not len(table):
+            return
+        chunk = _arrow_chunk(table, self.count, self._ns)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._path, chunk.schema, compression=self._compression)
+        self._writer.write_table(chunk, row_group_size=len(chunk))
+        self.count += len(table)
+
+    def close(self) -> None:
+        """Finish the file (an empty file with the base columns when nothing was written)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        elif self.count == 0:
+            empty = _arrow_chunk(NucleusTable.empty(), 0, self._ns)
+            pq.write_table(empty, self._path, compression=self._compression)
+            self.count = -1  # closed
+
+    def abort(self) -> None:
+        """Close without finishing (the caller discards the file)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def write_nuclei_parquet(
@@ -75,24 +110,16 @@ def write_nuclei_parquet(
         Number of rows written.
     """
     target = Path(path)
-    count = 0
-    writer: pq.ParquetWriter | None = None
     with atomic_path(target) as tmp:
+        stream = ParquetStream(tmp, id_namespace=id_namespace, compression=compression)
         try:
             for table in tables:
                 for start in range(0, len(table), chunk_size):
-                    chunk = _arrow_chunk(
-                        table.slice(start, start + chunk_size), count, id_namespace
-                    )
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, chunk.schema, compression=compression)
-                    writer.write_table(chunk, row_group_size=len(chunk))
-                    count += len(chunk)
-            if writer is None:  # no nuclei: still a valid, empty file with the base columns
-                empty = _arrow_chunk(NucleusTable.empty(), 0, id_namespace)
-                pq.write_table(empty, tmp, compression=compression)
-        finally:
-            if writer is not None:
-                writer.close()
+                    stream.write(table.slice(start, start + chunk_size))
+            count = stream.count
+            stream.close()
+        except BaseException:
+            stream.abort()
+            raise
     logger.info("wrote %d nuclei to %s", count, target)
     return count

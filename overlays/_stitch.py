@@ -11,7 +11,8 @@ was too small: it is kept but counted in ``NucleusTable.truncated``.
 
 Pixel convention. Tile pixel ``(c, r)`` covers ``[c, c + 1) x [r, r + 1)`` in continuous tile
 coordinates; centroids from ``measure`` follow scikit-image (pixel centre at the integer index), so
-``+ 0.5`` turns them into continuous coordinates. Level 0 = ``l0_origin + t_continuous * l0_per_px``.
+``+ 0.5`` turns them into continuous coordinates;
+level 0 = ``l0_origin + t_continuous * l0_per_px``.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def trace_nuclei(
     is_poly = sizes >= 3
     if is_poly.any():
         sel = is_poly[owner]
-        rings = shapely.linearrings(flat[sel], indices=np.repeat(np.arange(is_poly.sum()), sizes[is_poly]))
+        rings = shapely.linearrings(
+            flat[sel], indices=np.repeat(np.arange(is_poly.sum()), sizes[is_poly])
+        )
         geoms[is_poly] = shapely.polygons(rings)
         poly_idx = np.flatnonzero(is_poly)
         bad = poly_idx[~shapely.is_valid(geoms[poly_idx])]
@@ -229,7 +232,9 @@ def extract_tile_nuclei(
     h, w = labels.shape
     boxes = np.array(
         [
-            (s[1].start, s[0].start, s[1].stop, s[0].stop) if (s := slices[lab - 1]) else (0, 0, 0, 0)
+            (s[1].start, s[0].start, s[1].stop, s[0].stop)
+            if (s := slices[lab - 1])
+            else (0, 0, 0, 0)
             for lab in label_ids
         ],
         dtype=np.float64,

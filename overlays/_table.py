@@ -173,7 +173,8 @@ class NucleusTable:
         lengths = np.array([len(t.coords) for t in tables], np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         offsets = np.concatenate(
-            [np.zeros(1, np.int64)] + [t.offsets[1:] + s for t, s in zip(tables, starts, strict=True)]
+            [np.zeros(1, np.int64)]
+            + [t.offsets[1:] + s for t, s in zip(tables, starts, strict=True)]
         )
         classes: npt.NDArray[np.str_] | None = None
         if any(t.classes is not None for t in tables):
@@ -218,7 +219,7 @@ class NucleusTable:
         return replace(self, classes=classes)
 
     def slice(self, start: int, stop: int) -> NucleusTable:
-        """Return nuclei ``start:stop`` as a new table (vertex arrays re-based; a copy-free view)."""
+        """Return nuclei ``start:stop`` as a new table (views, offsets re-based to 0)."""
         start, stop, _ = slice(start, stop).indices(len(self))
         stop = max(start, stop)
         c0, c1 = int(self.offsets[start]), int(self.offsets[stop])

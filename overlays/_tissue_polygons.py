@@ -35,10 +35,12 @@ from ._table import UNCLASSIFIED
 
 __all__ = [
     "ClassRaster",
+    "TissueRegions",
     "assign_classes",
     "class_map_to_polygons",
     "class_map_to_raster",
     "raster_to_polygons",
+    "tissue_class_regions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -200,7 +202,7 @@ def _class_coverage(labels: npt.NDArray[np.int16], value: int) -> BaseGeometry:
     mask = np.pad(labels == value, ((0, 0), (1, 1))).view(np.int8)
     d = np.diff(mask, axis=1)
     r0, c0 = np.nonzero(d == 1)
-    r1, c1 = np.nonzero(d == -1)
+    _, c1 = np.nonzero(d == -1)
     if r0.size == 0:
         return shapely.Polygon()
     boxes = shapely.box(c0, r0, c1, r0 + 1)
@@ -340,3 +342,77 @@ def assign_classes(
         value[missing] = np.where(total <= limit, near, len(raster.class_names))
     value[value == _NO_TISSUE] = len(raster.class_names)
     return names[value]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class TissueRegions:
+    """A slide's tissue class map: the class raster plus its polygons (built once)."""
+
+    raster: ClassRaster
+    """The cleaned class raster (for vectorised lookups)."""
+    class_polygons: dict[str, BaseGeometry]
+    """Class name -> (Multi)Polygon in level-0 px."""
+
+    def polygons(self) -> dict[str, BaseGeometry]:
+        """Class name -> (Multi)Polygon in level-0 px (classes without area left out)."""
+        return dict(self.class_polygons)
+
+    def class_area_mm2(self) -> dict[str, float]:
+        """Area of every class (0.0 when absent), mm², from the polygons."""
+        um2_per_px = self.raster.mpp**2
+        return {
+            name: float(self.class_polygons[name].area) * um2_per_px / 1e6
+            if name in self.class_polygons
+            else 0.0
+            for name in self.raster.class_names
+        }
+
+    def assign(
+        self,
+        centroid_x: npt.NDArray[np.floating],
+        centroid_y: npt.NDArray[np.floating],
+        *,
+        max_distance_l0: float | None = None,
+    ) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.intp]]:
+        """Class of each point (level-0 px), see :func:`assign_classes`.
+
+        Returns
+        -------
+        names : ndarray of str, shape (N,)
+        index : ndarray of intp, shape (N,)
+            Position in ``class_names``; ``len(class_names)`` for :data:`UNCLASSIFIED`.
+        """
+        pts = np.stack([np.asarray(centroid_x), np.asarray(centroid_y)], axis=1)
+        names = assign_classes(pts, self.raster, max_distance_l0=max_distance_l0)
+        lookup = {n: i for i, n in enumerate(self.raster.class_names)}
+        index = np.array([lookup.get(str(n), len(lookup)) for n in np.unique(names)], np.intp)
+        _, inverse = np.unique(names, return_inverse=True)
+        return names, index[inverse.ravel()]
+
+
+def tissue_class_regions(
+    probabilities: npt.NDArray[np.floating],
+    tissue_mask: npt.NDArray[np.bool_] | None = None,
+    *,
+    class_names: Sequence[str],
+    l0_cell_size: tuple[float, float],
+    mpp: float,
+    l0_origin: tuple[float, float] = (0.0, 0.0),
+    smoothing_sigma_cells: float = 1.0,
+    min_island_area_um2: float = 20_000.0,
+    upsample: int = 4,
+) -> TissueRegions:
+    """Build the raster and the polygons once; see :func:`class_map_to_raster` for parameters."""
+    raster = class_map_to_raster(
+        probabilities,
+        l0_cell_size=l0_cell_size,
+        l0_origin=l0_origin,
+        class_names=class_names,
+        mpp=mpp,
+        smoothing_sigma_cells=smoothing_sigma_cells,
+        min_island_area_um2=min_island_area_um2,
+        tissue_mask=tissue_mask,
+        upsample=upsample,
+    )
+    polys = raster_to_polygons(raster, min_island_area_um2=min_island_area_um2)
+    return TissueRegions(raster=raster, class_polygons=polys)

@@ -98,7 +98,9 @@ def test_nuclei_straddle_many_seams(slide_labels: npt.NDArray[np.int32]) -> None
     assert sum(crossing) >= 40
 
 
-def test_polygons_valid_closed_level0(reference: NucleusTable, slide_labels: npt.NDArray[np.int32]) -> None:
+def test_polygons_valid_closed_level0(
+    reference: NucleusTable, slide_labels: npt.NDArray[np.int32]
+) -> None:
     polys = reference.polygons()
     assert shapely.is_valid(polys).all()
     starts, ends = reference.offsets[:-1], reference.offsets[1:] - 1

@@ -14,6 +14,7 @@ from slidestream.overlays import (
     class_map_to_polygons,
     class_map_to_raster,
     raster_to_polygons,
+    tissue_class_regions,
 )
 
 CELL = 100.0  # level-0 px per grid cell
@@ -116,7 +117,9 @@ def test_raster_and_polygons_agree() -> None:
     )  # fmt: skip
     polys = raster_to_polygons(raster, min_island_area_um2=10_000)
     rng = np.random.default_rng(1)
-    pts = rng.uniform((ORIGIN[0], ORIGIN[1]), (ORIGIN[0] + 60 * CELL, ORIGIN[1] + 40 * CELL), (2000, 2))
+    pts = rng.uniform(
+        (ORIGIN[0], ORIGIN[1]), (ORIGIN[0] + 60 * CELL, ORIGIN[1] + 40 * CELL), (2000, 2)
+    )
     cls = assign_classes(pts, raster, max_distance_l0=0)
     inside = shapely.contains_xy(polys["Tumor"], pts[:, 0], pts[:, 1])
     agree = np.mean(inside == (cls == "Tumor"))
@@ -128,3 +131,19 @@ def test_bad_shapes_raise() -> None:
         class_map_to_polygons(
             np.zeros((4, 4, 3), np.float32), l0_cell_size=(1, 1), class_names=["a"], mpp=1.0
         )
+
+
+def test_tissue_regions() -> None:
+    regions = tissue_class_regions(
+        grid(), class_names=NAMES, l0_cell_size=(CELL, CELL), l0_origin=ORIGIN, mpp=MPP,
+        min_island_area_um2=10_000,
+    )  # fmt: skip
+    areas = regions.class_area_mm2()
+    assert areas["Necrosis"] == 0.0
+    assert areas["Stroma"] == pytest.approx(np.pi * 0.3**2, rel=0.1)
+    x = np.array([ORIGIN[0] + 40.5 * CELL, ORIGIN[0] + 25.5 * CELL, -1e6])
+    y = np.array([ORIGIN[1] + 20.5 * CELL, ORIGIN[1] + 25.5 * CELL, 0.0])
+    names, index = regions.assign(x, y)
+    assert names.tolist() == ["Stroma", "Tumor", UNCLASSIFIED]
+    assert index.tolist() == [1, 0, 3]
+    assert set(regions.polygons()) == {"Tumor", "Stroma"}

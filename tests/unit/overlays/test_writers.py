@@ -183,7 +183,9 @@ def tissue() -> dict[str, shapely.Geometry]:
     )  # fmt: skip
 
 
-def test_tissue_geojson(tmp_path: Path, tissue: dict[str, shapely.Geometry], shared_tools: Path) -> None:
+def test_tissue_geojson(
+    tmp_path: Path, tissue: dict[str, shapely.Geometry], shared_tools: Path
+) -> None:
     path = tmp_path / "tissue.geojson"
     n = write_tissue_geojson(path, tissue, class_colors=COLORS, mpp=0.25, id_namespace="fp")
     assert n == 2
@@ -204,7 +206,7 @@ def test_overlay_png(tmp_path: Path, tissue: dict[str, shapely.Geometry]) -> Non
     path = tmp_path / "overlay.png"
     size = render_overlay_png(
         path, thumb, thumb_l0_scale=1 / 64, class_polygons=tissue, class_colors=COLORS,
-        nucleus_centroids_l0=pts, mpp=0.25, title="test slide",
+        nucleus_centroids_l0=pts, slide_mpp=0.25, title="test slide",
     )  # fmt: skip
     with Image.open(path) as im:
         assert im.size == size and im.mode == "RGB"
@@ -212,3 +214,27 @@ def test_overlay_png(tmp_path: Path, tissue: dict[str, shapely.Geometry]) -> Non
         arr = np.asarray(im)
     assert arr.std() > 10  # something was drawn
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_one_pass_geojson_and_parquet(tmp_path: Path, tables: list[NucleusTable]) -> None:
+    gen = (t for t in tables)  # one-shot generator
+    n = write_nuclei_geojson(
+        tmp_path / "n.geojson.gz", gen, id_namespace="fp", parquet_path=tmp_path / "n.parquet",
+        chunk_size=60,
+    )  # fmt: skip
+    table = pq.read_table(tmp_path / "n.parquet")
+    feats = json.loads(gzip.decompress((tmp_path / "n.geojson.gz").read_bytes()))["features"]
+    assert table.num_rows == n == len(feats)
+    assert table["id"].to_pylist() == [f["id"] for f in feats]
+
+    def failing() -> Iterator[NucleusTable]:
+        yield tables[0]
+        raise RuntimeError("boom")
+
+    out = tmp_path / "fail"
+    out.mkdir()
+    with pytest.raises(RuntimeError):
+        write_nuclei_geojson(
+            out / "n.geojson.gz", failing(), id_namespace="fp", parquet_path=out / "n.parquet"
+        )
+    assert list(out.iterdir()) == []
