@@ -66,7 +66,7 @@ def _colormap(values: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
     lo = np.floor(v).astype(np.intp).clip(0, len(_CMAP_ANCHORS) - 2)
     t = (v - lo)[..., None]
     rgb = _CMAP_ANCHORS[lo] * (1 - t) + _CMAP_ANCHORS[lo + 1] * t
-    return rgb.round().astype(np.uint8)
+    return np.asarray(rgb.round(), np.uint8)
 
 
 def _nice(value: float) -> float:
@@ -167,9 +167,9 @@ def render_overlay_png(
         fill = Image.new("RGB", (w, h), color)  # type: ignore[arg-type]
         tissue.paste(Image.blend(tissue, fill, fill_alpha), mask=mask)
         draw = ImageDraw.Draw(tissue)
-        for pts, _ in rings:
-            if len(pts) >= 2:
-                draw.line(pts, fill=color, width=2, joint="curve")  # type: ignore[arg-type]
+        for ring_pts, _ in rings:
+            if len(ring_pts) >= 2:
+                draw.line(ring_pts, fill=color, width=2, joint="curve")  # type: ignore[arg-type]
 
     # right panel: nucleus density on a pale thumbnail
     grey = np.asarray(base.convert("L"), np.float32)
@@ -190,7 +190,7 @@ def render_overlay_png(
     m_tissue = np.asarray(tissue_mask) > 0 if class_polygons else full > 0
     vmax = _nice(float(np.percentile(full[m_tissue], 99))) if m_tissue.any() else 1.0
     alpha = heat_alpha * m_tissue[..., None]
-    heat = _colormap(full / vmax)
+    heat = _colormap(np.asarray(full, np.float64) / vmax)
     heat_panel = (heat_panel * (1 - alpha) + heat * alpha).astype(np.uint8)
 
     # canvas

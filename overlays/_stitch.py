@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, cast
 
 import cv2
@@ -80,7 +80,7 @@ def _largest_polygons(geoms: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]
 def trace_nuclei(
     labels: npt.NDArray[np.integer[Any]],
     label_ids: npt.NDArray[np.integer[Any]],
-    slices: list[tuple[slice, slice] | None],
+    slices: Sequence[tuple[slice, ...] | None],
     *,
     simplify_tolerance_px: float = 0.5,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:

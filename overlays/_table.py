@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -100,7 +100,7 @@ class NucleusTable:
 
     def __post_init__(self) -> None:
         n = self.centroid_x.shape[0]
-        columns = {
+        columns: dict[str, npt.NDArray[Any]] = {
             "centroid_y": self.centroid_y,
             "bbox_x0": self.bbox_x0,
             "bbox_y0": self.bbox_y0,

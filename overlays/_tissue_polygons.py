@@ -131,7 +131,7 @@ def class_map_to_raster(
             f"{smoothing_sigma_cells} >= 0"
         )
     probs = np.asarray(probabilities, np.float32)
-    valid = np.isfinite(probs).all(axis=2)
+    valid: npt.NDArray[np.bool_] = np.asarray(np.isfinite(probs).all(axis=2), bool)
     if tissue_mask is not None:
         if tissue_mask.shape != valid.shape:
             raise ConfigError(
@@ -140,13 +140,12 @@ def class_map_to_raster(
             )
         valid &= tissue_mask
     weight = valid.astype(np.float32)
-    num = np.where(valid[..., None], probs, np.float32(0))
+    num = np.asarray(np.where(valid[..., None], probs, np.float32(0)), np.float32)
+    den = weight
     if smoothing_sigma_cells > 0:
         s = smoothing_sigma_cells
-        num = ndimage.gaussian_filter(num, sigma=(s, s, 0), mode="constant")
-        den = ndimage.gaussian_filter(weight, sigma=s, mode="constant")
-    else:
-        den = weight
+        num = np.asarray(ndimage.gaussian_filter(num, sigma=(s, s, 0), mode="constant"), np.float32)
+        den = np.asarray(ndimage.gaussian_filter(weight, sigma=s, mode="constant"), np.float32)
     rows, cols, k = probs.shape
     size = (cols * upsample, rows * upsample)
 
@@ -194,7 +193,7 @@ def _absorb_small_regions(labels: npt.NDArray[np.int16], min_px: float) -> npt.N
     if removed.all():
         return np.full_like(labels, _NO_TISSUE)
     idx = ndimage.distance_transform_edt(removed, return_distances=False, return_indices=True)
-    return labels[tuple(idx)]
+    return np.asarray(labels[tuple(idx)], np.int16)
 
 
 def _class_coverage(labels: npt.NDArray[np.int16], value: int) -> BaseGeometry:
