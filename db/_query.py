@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import (
     ColumnElement,
     Engine,
@@ -147,11 +148,11 @@ def _cohort_select(
     return select(*group_cols, *metric_cols).select_from(source).where(*conditions)
 
 
-def _summary(values: list[float]) -> dict[str, float | int | None]:
-    n = len(values)
+def _summary(arr: npt.NDArray[np.float64]) -> dict[str, float | int | None]:
+    """n, mean, median, sample std, q1, q3 of the values (no NaN) of one group."""
+    n = int(arr.size)
     if n == 0:
         return {"n": 0, "mean": None, "median": None, "std": None, "q1": None, "q3": None}
-    arr = np.asarray(values, dtype=np.float64)
     q1, median, q3 = np.percentile(arr, [25.0, 50.0, 75.0])
     return {
         "n": n,
@@ -230,24 +231,27 @@ def query_cohort(
     check_schema(engine)
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
-    n_by = len(by)
-    groups: dict[tuple[Any, ...], list[list[float]]] = {}
-    for row in rows:
-        per_metric = groups.setdefault(tuple(row[:n_by]), [[] for _ in metrics])
-        for j in range(len(metrics)):
-            value = row[n_by + j]
-            if value is not None:
-                per_metric[j].append(float(value))
+    n_by, n_rows = len(by), len(rows)
+    # Column-wise, in C: group codes per slide, one float array (None -> NaN) per metric.
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in range(n_by + len(metrics))]
+    keys = list(zip(*columns[:n_by], strict=True)) if n_by else [()] * n_rows
+    index: dict[tuple[Any, ...], int] = {}
+    codes = np.fromiter(
+        (index.setdefault(key, len(index)) for key in keys), dtype=np.intp, count=n_rows
+    )
+    values = [np.asarray(columns[n_by + j], dtype=np.float64) for j in range(len(metrics))]
     result: list[dict[str, Any]] = []
-    for group in sorted(groups, key=_sort_key):
-        for metric, values in zip(metrics, groups[group], strict=True):
+    for group in sorted(index, key=_sort_key):
+        selected = codes == index[group]
+        for metric, column in zip(metrics, values, strict=True):
+            group_values = column[selected]
             out: dict[str, Any] = dict(zip(by, group, strict=True))
             if tissue_class is not None:
                 out["tissue_class"] = tissue_class
             out["metric"] = metric
-            out.update(_summary(values))
+            out.update(_summary(group_values[~np.isnan(group_values)]))
             result.append(out)
-    logger.debug("cohort query: %d slides in %d groups", len(rows), len(groups))
+    logger.debug("cohort query: %d slides in %d groups", n_rows, len(index))
     return result
 
 
