@@ -7,7 +7,7 @@ first checks that the schema is at the head revision (:func:`check_schema`). Con
 are never logged with their password (:func:`mask_url`).
 """
 
-from slidestream.db._engine import connect, mask_url
+from slidestream.db._engine import mask_url
 from slidestream.db._metadata_import import (
     ImportReport,
     flag_slide,
@@ -17,6 +17,7 @@ from slidestream.db._metadata_import import (
 )
 from slidestream.db._migrate import (
     check_schema,
+    connect,
     current_revision,
     downgrade,
     head_revision,

@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL, make_url
 
 from slidestream.errors import DatabaseError
 
-__all__ = ["connect", "mask_url", "scrub_credentials", "write_connection"]
+__all__ = ["make_engine", "mask_url", "scrub_credentials", "write_connection"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def _parse(url: str | URL) -> URL:
         ) from err
 
 
-def connect(url: str | URL, **engine_kwargs: Any) -> Engine:
-    """Create an engine for a slidestream database.
+def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
+    """Create an engine for a slidestream database (no schema check).
 
     Parameters
     ----------
@@ -164,7 +164,7 @@ def write_connection(engine: Engine) -> Iterator[Connection]:
     Parameters
     ----------
     engine : sqlalchemy.Engine
-        An engine made by :func:`connect`.
+        An engine made by :func:`make_engine`.
 
     Yields
     ------

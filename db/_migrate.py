@@ -27,13 +27,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 
 from alembic import command
-from slidestream.db._engine import connect, mask_url, scrub_credentials
+from slidestream.db._engine import make_engine, mask_url, scrub_credentials
 from slidestream.db._schema import Base
 from slidestream.errors import DatabaseError, SchemaVersionError
 
 __all__ = [
     "alembic_config",
     "check_schema",
+    "connect",
     "current_revision",
     "downgrade",
     "head_revision",
@@ -220,7 +221,7 @@ def open_database(url: str | URL, *, create: bool = False, **engine_kwargs: Any)
     DatabaseError
         The database cannot be reached.
     """
-    engine = connect(url, **engine_kwargs)
+    engine = make_engine(url, **engine_kwargs)
     database = engine.url.database
     if (
         not create
@@ -274,3 +275,35 @@ class _connection:  # noqa: N801 - used like a function
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def connect(url: str | URL, *, create: bool = False, **engine_kwargs: Any) -> Engine:
+    """Create an engine for a slidestream database.
+
+    Parameters
+    ----------
+    url : str or sqlalchemy.engine.URL
+        ``sqlite:///path/to/slidestream.db`` (its folder is created when missing) or
+        ``postgresql+psycopg://user@host/dbname``.
+    create : bool
+        ``False`` (default): only build the engine; nothing is connected or checked (the
+        writing and query functions check the schema version themselves). ``True``: as
+        :func:`open_database` with ``create=True``, i.e. create the schema of a fresh database
+        and check the revision.
+    **engine_kwargs
+        Passed on to :func:`sqlalchemy.create_engine`.
+
+    Returns
+    -------
+    sqlalchemy.Engine
+        The engine. Dispose of it when done.
+
+    Raises
+    ------
+    DatabaseError
+        The URL cannot be parsed or names an unsupported backend (and, with ``create``, the
+        errors of :func:`open_database`).
+    """
+    if create:
+        return open_database(url, create=True, **engine_kwargs)
+    return make_engine(url, **engine_kwargs)

@@ -153,3 +153,17 @@ def test_concurrent_creation_of_a_fresh_database(fresh_db_url: str) -> None:
         assert _diff(engine) == []
     finally:
         engine.dispose()
+
+
+def test_connect_create_makes_a_fresh_database(fresh_db_url: str, make_summary) -> None:
+    plain = connect(fresh_db_url)
+    try:
+        assert current_revision(plain) is None
+    finally:
+        plain.dispose()
+    engine = connect(fresh_db_url, create=True)
+    try:
+        assert current_revision(engine) == head_revision()
+        assert record_run(engine, make_summary("s1")) > 0
+    finally:
+        engine.dispose()
