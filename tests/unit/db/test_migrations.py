@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,14 @@ def test_sqlite_pragmas(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-def test_password_masked_in_schema_error(pg_url: str, make_summary) -> None:
+def test_password_masked_in_schema_error_and_logs(
+    pg_url: str, make_summary, caplog: pytest.LogCaptureFixture
+) -> None:
     url = pg_url.replace("postgresql+psycopg://postgres@", "postgresql+psycopg://postgres:s3cr3t@")
+    caplog.set_level(logging.DEBUG)
     engine = open_database(url, create=True)
     try:
+        record_run(engine, make_summary("s1"))
         downgrade(engine, "0001")
         with pytest.raises(SchemaVersionError) as info:
             record_run(engine, make_summary("s1"))
@@ -110,6 +115,8 @@ def test_password_masked_in_schema_error(pg_url: str, make_summary) -> None:
         assert "postgres:***@" in str(info.value)
     finally:
         engine.dispose()
+    assert "postgres:***@" in caplog.text
+    assert "s3cr3t" not in caplog.text
 
 
 def test_password_masked_when_server_unreachable() -> None:
