@@ -1,1 +1,60 @@
-"""slidestream.models.tissue (being built)."""
+"""Tissue classification: patch classifiers with a WSInfer-compatible declarative spec.
+
+Public API: :func:`load_tissue_model` -> :class:`PatchClassifier` (``.spec``,
+``.predict_proba(uint8 (N, 3, H, W)) -> (N, K)``), :func:`classify_image` (whole or tiled image
+-> class probabilities), :func:`train_tissue`, :func:`cross_validate_tissue`,
+:func:`evaluate_tissue`, the :class:`ModelSpec` reader/writer and the model registry.
+"""
+
+from __future__ import annotations
+
+from ._data import LUNG_CLASS_MAP, TissueDataset, discover_dataset
+from ._metrics import ClassificationReport, classification_report, evaluate_tissue
+from ._network import ARCHITECTURE, TissueNet
+from ._registry import (
+    DEFAULT_TISSUE_MODEL,
+    TissueModelInfo,
+    list_tissue_models,
+    load_tissue_model,
+    register_tissue_model,
+)
+from ._runner import PatchClassifier, classify_image, image_patches, load_model_dir
+from ._spec import ModelSpec, TransformStep, read_spec, write_spec
+from ._train import (
+    CVResult,
+    DataSource,
+    TrainConfig,
+    TrainResult,
+    cross_validate_tissue,
+    train_tissue,
+)
+
+__all__ = [
+    "ARCHITECTURE",
+    "DEFAULT_TISSUE_MODEL",
+    "LUNG_CLASS_MAP",
+    "CVResult",
+    "ClassificationReport",
+    "DataSource",
+    "ModelSpec",
+    "PatchClassifier",
+    "TissueDataset",
+    "TissueModelInfo",
+    "TissueNet",
+    "TrainConfig",
+    "TrainResult",
+    "TransformStep",
+    "classification_report",
+    "classify_image",
+    "cross_validate_tissue",
+    "discover_dataset",
+    "evaluate_tissue",
+    "image_patches",
+    "list_tissue_models",
+    "load_model_dir",
+    "load_tissue_model",
+    "read_spec",
+    "register_tissue_model",
+    "train_tissue",
+    "write_spec",
+]

@@ -1,0 +1,266 @@
+"""``TissueNet``: a small, fast patch classifier for H&E built from torch/MONAI blocks.
+
+Two branches read the same patch in optical-density (OD) space:
+
+* a fixed (not trained) colour/texture front end: Ruifrok colour deconvolution into
+  haematoxylin / eosin / residual concentrations, soft histograms of H and E, and the energy of
+  Gaussian-derivative filters over a 5-level image pyramid (scales ``2**level`` px);
+* a compact learned CNN (MONAI ``Convolution`` blocks, stride 2, global average pooling).
+
+The concatenated features pass through batch norm, dropout and a linear head. The fixed front
+end makes the model data-efficient (few hundred images); the CNN adds learned morphology.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks.convolutions import Convolution
+from torch import nn
+
+from slidestream.errors import ConfigError
+
+__all__ = ["ARCHITECTURE", "TissueNet", "build_network", "fit_textons"]
+
+ARCHITECTURE = "slidestream-tissuenet"
+
+# Ruifrok & Johnston H&E-DAB stain vectors (rows: H, E, DAB) in OD space.
+_RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
+)
+_OD_MAX = math.log(256.0)
+_TEXTON_DIM = 30
+
+
+def _gaussian_derivative_bank() -> torch.Tensor:
+    """Five 3x3 kernels: binomial smooth, d/dx, d/dy, Laplacian, d2/dxdy, shape (5, 1, 3, 3)."""
+    b = torch.tensor([1.0, 2.0, 1.0])
+    d = torch.tensor([-1.0, 0.0, 1.0])
+    smooth = torch.outer(b, b) / 16.0
+    dx = torch.outer(b, d) / 8.0
+    lap = torch.tensor([[1.0, 2.0, 1.0], [2.0, -12.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
+    dxy = torch.outer(d, d) / 4.0
+    return torch.stack([smooth, dx, dx.T.contiguous(), lap, dxy]).unsqueeze(1)
+
+
+class TissueNet(nn.Module):
+    """Patch classifier: fixed OD colour/texture features + compact CNN + linear head.
+
+    Parameters
+    ----------
+    num_classes : int
+        Output logits.
+    cnn_channels : tuple of int
+        Widths of the stride-2 CNN stages; empty disables the learned branch.
+    pyramid_levels : int
+        Levels of the texture pyramid (level ``l`` is ``2**l`` times coarser).
+    hist_bins : int
+        Soft-histogram bins per stain channel.
+    dropout : float
+        Dropout on the concatenated features.
+
+    Notes
+    -----
+    Input: float ``(N, 3, H, W)`` RGB in [0, 1] (after the spec's ``ToTensor``). Output: logits
+    ``(N, num_classes)``. ``H`` and ``W`` should be >= ``2**pyramid_levels``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        cnn_channels: tuple[int, ...] = (16, 32, 64, 64),
+        pyramid_levels: int = 5,
+        hist_bins: int = 8,
+        textons: int = 0,
+        hidden: int = 0,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"TissueNet needs >= 2 classes, got {num_classes}")
+        self.num_classes = num_classes
+        self.pyramid_levels = pyramid_levels
+        self.hist_bins = hist_bins
+        hed_from_rgb = torch.linalg.inv(_RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True))
+        self.hed_from_rgb: torch.Tensor
+        self.bank: torch.Tensor
+        self.hist_centers: torch.Tensor
+        self.register_buffer("hed_from_rgb", hed_from_rgb, persistent=False)
+        self.register_buffer("bank", _gaussian_derivative_bank(), persistent=False)
+        centers = torch.linspace(0.0, 2.0, hist_bins)
+        self.register_buffer("hist_centers", centers, persistent=False)
+        self.hist_width = float(centers[1] - centers[0]) if hist_bins > 1 else 1.0
+        # Texton dictionary (unsupervised k-means over pixel descriptors, see fit_textons);
+        # persistent, so it ships in the safetensors file.
+        self.textons = textons
+        self.texton_centers: torch.Tensor
+        self.texton_scale: torch.Tensor
+        self.register_buffer("texton_centers", torch.zeros(textons, _TEXTON_DIM))
+        self.register_buffer("texton_scale", torch.ones(_TEXTON_DIM))
+        layers: list[nn.Module] = []
+        in_ch = 4
+        for ch in cnn_channels:
+            layers.append(
+                Convolution(
+                    spatial_dims=2,
+                    in_channels=in_ch,
+                    out_channels=ch,
+                    strides=2,
+                    kernel_size=3,
+                    act="RELU",
+                    norm="BATCH",
+                )
+            )
+            in_ch = ch
+        self.cnn = nn.Sequential(*layers)
+        self.cnn_features = cnn_channels[-1] if cnn_channels else 0
+        n_fixed = self.fixed_feature_count()
+        self.norm = nn.BatchNorm1d(n_fixed + self.cnn_features)
+        self.dropout = nn.Dropout(dropout)
+        n_in = n_fixed + self.cnn_features
+        self.head: nn.Module = (
+            nn.Sequential(
+                nn.Linear(n_in, hidden),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, num_classes),
+            )
+            if hidden
+            else nn.Linear(n_in, num_classes)
+        )
+
+    def fixed_feature_count(self) -> int:
+        """Length of the fixed colour/texture feature vector."""
+        colour = 4 * 2 + 2 * self.hist_bins + 3 * 2
+        texture = (
+            self.pyramid_levels * 3 * (int(self.bank.shape[0]) - 1) * 2 + self.pyramid_levels * 3
+        )
+        return colour + texture + self.textons
+
+    def pixel_descriptors(self, st: torch.Tensor) -> torch.Tensor:
+        """Per-pixel texton descriptors ``(N, D, H/2, W/2)``: the 5 filters on H, E and total OD
+        at 2x and 4x down-sampling (the coarser one up-sampled), divided by ``texton_scale``."""
+        x = F.avg_pool2d(st[:, (0, 1, 3)], 2, ceil_mode=True)
+        n, c, h, w = x.shape
+        k = int(self.bank.shape[0])
+        fine = F.conv2d(x.reshape(n * c, 1, h, w), self.bank, padding=1).reshape(n, c * k, h, w)
+        y = F.avg_pool2d(x, 2, ceil_mode=True)
+        coarse = F.conv2d(y.reshape(n * c, 1, *y.shape[2:]), self.bank, padding=1)
+        coarse = F.interpolate(coarse.reshape(n, c * k, *y.shape[2:]), size=(h, w), mode="nearest")
+        return torch.cat([fine, coarse], dim=1) / self.texton_scale.view(1, -1, 1, 1)
+
+    def texton_histogram(self, st: torch.Tensor) -> torch.Tensor:
+        """Square-rooted frequency of the nearest texton per pixel ``(N, textons)``."""
+        d = self.pixel_descriptors(st)
+        n = d.shape[0]
+        flat = d.flatten(2).transpose(1, 2)  # (N, P, D)
+        dist = torch.cdist(flat, self.texton_centers.unsqueeze(0).expand(n, -1, -1))
+        nearest = dist.argmin(dim=2)
+        counts = F.one_hot(nearest, self.textons).float().mean(dim=1)
+        return counts.sqrt()
+
+    def stains(self, rgb: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] ``(N, 3, H, W)`` -> ``(N, 4, H, W)``: H, E, residual, total OD."""
+        od = -torch.log((rgb * 255.0 + 1.0) / 256.0)
+        hed = F.conv2d(od, self.hed_from_rgb.T[:, :, None, None])
+        total = od.mean(dim=1, keepdim=True)
+        return torch.cat([hed, total], dim=1)
+
+    def fixed_features(self, rgb: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
+        """Colour moments, H/E soft histograms and multi-scale Gaussian-derivative energies."""
+        feats = [st.mean(dim=(2, 3)), st.std(dim=(2, 3)), rgb.mean(dim=(2, 3)), rgb.std(dim=(2, 3))]
+        coarse = F.avg_pool2d(st[:, :2], 2, ceil_mode=True)
+        for c in (0, 1):
+            x = coarse[:, c].flatten(1).unsqueeze(-1)
+            w = torch.relu(1.0 - (x - self.hist_centers).abs() / self.hist_width)
+            feats.append(w.mean(dim=1))
+        x = st[:, (0, 1, 3)]
+        n, c = x.shape[:2]
+        k = int(self.bank.shape[0])
+        for level in range(self.pyramid_levels):
+            if level:
+                x = F.avg_pool2d(x, 2, ceil_mode=True)
+            resp = F.conv2d(x.reshape(n * c, 1, *x.shape[2:]), self.bank, padding=1)
+            resp = resp.reshape(n, c, k, *resp.shape[2:])
+            smooth, deriv = resp[:, :, 0], resp[:, :, 1:]
+            feats.append(deriv.abs().mean(dim=(3, 4)).flatten(1))
+            feats.append(deriv.pow(2).mean(dim=(3, 4)).add(1e-8).sqrt().flatten(1))
+            feats.append(smooth.std(dim=(2, 3)))
+        if self.textons:
+            feats.append(self.texton_histogram(st))
+        return torch.cat(feats, dim=1)
+
+    def features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Concatenated fixed + CNN features ``(N, F)`` of RGB in [0, 1]."""
+        st = self.stains(rgb.float())
+        fixed = self.fixed_features(rgb.float(), st)
+        if self.cnn_features:
+            learned = self.cnn(st / 2.0 - 0.25).mean(dim=(2, 3)).float()
+            return torch.cat([fixed.float(), learned], dim=1)
+        return fixed.float()
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of RGB patches in [0, 1] ``(N, 3, H, W)``."""
+        out: torch.Tensor = self.head(self.dropout(self.norm(self.features(rgb))))
+        return out
+
+
+def build_network(architecture: str, num_classes: int, arch_args: dict[str, Any]) -> TissueNet:
+    """Instantiate our network from a spec's ``architecture`` and ``slidestream.arch_args``.
+
+    Raises
+    ------
+    ConfigError
+        Unknown architecture or bad arguments.
+    """
+    if architecture != ARCHITECTURE:
+        raise ConfigError(
+            f"architecture {architecture!r} is not a slidestream network (expected "
+            f"{ARCHITECTURE!r}); a WSInfer model folder needs model.pt / torchscript_model.pt"
+        )
+    args = dict(arch_args)
+    if "cnn_channels" in args:
+        args["cnn_channels"] = tuple(int(c) for c in args["cnn_channels"])
+    try:
+        return TissueNet(num_classes=num_classes, **args)
+    except TypeError as exc:
+        raise ConfigError(f"bad arch_args {arch_args!r} for {architecture}: {exc}") from exc
+
+
+@torch.no_grad()
+def fit_textons(
+    net: TissueNet,
+    patches: torch.Tensor,
+    *,
+    seed: int,
+    iterations: int = 20,
+    max_pixels: int = 60000,
+) -> None:
+    """Fit ``net``'s texton dictionary by k-means on pixel descriptors of RGB patches in [0, 1].
+
+    Unsupervised (labels unused). Sets ``texton_scale`` (per-dimension RMS) and
+    ``texton_centers`` in place.
+    """
+    if not net.textons:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    net.texton_scale.fill_(1.0)
+    d = net.pixel_descriptors(net.stains(patches)).permute(0, 2, 3, 1).reshape(-1, _TEXTON_DIM)
+    d = d[torch.randperm(d.shape[0], generator=gen)[:max_pixels]]
+    scale = d.pow(2).mean(dim=0).sqrt().clamp_min(1e-6)
+    d = d / scale
+    centers = d[torch.randperm(d.shape[0], generator=gen)[: net.textons]].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(d, centers).argmin(dim=1)
+        for j in range(net.textons):
+            members = d[assign == j]
+            if len(members):
+                centers[j] = members.mean(dim=0)
+            else:
+                centers[j] = d[torch.randint(0, d.shape[0], (1,), generator=gen)].squeeze(0)
+    net.texton_scale.copy_(scale)
+    net.texton_centers.copy_(centers)

@@ -1,0 +1,680 @@
+"""Training and group-aware cross-validation of :class:`TissueNet` patch classifiers.
+
+Each step draws class-balanced images (weights equalise every (source, class) cell), a random
+crop at the model's µm/px with ±10 % scale jitter, dihedral flips/rotations, HED stain jitter in
+OD space, brightness jitter and blur. Validation images are classified as at inference
+(:func:`classify_image`: whole or tiled, probabilities averaged) and never share a group
+(patient / source tile) with training images.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from slidestream.errors import ConfigError
+
+from ._data import (
+    TissueDataset,
+    augment_patch,
+    discover_dataset,
+    group_kfold,
+    group_split,
+    read_rgb,
+    sample_patch,
+)
+from ._metrics import ClassificationReport, classification_report
+from ._network import ARCHITECTURE, TissueNet, fit_textons
+from ._runner import WEIGHTS_NAME, PatchClassifier, classify_image, file_sha256, image_patches
+from ._spec import ModelSpec, default_transform, write_spec
+
+__all__ = [
+    "CVResult",
+    "DataSource",
+    "TrainConfig",
+    "TrainResult",
+    "cross_validate_tissue",
+    "train_tissue",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Display colours (RGB) of well-known class names; other names use the spec's palette.
+_KNOWN_COLORS: dict[str, tuple[int, int, int]] = {
+    "tumour": (220, 40, 40),
+    "malignant": (220, 40, 40),
+    "lung_adenocarcinoma": (220, 40, 40),
+    "lung_squamous": (240, 150, 30),
+    "non_tumour": (60, 170, 75),
+    "benign": (60, 170, 75),
+    "lung_benign": (60, 170, 75),
+}
+
+EpochCallback = Callable[[int, int, Mapping[str, float]], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataSource:
+    """One training folder with its resolution and label mapping.
+
+    Attributes
+    ----------
+    data_dir : Path
+    mpp : float or None
+        µm/px of its images; ``None`` assumes the model's working resolution.
+    class_map : dict of str to str
+        Raw label / folder name -> class name.
+    """
+
+    data_dir: Path
+    mpp: float | None = None
+    class_map: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mpp is not None and not self.mpp > 0:
+            raise ConfigError(f"--mpp must be > 0, got {self.mpp}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train_tissue` (defaults are those of the shipped models).
+
+    Attributes
+    ----------
+    epochs, batch_size, samples_per_epoch : int
+    lr, weight_decay, label_smoothing : float
+    patch_size_pixels : int
+        Model input side, px.
+    spacing_um_px : float
+        Model working resolution, µm/px.
+    cnn_channels : tuple of int
+        Learned CNN branch widths. Empty (default): fixed features only, then the front end has
+        no trainable weights and training computes its features once for ``views_per_image``
+        augmented crops per image and fits the normalisation + linear head on them (fast).
+    views_per_image : int
+        Augmented crops per image in that feature bank.
+    dropout, aug_strength, scale_jitter : float
+    val_fraction : float
+        Share of groups held out for model selection (0: train on all, keep the last epoch).
+    seed : int
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    epochs: int = 25
+    batch_size: int = 32
+    samples_per_epoch: int = 768
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    label_smoothing: float = 0.1
+    patch_size_pixels: int = 112
+    spacing_um_px: float = 1.5
+    cnn_channels: tuple[int, ...] = ()
+    dropout: float = 0.3
+    textons: int = 32
+    hidden: int = 0
+    views_per_image: int = 16
+    aug_strength: float = 1.0
+    scale_jitter: float = 0.1
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.samples_per_epoch < self.batch_size:
+            raise ConfigError(
+                f"need epochs >= 1, batch_size >= 2, samples_per_epoch >= batch_size; got "
+                f"{self.epochs}, {self.batch_size}, {self.samples_per_epoch}"
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.patch_size_pixels < 32 or not self.spacing_um_px > 0:
+            raise ConfigError("patch_size_pixels must be >= 32 and spacing_um_px > 0")
+
+    def arch_args(self) -> dict[str, Any]:
+        """Network arguments stored in the spec's ``slidestream.arch_args``."""
+        return {
+            "cnn_channels": list(self.cnn_channels),
+            "dropout": self.dropout,
+            "textons": self.textons,
+            "hidden": self.hidden,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainResult:
+    """Outcome of :func:`train_tissue`.
+
+    Attributes
+    ----------
+    model_dir : Path
+    spec : ModelSpec
+    val_report : ClassificationReport or None
+        Metrics of the selected epoch on the group-disjoint validation split.
+    best_epoch : int
+    seconds : float
+        Wall time of the training.
+    """
+
+    model_dir: Path
+    spec: ModelSpec
+    val_report: ClassificationReport | None
+    best_epoch: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CVResult:
+    """Group-aware k-fold cross-validation (see :func:`cross_validate_tissue`).
+
+    Attributes
+    ----------
+    folds : tuple of ClassificationReport
+        Report of each held-out fold.
+    pooled : ClassificationReport
+        Report over all out-of-fold predictions.
+    seconds : float
+    """
+
+    folds: tuple[ClassificationReport, ...]
+    pooled: ClassificationReport
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """Mean ± sd over folds of accuracy, balanced accuracy and macro F1, plus pooled."""
+        out: dict[str, Any] = {"n_folds": len(self.folds)}
+        for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+            vals = np.array([getattr(f, key) for f in self.folds])
+            out[key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1))}
+            out[f"pooled_{key}"] = float(getattr(self.pooled, key))
+        return out
+
+
+@dataclass(slots=True)
+class _Pool:
+    """In-memory training material: images, labels, groups, per-image scale, sampling weights."""
+
+    images: list[npt.NDArray[np.uint8]]
+    labels: npt.NDArray[np.int64]
+    groups: list[str]
+    mpps: list[float]
+    cells: list[str]
+    paths: list[Path]
+    class_names: tuple[str, ...]
+
+    def subset(self, idx: npt.NDArray[np.int64]) -> _Pool:
+        return _Pool(
+            images=[self.images[i] for i in idx],
+            labels=self.labels[idx],
+            groups=[self.groups[i] for i in idx],
+            mpps=[self.mpps[i] for i in idx],
+            cells=[self.cells[i] for i in idx],
+            paths=[self.paths[i] for i in idx],
+            class_names=self.class_names,
+        )
+
+    def weights(self) -> npt.NDArray[np.float64]:
+        """Sampling weights equalising each (source, class) cell, then each class."""
+        cell_count: dict[str, int] = {}
+        for c in self.cells:
+            cell_count[c] = cell_count.get(c, 0) + 1
+        w = np.array([1.0 / cell_count[c] for c in self.cells])
+        for k in range(len(self.class_names)):
+            mask = self.labels == k
+            if mask.any():
+                w[mask] /= w[mask].sum()
+        out: npt.NDArray[np.float64] = w / w.sum()
+        return out
+
+
+def _load_pool(
+    sources: Sequence[DataSource], class_names: Sequence[str] | None, spacing: float
+) -> _Pool:
+    datasets: list[tuple[DataSource, TissueDataset]] = []
+    for src in sources:
+        datasets.append((src, discover_dataset(src.data_dir, class_map=src.class_map)))
+    names = (
+        tuple(class_names)
+        if class_names
+        else tuple(sorted({c for _, ds in datasets for c in ds.class_names}))
+    )
+    images, labels, groups, mpps, cells, paths = [], [], [], [], [], []
+    index = {c: i for i, c in enumerate(names)}
+    for si, (src, ds) in enumerate(datasets):
+        for s in ds.samples:
+            if s.label not in index:
+                raise ConfigError(f"{s.path}: label {s.label!r} is not in classes {list(names)}")
+            images.append(read_rgb(s.path))
+            labels.append(index[s.label])
+            groups.append(f"{si}:{s.group}")
+            mpps.append(src.mpp or spacing)
+            cells.append(f"{si}:{s.label}")
+            paths.append(s.path)
+    return _Pool(images, np.array(labels, dtype=np.int64), groups, mpps, cells, paths, names)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but CUDA is not available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _make_spec(
+    cfg: TrainConfig,
+    class_names: tuple[str, ...],
+    *,
+    name: str | None,
+    display_name: str | None,
+    default_input_mpp: float | None,
+    class_colors: Sequence[Sequence[int]] | None,
+) -> ModelSpec:
+    block: dict[str, Any] = {"arch_args": cfg.arch_args()}
+    if default_input_mpp is not None:
+        block["default_input_mpp"] = default_input_mpp
+    if class_colors is None and all(c in _KNOWN_COLORS for c in class_names):
+        class_colors = [_KNOWN_COLORS[c] for c in class_names]
+    colors = (
+        None
+        if class_colors is None
+        else tuple((int(c[0]), int(c[1]), int(c[2])) for c in class_colors)
+    )
+    return ModelSpec(
+        architecture=ARCHITECTURE,
+        class_names=class_names,
+        patch_size_pixels=cfg.patch_size_pixels,
+        spacing_um_px=cfg.spacing_um_px,
+        transform=default_transform(cfg.patch_size_pixels),
+        name=name,
+        display_name=display_name,
+        class_colors=colors,
+        slidestream=block,
+    )
+
+
+def _batch(
+    pool: _Pool, idx: npt.NDArray[np.int64], cfg: TrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    patches = []
+    for i in idx:
+        scale = pool.mpps[i] / cfg.spacing_um_px
+        scale *= float(rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
+        p = sample_patch(pool.images[i], scale=scale, patch_px=cfg.patch_size_pixels, rng=rng)
+        patches.append(augment_patch(p, rng, strength=cfg.aug_strength))
+    x = torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.from_numpy(pool.labels[idx])
+
+
+def _evaluate(
+    model: PatchClassifier, pool: _Pool
+) -> tuple[ClassificationReport, npt.NDArray[np.float32]]:
+    probs = np.stack(
+        [classify_image(im, m, model) for im, m in zip(pool.images, pool.mpps, strict=True)]
+    )
+    pred = probs.argmax(axis=1)
+    return classification_report(pool.labels, pred, pool.class_names), probs
+
+
+@dataclass(slots=True)
+class _Bank:
+    """Fixed-front-end features: augmented training views and inference patches per image."""
+
+    views: torch.Tensor  # (n_images, V, F)
+    test: list[torch.Tensor]  # per image (P, F), the patches classify_image uses
+
+
+@torch.inference_mode()
+def _feature_bank(net: TissueNet, pool: _Pool, cfg: TrainConfig, device: torch.device) -> _Bank:
+    rng = np.random.default_rng(cfg.seed + 1)
+    net.eval()
+    views = []
+    for i in range(len(pool.images)):
+        x, _ = _batch(pool, np.full(cfg.views_per_image, i, dtype=np.int64), cfg, rng)
+        views.append(net.features(x.to(device)).cpu())
+    test = []
+    for im, m in zip(pool.images, pool.mpps, strict=True):
+        patches = torch.from_numpy(image_patches(im, m, _spec_for(cfg, pool.class_names)))
+        test.append(net.features(patches.to(device).float() / 255.0).cpu())
+    return _Bank(views=torch.stack(views), test=test)
+
+
+def _spec_for(cfg: TrainConfig, class_names: tuple[str, ...]) -> ModelSpec:
+    return _make_spec(
+        cfg, class_names, name=None, display_name=None, default_input_mpp=None, class_colors=None
+    )
+
+
+def _head_logits(net: TissueNet, feats: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = net.head(net.dropout(net.norm(feats)))
+    return out
+
+
+@torch.inference_mode()
+def _bank_predict(
+    net: TissueNet, bank: _Bank, idx: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float32]:
+    net.eval()
+    dev = next(net.parameters()).device
+    out = [
+        torch.softmax(_head_logits(net, bank.test[i].to(dev)), 1).mean(0).cpu().numpy() for i in idx
+    ]
+    return np.stack(out).astype(np.float32)
+
+
+def _new_net(pool: _Pool, cfg: TrainConfig, device: torch.device) -> TissueNet:
+    """A fresh network; its texton dictionary is fitted on augmented crops of ``pool``."""
+    torch.manual_seed(cfg.seed)
+    net = TissueNet(num_classes=len(pool.class_names), **_net_kwargs(cfg))
+    if cfg.textons:
+        rng = np.random.default_rng(cfg.seed + 2)
+        n = min(256, 2 * len(pool.images))
+        idx = rng.permutation(np.arange(n) % len(pool.images)).astype(np.int64)
+        x, _ = _batch(pool, idx, cfg, rng)
+        fit_textons(net, x, seed=cfg.seed)
+    return net.to(device)
+
+
+def _net_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    args = cfg.arch_args()
+    args["cnn_channels"] = tuple(args["cnn_channels"])
+    return args
+
+
+def _fit(
+    train: _Pool,
+    val: _Pool | None,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    on_epoch: EpochCallback | None,
+) -> tuple[TissueNet, ClassificationReport | None, int]:
+    """Train on ``train``; select the epoch with the best validation balanced accuracy."""
+    device = _resolve_device(cfg.device)
+    net = _new_net(train, cfg, device)
+    if not cfg.cnn_channels:
+        both = train if val is None else _concat(train, val)
+        bank = _feature_bank(net, both, cfg, device)
+        n_tr = len(train.images)
+        va_idx = np.arange(n_tr, len(both.images), dtype=np.int64)
+        return _fit_bank(net, bank, both, np.arange(n_tr, dtype=np.int64), va_idx, cfg, on_epoch)
+    return _fit_end_to_end(net, train, val, spec, cfg, on_epoch, device)
+
+
+def _concat(a: _Pool, b: _Pool) -> _Pool:
+    return _Pool(
+        a.images + b.images,
+        np.concatenate([a.labels, b.labels]),
+        a.groups + b.groups,
+        a.mpps + b.mpps,
+        a.cells + b.cells,
+        a.paths + b.paths,
+        a.class_names,
+    )
+
+
+def _fit_bank(
+    net: TissueNet,
+    bank: _Bank,
+    pool: _Pool,
+    tr: npt.NDArray[np.int64],
+    va: npt.NDArray[np.int64],
+    cfg: TrainConfig,
+    on_epoch: EpochCallback | None,
+) -> tuple[TissueNet, ClassificationReport | None, int]:
+    """Fit norm + head on precomputed features of the ``tr`` images (class-balanced draws)."""
+    dev = next(net.parameters()).device
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    params = list(net.norm.parameters()) + list(net.head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15
+    )
+    weights = pool.subset(tr).weights()
+    n_views = bank.views.shape[1]
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best_report: ClassificationReport | None = None
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        losses = []
+        for _ in range(steps):
+            img = tr[rng.choice(len(tr), size=cfg.batch_size, p=weights)]
+            view = rng.integers(0, n_views, size=cfg.batch_size)
+            x = bank.views[torch.from_numpy(img), torch.from_numpy(view)].to(dev)
+            y = torch.from_numpy(pool.labels[img]).to(dev)
+            loss = F.cross_entropy(_head_logits(net, x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        stats = {"loss": float(np.mean(losses))}
+        if len(va):
+            probs = _bank_predict(net, bank, va)
+            report = classification_report(pool.labels[va], probs.argmax(1), pool.class_names)
+            stats["val_balanced_accuracy"] = report.balanced_accuracy
+            if best is None or report.balanced_accuracy >= best[0]:
+                state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best, best_report = (report.balanced_accuracy, epoch, state), report
+        if on_epoch is not None:
+            on_epoch(epoch, cfg.epochs, stats)
+    net.eval()
+    if best is not None:
+        net.load_state_dict(best[2])
+        return net, best_report, best[1]
+    return net, None, cfg.epochs
+
+
+def _fit_end_to_end(
+    net: TissueNet,
+    train: _Pool,
+    val: _Pool | None,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    on_epoch: EpochCallback | None,
+    device: torch.device,
+) -> tuple[TissueNet, ClassificationReport | None, int]:
+    """Train every weight (learned CNN branch) on freshly augmented crops each step."""
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15
+    )
+    weights = train.weights()
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best_report: ClassificationReport | None = None
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        losses = []
+        for _ in range(steps_per_epoch):
+            idx = rng.choice(len(train.images), size=cfg.batch_size, p=weights)
+            x, y = _batch(train, idx, cfg, rng)
+            logits = net(x.to(device))
+            loss = F.cross_entropy(logits, y.to(device), label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        stats = {"loss": float(np.mean(losses))}
+        if val is not None and val.images:
+            model = PatchClassifier(spec=spec, module=net, device=device)
+            report, _ = _evaluate(model, val)
+            stats["val_balanced_accuracy"] = report.balanced_accuracy
+            # Later epochs win ties (the schedule has annealed).
+            if best is None or report.balanced_accuracy >= best[0]:
+                state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best = (report.balanced_accuracy, epoch, state)
+                best_report = report
+        logger.info("epoch %d/%d %s", epoch, cfg.epochs, stats)
+        if on_epoch is not None:
+            on_epoch(epoch, cfg.epochs, stats)
+    net.eval()
+    if best is not None:
+        net.load_state_dict(best[2])
+        return net, best_report, best[1]
+    return net, None, cfg.epochs
+
+
+def train_tissue(
+    data_dir: str | Path | Sequence[DataSource],
+    out_dir: str | Path,
+    *,
+    mpp: float | None = None,
+    config: TrainConfig | None = None,
+    class_map: Mapping[str, str] | None = None,
+    class_names: Sequence[str] | None = None,
+    class_colors: Sequence[Sequence[int]] | None = None,
+    name: str | None = None,
+    display_name: str | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train a tissue patch classifier and write ``config.json`` + ``weights.safetensors``.
+
+    Parameters
+    ----------
+    data_dir : str, Path or sequence of DataSource
+        One folder (class sub-folders or ``labels.csv``) or several sources (e.g. two organs).
+    out_dir : str or Path
+        Model folder to create / overwrite.
+    mpp : float, optional
+        µm/px of the images in ``data_dir`` (ignored for ``DataSource`` inputs); ``None``
+        assumes the model's working resolution.
+    config : TrainConfig, optional
+    class_map : mapping, optional
+        Raw label -> class name (e.g. ``LUNG_CLASS_MAP``).
+    class_names : sequence of str, optional
+        Class order (default: sorted).
+    class_colors : sequence of [r, g, b], optional
+    name, display_name : str, optional
+        Stored in the spec.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, epochs, stats)`` after each epoch (progress bars live in the CLI).
+
+    Returns
+    -------
+    TrainResult
+    """
+    cfg = config or TrainConfig()
+    t0 = time.perf_counter()
+    if isinstance(data_dir, (str, Path)):
+        sources: Sequence[DataSource] = [
+            DataSource(data_dir=Path(data_dir), mpp=mpp, class_map=dict(class_map or {}))
+        ]
+    else:
+        sources = list(data_dir)
+    pool = _load_pool(sources, class_names, cfg.spacing_um_px)
+    in_mpps = [s.mpp for s in sources if s.mpp is not None]
+    spec = _make_spec(
+        cfg,
+        pool.class_names,
+        name=name,
+        display_name=display_name,
+        default_input_mpp=float(np.median(in_mpps)) if in_mpps else None,
+        class_colors=class_colors,
+    )
+    tr_idx, va_idx = group_split(pool.groups, pool.labels, cfg.val_fraction, seed=cfg.seed)
+    val = pool.subset(va_idx) if len(va_idx) else None
+    logger.info("training on %d images, validating on %d", len(tr_idx), len(va_idx))
+    net, report, best_epoch = _fit(pool.subset(tr_idx), val, spec, cfg, on_epoch)
+    out = Path(out_dir)
+    spec = save_model(net, spec, out)
+    return TrainResult(
+        model_dir=out,
+        spec=spec,
+        val_report=report,
+        best_epoch=best_epoch,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def save_model(net: TissueNet, spec: ModelSpec, out_dir: Path) -> ModelSpec:
+    """Write ``weights.safetensors`` then ``config.json`` (with the weights' sha256)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(out_dir / WEIGHTS_NAME)
+    block = dict(spec.slidestream)
+    block["weights_sha256"] = file_sha256(out_dir / WEIGHTS_NAME)
+    spec = spec.replace(slidestream=block)
+    write_spec(spec, out_dir)
+    return spec
+
+
+def cross_validate_tissue(
+    sources: Sequence[DataSource],
+    *,
+    n_folds: int = 5,
+    config: TrainConfig | None = None,
+    class_names: Sequence[str] | None = None,
+    on_fold: Callable[[int, ClassificationReport], None] | None = None,
+) -> CVResult:
+    """Group-aware k-fold cross-validation at image level.
+
+    Whole groups (patients / source tiles) go to one fold; each fold's model trains on the other
+    folds for ``config.epochs`` epochs (no inner selection) and classifies its held-out images
+    whole or tiled exactly as :func:`classify_image` does.
+
+    Returns
+    -------
+    CVResult
+    """
+    cfg = config or TrainConfig()
+    t0 = time.perf_counter()
+    pool = _load_pool(sources, class_names, cfg.spacing_um_px)
+    folds = group_kfold(pool.groups, pool.labels, n_folds, seed=cfg.seed)
+    spec = _make_spec(
+        cfg,
+        pool.class_names,
+        name=None,
+        display_name=None,
+        default_input_mpp=None,
+        class_colors=None,
+    )
+    reports = []
+    oof = np.zeros(len(pool.images), dtype=np.int64)
+    device = _resolve_device(cfg.device)
+    bank: _Bank | None = None
+    base: TissueNet | None = None
+    for k, va in enumerate(folds):
+        tr = np.setdiff1d(np.arange(len(pool.images)), va)
+        if not cfg.cnn_channels:
+            if base is None or bank is None:
+                # The fixed front end (incl. the unsupervised texton dictionary, fitted on all
+                # images without labels) is shared by the folds; heads are fitted per fold.
+                base = _new_net(pool, cfg, device)
+                bank = _feature_bank(base, pool, cfg, device)
+            net = copy.deepcopy(base)
+            net, _, _ = _fit_bank(net, bank, pool, tr, np.zeros(0, dtype=np.int64), cfg, None)
+            probs = _bank_predict(net, bank, va)
+            report = classification_report(pool.labels[va], probs.argmax(1), pool.class_names)
+        else:
+            net, _, _ = _fit(pool.subset(tr), None, spec, cfg, None)
+            model = PatchClassifier(spec=spec, module=net, device=device)
+            report, probs = _evaluate(model, pool.subset(va))
+        oof[va] = probs.argmax(axis=1)
+        reports.append(report)
+        logger.info("fold %d/%d: %s", k + 1, n_folds, report.summary_line())
+        if on_fold is not None:
+            on_fold(k, report)
+    pooled = classification_report(pool.labels, oof, pool.class_names)
+    return CVResult(folds=tuple(reports), pooled=pooled, seconds=time.perf_counter() - t0)
