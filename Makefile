@@ -32,7 +32,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	$(BIN)/python tools/lint_imports.py
 
 typecheck: $(STAMP)
 	$(BIN)/python tools/typecheck.py

@@ -72,11 +72,10 @@ def _smooth_noise(
     h, w = shape
     # Filter at reduced resolution for large sigmas, then upsample: same look, far less work.
     factor = max(1, int(sigma_px // 4))
-    small = rng.standard_normal((max(2, h // factor + 1), max(2, w // factor + 1)))
-    small = small.astype(np.float32)
+    noise = rng.standard_normal((max(2, h // factor + 1), max(2, w // factor + 1)))
     k = sigma_px / factor
-    small = cv2.GaussianBlur(small, (0, 0), sigmaX=max(k, 0.5))
-    out = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    small = cv2.GaussianBlur(noise.astype(np.float32), (0, 0), sigmaX=max(k, 0.5))
+    out = np.asarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), dtype=np.float32)
     out -= out.mean()
     std = float(out.std())
     return (out / std if std > 0 else out).astype(np.float32)
@@ -181,8 +180,11 @@ def render_demo_image(
 
     # Eosin: fibrous stroma (anisotropic noise), paler in gland lumina.
     fibres = _smooth_noise(rng, shape, 15.0 / spec.mpp)
-    streaks = cv2.GaussianBlur(
-        rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=6.0, sigmaY=1.0
+    streaks = np.asarray(
+        cv2.GaussianBlur(
+            rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=6.0, sigmaY=1.0
+        ),
+        dtype=np.float32,
     )
     streaks /= max(float(streaks.std()), 1e-6)
     e_od = np.where(tissue, 0.55 + 0.08 * fibres + 0.12 * streaks, 0.0).astype(np.float32)
@@ -234,7 +236,8 @@ def render_demo_image(
     )
     e_od = np.clip(e_od, 0.0, 2.0)
     h_od = np.clip(h_od, 0.0, 2.5)
-    h_od = cv2.GaussianBlur(h_od, (0, 0), sigmaX=0.35 / spec.mpp)  # optical blur at edges
+    # optical blur at nucleus edges
+    h_od = np.asarray(cv2.GaussianBlur(h_od, (0, 0), sigmaX=0.35 / spec.mpp), dtype=np.float32)
     od = h_od[..., None] * _H_VEC + e_od[..., None] * _E_VEC + 0.02 * _RESIDUAL
     rgb = 255.0 * np.exp(-od)
     rgb += rng.normal(0.0, 2.0, size=rgb.shape).astype(np.float32)

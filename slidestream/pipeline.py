@@ -247,13 +247,33 @@ def _tissue_pass(
         bar.close()
     regions = tissue_class_regions(
         probs,
-        mask,
+        None,
         class_names=tuple(spec.class_names),
         l0_cell_size=(grid.l0_stride, grid.l0_stride),
+        mpp=float(slide.mpp),
         smoothing_sigma_cells=config.tissue_smoothing_cells,
         min_island_area_um2=config.min_class_island_um2,
     )
-    return regions, regions.class_area_mm2()
+    return regions, _class_areas_on_mask(regions, mask, tuple(spec.class_names))
+
+
+def _class_areas_on_mask(regions: Any, mask: Any, class_names: tuple[str, ...]) -> dict[str, float]:
+    """Area of each tissue class in mm², counted on the tissue mask so classes sum to tissue.
+
+    Every tissue-mask pixel takes the class of the region under its centre (level-0 lookup in
+    the class raster); pixels beyond every classified patch count as ``UNCLASSIFIED``.
+    """
+    from slidestream.overlays import UNCLASSIFIED
+
+    m_y, m_x = np.nonzero(mask.mask)
+    l0_x = (m_x.astype(np.float64) + 0.5) * mask.l0_per_m_px
+    l0_y = (m_y.astype(np.float64) + 0.5) * mask.l0_per_m_px
+    _, index = regions.assign(l0_x, l0_y)
+    counts = np.bincount(index, minlength=len(class_names) + 1)
+    mm2_per_px = float(mask.mpp) ** 2 / 1e6
+    areas = {name: float(counts[i]) * mm2_per_px for i, name in enumerate(class_names)}
+    areas[UNCLASSIFIED] = float(counts[len(class_names)]) * mm2_per_px
+    return areas
 
 
 def _nucleus_tables(
@@ -296,11 +316,11 @@ def _nucleus_tables(
             rgb = batch.images.permute(0, 2, 3, 1).cpu().numpy()
             for i, idx in enumerate(batch.indices.tolist()):
                 tile = grid.tiles[idx]
-                args = (
+                args: tuple[Any, ...] = (
                     postprocess,
                     maps[i],
                     np.ascontiguousarray(rgb[i]),
-                    tuple(int(v) for v in tile.core),
+                    tile.core,
                     (float(tile.l0_x), float(tile.l0_y)),
                     l0_per_px,
                     float(nmodel.mpp),
@@ -369,9 +389,9 @@ def analyse_slide(
         Unreadable slide, missing µm/px, no tissue, ...
     """
     from slidestream.overlays import (
+        UNCLASSIFIED,
         render_overlay_png,
         write_nuclei_geojson,
-        write_nuclei_parquet,
         write_tissue_geojson,
     )
     from slidestream.tiling import detect_tissue
@@ -413,7 +433,7 @@ def analyse_slide(
         regions, class_area_mm2 = _tissue_pass(slide, mask, models, config, readers)
         timings["tissue_classification"] = time.perf_counter() - t0
         class_names = tuple(models.tissue.spec.class_names)
-        class_colors = dict(models.tissue.spec.class_colors)
+        class_colors = dict(zip(class_names, models.tissue.spec.colors, strict=True))
         write_tissue_geojson(
             stage / OUTPUT_NAMES["tissue_geojson"],
             regions.polygons(),
@@ -423,7 +443,7 @@ def analyse_slide(
         )
 
         t0 = time.perf_counter()
-        stats = StatisticsAccumulator(class_names)
+        stats = StatisticsAccumulator((*class_names, UNCLASSIFIED))
         centroids: list[npt.NDArray[np.float64]] = []
         truncated = 0
 
@@ -481,6 +501,9 @@ def analyse_slide(
         statistics = stats.result(
             tissue_area_mm2=float(mask.tissue_area_mm2), class_area_mm2=class_area_mm2
         )
+        unclassified = statistics["classes"][UNCLASSIFIED]
+        if unclassified["nucleus_count"] == 0 and unclassified["area_mm2"] == 0.0:
+            del statistics["classes"][UNCLASSIFIED]
         if statistics["nucleus_count"] != n_written:
             raise SlidestreamError(
                 f"{path}: internal error, {n_written} nuclei written but "
