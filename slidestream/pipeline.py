@@ -42,6 +42,9 @@ __all__ = ["LoadedModels", "SlideOutcome", "analyse_slide", "load_models", "run_
 logger = logging.getLogger(__name__)
 
 SUMMARY_SCHEMA = "slidestream.summary/1"
+# Tile readers start from a fork server: forking this process after torch has started its
+# thread pools can deadlock a child, and spawn would re-import torch for every slide.
+_LOADER_CONTEXT = "forkserver"
 OUTPUT_NAMES = {
     "nuclei_geojson": "nuclei.geojson.gz",
     "tissue_geojson": "tissue.geojson",
@@ -237,6 +240,7 @@ def _tissue_pass(
             batch_size=max(config.batch_size, 16),
             num_workers=readers,
             device=models.device,
+            multiprocessing_context=_LOADER_CONTEXT,
         ):
             p = models.tissue.predict_proba(batch.images)
             for i, idx in enumerate(batch.indices.tolist()):
@@ -310,7 +314,11 @@ def _nucleus_tables(
     bar = _Progress(len(grid), "nuclei", config.show_progress)
     try:
         for batch in make_loader(
-            dataset, batch_size=config.batch_size, num_workers=readers, device=models.device
+            dataset,
+            batch_size=config.batch_size,
+            num_workers=readers,
+            device=models.device,
+            multiprocessing_context=_LOADER_CONTEXT,
         ):
             maps = nmodel.predict(batch.images)
             rgb = batch.images.permute(0, 2, 3, 1).cpu().numpy()
@@ -558,6 +566,7 @@ def _record(config: RunConfig, outcome: SlideOutcome, models: LoadedModels | Non
     if config.db_url is None:
         return
     from slidestream.db import connect, record_failure, record_run
+    from slidestream.wsi import slide_name
 
     engine = connect(config.db_url, create=True)
     try:
@@ -567,7 +576,7 @@ def _record(config: RunConfig, outcome: SlideOutcome, models: LoadedModels | Non
             record_failure(
                 engine,
                 slide_path=str(outcome.path),
-                slide_name=outcome.path.name,
+                slide_name=slide_name(outcome.path),
                 fingerprint=None,
                 error=outcome.error or "",
                 parameters=config.result_parameters(),

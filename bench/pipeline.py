@@ -1,0 +1,170 @@
+"""Whole-slide pipeline benchmark: efficiency and end-to-end throughput, in ONE run.
+
+Prints, for a generated H&E-like demo slide (default 8192 x 6144 px at 0.25 µm/px):
+
+(a) nucleus model + post-processing alone on pre-loaded tiles (same batches, same worker pool
+    as the pipeline): tiles/s, megapixels/s at the model's µm/px, mm²/s;
+(b) the end-to-end nucleus pass of ``slidestream run`` (reading, inference, post-processing,
+    stitching, GeoJSON + parquet writing): tiles/s;
+(c) pipeline efficiency = (b) / (a)   (target >= 0.9);
+(d) end-to-end mm² of tissue per second with both analyses (target >= 0.15 on 2 CPU cores);
+(e) peak resident memory of the main process.
+
+Usage: ``python bench/pipeline.py [--width 8192 --height 6144 --mpp 0.25] [--device cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import tempfile
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=8192)
+    parser.add_argument("--height", type=int, default=6144)
+    parser.add_argument("--mpp", type=float, default=0.25)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--nuclei-model", default="default")
+    parser.add_argument("--tissue-model", default="default")
+    args = parser.parse_args()
+
+    import multiprocessing as mp
+
+    import numpy as np
+    import torch
+
+    from slidestream.config import RunConfig
+    from slidestream.demo_slide import DemoSlideSpec, write_demo_slide
+    from slidestream.pipeline import (
+        _init_postprocess_worker,
+        _process_nucleus_tile,
+        _worker_counts,
+        analyse_slide,
+        load_models,
+    )
+    from slidestream.tiling import TilingConfig, detect_tissue, plan_tiles
+    from slidestream.wsi import open_slide
+
+    with tempfile.TemporaryDirectory(prefix="slidestream-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        t0 = time.perf_counter()
+        spec = DemoSlideSpec(width_px=args.width, height_px=args.height, mpp=args.mpp)
+        slide_path = write_demo_slide(tmp / "bench-slide.svs", spec)
+        print(
+            f"slide: {args.width}x{args.height} px at {args.mpp} µm/px, "
+            f"generated in {time.perf_counter() - t0:.1f} s"
+        )
+        config = RunConfig(
+            out_dir=tmp / "out",
+            device=args.device,
+            batch_size=args.batch_size,
+            nuclei_model=args.nuclei_model,
+            tissue_model=args.tissue_model,
+            show_progress=False,
+            db_url=None,
+        )
+        models = load_models(config)
+        readers, post = _worker_counts(config, models.device)
+        print(
+            f"device {models.device}, torch threads {torch.get_num_threads()}, "
+            f"{readers} reader(s), {post} post-processing worker(s)"
+        )
+        nmodel = models.nuclei
+        pool = ProcessPoolExecutor(
+            max_workers=post,
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_postprocess_worker,
+        )
+        # warm the pool and the model
+        list(pool.map(abs, range(post)))
+        with open_slide(slide_path) as slide:
+            mask = detect_tissue(slide, mask_mpp=config.tissue_mask_mpp)
+            halo = math.ceil(config.nucleus_halo_um / nmodel.mpp)
+            tiling = TilingConfig(
+                tile_mpp=nmodel.mpp,
+                tile_size_px=config.nuclei_tile_size_px,
+                overlap_px=2 * halo,
+                min_tissue_fraction=config.min_tissue_fraction,
+            )
+            grid = plan_tiles(slide, tiling, mask)
+            size = tiling.tile_size_px
+            tiles = [
+                slide.read_at_mpp((t.l0_x, t.l0_y), (size, size), nmodel.mpp) for t in grid.tiles
+            ]
+            l0_per_px = nmodel.mpp / slide.mpp
+            tissue_mm2 = mask.tissue_area_mm2
+        n = len(tiles)
+        core_mp = n * tiling.stride_px**2 / 1e6
+        core_mm2 = core_mp * nmodel.mpp**2
+        batches = [
+            torch.from_numpy(np.stack(tiles[i : i + args.batch_size])).permute(0, 3, 1, 2)
+            for i in range(0, n, args.batch_size)
+        ]
+        nmodel.predict(batches[0][:1])  # warm-up
+
+        # (a) model + post-processing alone, pre-loaded tiles, same pool
+        t0 = time.perf_counter()
+        pending: list[Future[Any]] = []
+        count = 0
+        for b, batch in enumerate(batches):
+            maps = nmodel.predict(batch)
+            rgb = batch.permute(0, 2, 3, 1).numpy()
+            for i in range(len(batch)):
+                t = grid.tiles[b * args.batch_size + i]
+                pending.append(
+                    pool.submit(
+                        _process_nucleus_tile,
+                        nmodel.postprocess,
+                        maps[i],
+                        np.ascontiguousarray(rgb[i]),
+                        t.core,
+                        (t.l0_x, t.l0_y),
+                        l0_per_px,
+                        nmodel.mpp,
+                    )
+                )
+            while len(pending) > 4 * post:
+                count += len(pending.pop(0).result())
+        for f in pending:
+            count += len(f.result())
+        alone_s = time.perf_counter() - t0
+        alone_tps = n / alone_s
+        print(
+            f"(a) model + post-processing alone: {n} tiles ({size}px, core {tiling.stride_px}px) "
+            f"in {alone_s:.1f} s = {alone_tps:.2f} tiles/s, "
+            f"{core_mp / alone_s:.2f} MP/s (core), {core_mm2 / alone_s:.3f} mm²/s, "
+            f"{count} nuclei"
+        )
+
+        # (b) end to end
+        t0 = time.perf_counter()
+        outcome = analyse_slide(slide_path, config, models, pool=pool)
+        total_s = time.perf_counter() - t0
+        pool.shutdown()
+        assert outcome.summary is not None
+        timings = outcome.summary["provenance"]["timings_s"]
+        e2e_tps = n / timings["nuclei"]
+        print(
+            f"(b) end-to-end nucleus pass: {timings['nuclei']:.1f} s = {e2e_tps:.2f} tiles/s "
+            f"({outcome.summary['statistics']['nucleus_count']} nuclei)"
+        )
+        print(f"(c) pipeline efficiency (b)/(a): {e2e_tps / alone_tps:.3f}  (target >= 0.9)")
+        print(
+            f"(d) end to end, both analyses: tissue {tissue_mm2:.2f} mm² in {total_s:.1f} s = "
+            f"{tissue_mm2 / total_s:.3f} mm²/s  (target >= 0.15 on 2 CPU cores); timings "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+        )
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"(e) peak RSS of the main process: {rss_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
