@@ -261,6 +261,20 @@ def _tissue_pass(
     return regions, _class_areas_on_mask(regions, mask, tuple(spec.class_names))
 
 
+def _clip_to_tissue(class_polygons: dict[str, Any], mask: Any) -> dict[str, Any]:
+    """Class regions intersected with the tissue mask's outline (polygonal parts only)."""
+    import shapely
+
+    tissue = mask.to_polygons()
+    out: dict[str, Any] = {}
+    for name, geom in class_polygons.items():
+        parts = shapely.get_parts(shapely.intersection(geom, tissue))
+        polys = [p for p in parts if isinstance(p, shapely.Polygon) and not p.is_empty]
+        if polys:
+            out[name] = polys[0] if len(polys) == 1 else shapely.MultiPolygon(polys)
+    return out
+
+
 def _class_areas_on_mask(regions: Any, mask: Any, class_names: tuple[str, ...]) -> dict[str, float]:
     """Area of each tissue class in mm², counted on the tissue mask so classes sum to tissue.
 
@@ -441,10 +455,11 @@ def analyse_slide(
         regions, class_area_mm2 = _tissue_pass(slide, mask, models, config, readers)
         timings["tissue_classification"] = time.perf_counter() - t0
         class_names = tuple(models.tissue.spec.class_names)
+        class_polygons = _clip_to_tissue(regions.polygons(), mask)
         class_colors = dict(zip(class_names, models.tissue.spec.colors, strict=True))
         write_tissue_geojson(
             stage / OUTPUT_NAMES["tissue_geojson"],
-            regions.polygons(),
+            class_polygons,
             class_colors=class_colors,
             mpp=float(slide.mpp),
             id_namespace=slide.fingerprint,
@@ -496,7 +511,7 @@ def analyse_slide(
             stage / OUTPUT_NAMES["overlay_png"],
             thumb,
             thumb_l0_scale=thumb.shape[1] / slide.dimensions[0],
-            class_polygons=regions.polygons(),
+            class_polygons=class_polygons,
             class_colors=class_colors,
             nucleus_centroids_l0=(
                 np.concatenate(centroids) if centroids else np.zeros((0, 2), dtype=np.float64)

@@ -75,7 +75,7 @@ def publish(stage: Path, final: Path) -> None:
     summary = stage / SUMMARY_NAME
     for item in sorted(stage.iterdir()):
         if item != summary:
-            os.replace(item, final / item.name)
+            item.replace(final / item.name)
     if summary.exists():
-        os.replace(summary, final / SUMMARY_NAME)
+        summary.replace(final / SUMMARY_NAME)
     shutil.rmtree(stage, ignore_errors=True)
