@@ -191,6 +191,28 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         show_default=True,
         help="Learned CNN branch widths, e.g. 16,32,64,64 (empty: fixed features).",
     )
+    @click.option(
+        "--textons",
+        type=click.IntRange(min=0),
+        default=32,
+        show_default=True,
+        help="Texton dictionary size (0: none).",
+    )
+    @click.option(
+        "--morphology/--no-morphology",
+        default=False,
+        show_default=True,
+        help="Add granulometry and joint H-E histogram features.",
+    )
+    @click.option(
+        "--hidden",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Hidden units of the head (0: linear).",
+    )
+    @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+    @click.option("--samples-per-epoch", type=click.IntRange(min=2), default=768, show_default=True)
     @click.option("--patch-size-px", type=click.IntRange(min=32), default=112, show_default=True)
     @click.option(
         "--model-mpp",
@@ -220,6 +242,11 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         val_fraction: float,
         views_per_image: int,
         cnn_channels: str,
+        textons: int,
+        morphology: bool,
+        hidden: int,
+        batch_size: int,
+        samples_per_epoch: int,
         patch_size_px: int,
         model_mpp: float,
         cv_folds: int,
@@ -256,6 +283,11 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             val_fraction=val_fraction,
             views_per_image=views_per_image,
             cnn_channels=widths,
+            textons=textons,
+            morphology=morphology,
+            hidden=hidden,
+            batch_size=batch_size,
+            samples_per_epoch=samples_per_epoch,
             patch_size_pixels=patch_size_px,
             spacing_um_px=model_mpp,
         )

@@ -7,7 +7,8 @@ Two branches read the same patch in optical-density (OD) space:
   Gaussian-derivative filters over a 5-level image pyramid (scales ``2**level`` px);
 * a compact learned CNN (MONAI ``Convolution`` blocks, stride 2, global average pooling).
 
-The concatenated features pass through batch norm, dropout and a linear head. The fixed front
+The concatenated features are standardised (mean / sd of the training features, stored) and
+pass through optional dropout and a linear (or one-hidden-layer) head. The fixed front
 end makes the model data-efficient (few hundred images); the CNN adds learned morphology.
 """
 
@@ -33,6 +34,8 @@ _RGB_FROM_HED = torch.tensor(
 )
 _OD_MAX = math.log(256.0)
 _TEXTON_DIM = 30
+_GRANULOMETRY_PX = (3, 5, 7, 11)
+_JOINT_BINS = 6
 
 
 def _gaussian_derivative_bank() -> torch.Tensor:
@@ -44,6 +47,27 @@ def _gaussian_derivative_bank() -> torch.Tensor:
     lap = torch.tensor([[1.0, 2.0, 1.0], [2.0, -12.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
     dxy = torch.outer(d, d) / 4.0
     return torch.stack([smooth, dx, dx.T.contiguous(), lap, dxy]).unsqueeze(1)
+
+
+class FeatureScaler(nn.Module):
+    """``(x - mean) / std`` with stored (not trained) statistics, set by :meth:`fit`."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+
+    @torch.no_grad()
+    def fit(self, feats: torch.Tensor) -> None:
+        """Set the statistics from training features ``(M, F)``."""
+        self.mean.copy_(feats.mean(dim=0))
+        self.std.copy_(feats.std(dim=0).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardise ``(N, F)`` features."""
+        return (x - self.mean) / self.std
 
 
 class TissueNet(nn.Module):
@@ -59,8 +83,12 @@ class TissueNet(nn.Module):
         Levels of the texture pyramid (level ``l`` is ``2**l`` times coarser).
     hist_bins : int
         Soft-histogram bins per stain channel.
+    textons : int
+        Texton dictionary size (0: none); fitted with :func:`fit_textons`.
+    hidden : int
+        Hidden units of the head (0: linear head).
     dropout : float
-        Dropout on the concatenated features.
+        Dropout on the standardised features.
 
     Notes
     -----
@@ -76,8 +104,9 @@ class TissueNet(nn.Module):
         pyramid_levels: int = 5,
         hist_bins: int = 8,
         textons: int = 0,
+        morphology: bool = False,
         hidden: int = 0,
-        dropout: float = 0.3,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -97,6 +126,7 @@ class TissueNet(nn.Module):
         # Texton dictionary (unsupervised k-means over pixel descriptors, see fit_textons);
         # persistent, so it ships in the safetensors file.
         self.textons = textons
+        self.morphology = morphology
         self.texton_centers: torch.Tensor
         self.texton_scale: torch.Tensor
         self.register_buffer("texton_centers", torch.zeros(textons, _TEXTON_DIM))
@@ -119,14 +149,14 @@ class TissueNet(nn.Module):
         self.cnn = nn.Sequential(*layers)
         self.cnn_features = cnn_channels[-1] if cnn_channels else 0
         n_fixed = self.fixed_feature_count()
-        self.norm = nn.BatchNorm1d(n_fixed + self.cnn_features)
+        self.norm = FeatureScaler(n_fixed + self.cnn_features)
         self.dropout = nn.Dropout(dropout)
         n_in = n_fixed + self.cnn_features
         self.head: nn.Module = (
             nn.Sequential(
                 nn.Linear(n_in, hidden),
                 nn.ReLU(),
-                nn.Dropout(dropout),
+                nn.Dropout(0.3),
                 nn.Linear(hidden, num_classes),
             )
             if hidden
@@ -139,7 +169,29 @@ class TissueNet(nn.Module):
         texture = (
             self.pyramid_levels * 3 * (int(self.bank.shape[0]) - 1) * 2 + self.pyramid_levels * 3
         )
-        return colour + texture + self.textons
+        morph = (3 * len(_GRANULOMETRY_PX) * 2 + _JOINT_BINS**2) if self.morphology else 0
+        return colour + texture + self.textons + morph
+
+    def morphology_features(self, st: torch.Tensor) -> torch.Tensor:
+        """Granulometry (mean of grey openings / closings of H, E and total OD with square
+        elements of 3-11 px) and a soft joint H-E histogram, ``(N, 24 + 36)``."""
+        x = st[:, (0, 1, 3)]
+        feats = []
+        for size in _GRANULOMETRY_PX:
+            pad = size // 2
+            ero = -F.max_pool2d(-x, size, stride=1, padding=pad)
+            opening = F.max_pool2d(ero, size, stride=1, padding=pad)
+            dil = F.max_pool2d(x, size, stride=1, padding=pad)
+            closing = -F.max_pool2d(-dil, size, stride=1, padding=pad)
+            feats += [opening.mean(dim=(2, 3)), closing.mean(dim=(2, 3))]
+        coarse = F.avg_pool2d(st[:, :2], 2, ceil_mode=True).flatten(2)  # (N, 2, P)
+        centers = torch.linspace(0.0, 1.5, _JOINT_BINS, device=st.device)
+        width = float(centers[1] - centers[0])
+        wh = torch.relu(1.0 - (coarse[:, 0].unsqueeze(-1) - centers).abs() / width)
+        we = torch.relu(1.0 - (coarse[:, 1].unsqueeze(-1) - centers).abs() / width)
+        joint = torch.einsum("npi,npj->nij", wh, we) / coarse.shape[2]
+        feats.append(joint.flatten(1).sqrt())
+        return torch.cat(feats, dim=1)
 
     def pixel_descriptors(self, st: torch.Tensor) -> torch.Tensor:
         """Per-pixel texton descriptors ``(N, D, H/2, W/2)``: the 5 filters on H, E and total OD
@@ -192,6 +244,8 @@ class TissueNet(nn.Module):
             feats.append(smooth.std(dim=(2, 3)))
         if self.textons:
             feats.append(self.texton_histogram(st))
+        if self.morphology:
+            feats.append(self.morphology_features(st))
         return torch.cat(feats, dim=1)
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:

@@ -121,8 +121,9 @@ class TrainConfig:
     patch_size_pixels: int = 112
     spacing_um_px: float = 1.5
     cnn_channels: tuple[int, ...] = ()
-    dropout: float = 0.3
+    dropout: float = 0.0
     textons: int = 32
+    morphology: bool = False
     hidden: int = 0
     views_per_image: int = 16
     aug_strength: float = 1.0
@@ -150,6 +151,7 @@ class TrainConfig:
             "cnn_channels": list(self.cnn_channels),
             "dropout": self.dropout,
             "textons": self.textons,
+            "morphology": self.morphology,
             "hidden": self.hidden,
         }
 
@@ -438,13 +440,12 @@ def _fit_bank(
     dev = next(net.parameters()).device
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    params = list(net.norm.parameters()) + list(net.head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net.norm.fit(bank.views[torch.from_numpy(tr)].flatten(0, 1).to(dev))
+    opt = torch.optim.AdamW(net.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15
-    )
-    weights = pool.subset(tr).weights()
+    # Uniform draws, loss weighted per (source, class) cell: the same balance as a weighted
+    # sampler, but every training image contributes to every epoch.
+    sample_w = torch.from_numpy(pool.subset(tr).weights() * len(tr)).float()
     n_views = bank.views.shape[1]
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     best_report: ClassificationReport | None = None
@@ -452,15 +453,19 @@ def _fit_bank(
         net.train()
         losses = []
         for _ in range(steps):
-            img = tr[rng.choice(len(tr), size=cfg.batch_size, p=weights)]
-            view = rng.integers(0, n_views, size=cfg.batch_size)
-            x = bank.views[torch.from_numpy(img), torch.from_numpy(view)].to(dev)
-            y = torch.from_numpy(pool.labels[img]).to(dev)
-            loss = F.cross_entropy(_head_logits(net, x), y, label_smoothing=cfg.label_smoothing)
+            pick = torch.from_numpy(rng.integers(0, len(tr), size=cfg.batch_size))
+            img = torch.from_numpy(tr)[pick]
+            view = torch.from_numpy(rng.integers(0, n_views, size=cfg.batch_size))
+            x = bank.views[img, view].to(dev)
+            y = torch.from_numpy(pool.labels)[img].to(dev)
+            per = F.cross_entropy(
+                _head_logits(net, x), y, label_smoothing=cfg.label_smoothing, reduction="none"
+            )
+            w = sample_w[pick].to(dev)
+            loss = (per * w).sum() / w.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
-            sched.step()
             losses.append(float(loss.detach()))
         stats = {"loss": float(np.mean(losses))}
         if len(va):
@@ -490,6 +495,10 @@ def _fit_end_to_end(
 ) -> tuple[TissueNet, ClassificationReport | None, int]:
     """Train every weight (learned CNN branch) on freshly augmented crops each step."""
     rng = np.random.default_rng(cfg.seed)
+    with torch.no_grad():
+        net.eval()
+        idx = rng.choice(len(train.images), size=max(cfg.batch_size, 64))
+        net.norm.fit(net.features(_batch(train, idx, cfg, rng)[0].to(device)))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -612,6 +621,7 @@ def save_model(net: TissueNet, spec: ModelSpec, out_dir: Path) -> ModelSpec:
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
     save_file(state, str(tmp))
+    tmp.chmod(0o644)
     tmp.replace(out_dir / WEIGHTS_NAME)
     block = dict(spec.slidestream)
     block["weights_sha256"] = file_sha256(out_dir / WEIGHTS_NAME)

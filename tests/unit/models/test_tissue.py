@@ -252,3 +252,59 @@ def test_models_list_cli_shows_shipped_models() -> None:
     assert res.exit_code == 0, res.output
     names = [r["name"] for r in json.loads(res.output) if r["kind"] == "tissue"]
     assert "lung-lc25000" in names and "colon-glas" in names
+
+
+def test_register_then_classify_and_evaluate_by_name(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    _synthetic_classes(tmp_path / "data", rng)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=8,
+        samples_per_epoch=16,
+        patch_size_pixels=32,
+        spacing_um_px=1.0,
+        views_per_image=2,
+        val_fraction=0.0,
+        device="cpu",
+    )
+    train_tissue(tmp_path / "data", tmp_path / "m", mpp=1.0, config=cfg)
+    reg = tmp_path / "registry.json"
+    runner = CliRunner()
+    res = runner.invoke(
+        cli, ["models", "register", str(tmp_path / "m"), "--name", "mine", "--registry", str(reg)]
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["models", "list", "--json", "--registry", str(reg)])
+    assert any(r["name"] == "mine" and r["origin"] == "user" for r in json.loads(res.output))
+    res = runner.invoke(
+        cli,
+        [
+            "evaluate",
+            "tissue",
+            "--data",
+            str(tmp_path / "data"),
+            "--model",
+            "mine",
+            "--json",
+            "--registry",
+            str(reg),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["n"] == 24 and report["accuracy"] >= 0.9
+    assert set(report["per_class"]) == {"pinkish", "purplish"}
+    res = runner.invoke(
+        cli,
+        [
+            "classify",
+            str(tmp_path / "data" / "pinkish"),
+            "--model",
+            "nope",
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--registry",
+            str(reg),
+        ],
+    )
+    assert res.exit_code == 1 and "nope" in res.output
