@@ -1,10 +1,11 @@
 """Training and group-aware cross-validation of :class:`TissueNet` patch classifiers.
 
-Each step draws class-balanced images (weights equalise every (source, class) cell), a random
-crop at the model's µm/px with ±10 % scale jitter, dihedral flips/rotations, HED stain jitter in
-OD space, brightness jitter and blur. Validation images are classified as at inference
-(:func:`classify_image`: whole or tiled, probabilities averaged) and never share a group
-(patient / source tile) with training images.
+Training crops are random crops at the model's µm/px with ±10 % scale jitter, dihedral
+flips/rotations, HED stain jitter in OD space, brightness jitter and blur; classes are balanced
+by weights that equalise every (source, class) cell (loss weights on the default fixed-feature
+path, a weighted sampler on the end-to-end CNN path). Validation images are classified as at
+inference (:func:`classify_image`: whole or tiled, probabilities averaged) and never share a
+group (patient / source tile) with training images.
 """
 
 from __future__ import annotations
@@ -436,7 +437,7 @@ def _fit_bank(
     cfg: TrainConfig,
     on_epoch: EpochCallback | None,
 ) -> tuple[TissueNet, ClassificationReport | None, int]:
-    """Fit norm + head on precomputed features of the ``tr`` images (class-balanced draws)."""
+    """Fit the feature scaler and head on precomputed features of the ``tr`` images."""
     dev = next(net.parameters()).device
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
