@@ -99,8 +99,11 @@ def test_nuclei_found_where_the_demo_has_them(run_result: Path) -> None:
 def test_outputs_pass_qupath_validator(run_result: Path, shared_tools: Path) -> None:
     for name in ("nuclei.geojson.gz", "tissue.geojson"):
         proc = subprocess.run(
-            [sys.executable, str(shared_tools / "check_qupath_geojson.py"),
-             str(run_result / "small-demo" / name)],
+            [
+                sys.executable,
+                str(shared_tools / "check_qupath_geojson.py"),
+                str(run_result / "small-demo" / name),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -119,9 +122,7 @@ def test_rerun_is_skipped_and_force_recomputes(small_slide: Path, run_result: Pa
     assert [o.status for o in again] == ["succeeded"]
 
 
-def test_batch_with_corrupt_slide_goes_on_and_exits_1(
-    small_slide: Path, tmp_path: Path
-) -> None:
+def test_batch_with_corrupt_slide_goes_on_and_exits_1(small_slide: Path, tmp_path: Path) -> None:
     bad = tmp_path / "in" / "broken.svs"
     bad.parent.mkdir()
     bad.write_bytes(b"II*\x00" + b"\x00" * 64)
