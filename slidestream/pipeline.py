@@ -115,6 +115,25 @@ class LoadedModels:
         }
 
 
+class _ClassicalAsModel:
+    """Adapts the no-weights classical segmenter to the batched model interface.
+
+    ``predict`` passes the RGB tiles through as the "maps" (channels-last uint8) and
+    ``postprocess`` segments one of them, so the classical path streams, stitches and writes
+    exactly like the trained model.
+    """
+
+    def __init__(self, segmenter: Any) -> None:
+        self.segmenter = segmenter
+        self.name = str(segmenter.name)
+        self.mpp = float(segmenter.mpp)
+        self.weights_sha256 = "classical"
+        self.postprocess = segmenter.segment_working
+
+    def predict(self, batch: Any) -> npt.NDArray[np.uint8]:
+        return np.ascontiguousarray(batch.permute(0, 2, 3, 1).cpu().numpy())
+
+
 def resolve_device(spec: str) -> str:
     """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; others pass through."""
     import torch
@@ -131,8 +150,11 @@ def load_models(config: RunConfig) -> LoadedModels:
     from slidestream.models import load_nuclei_model, load_tissue_model
 
     device = resolve_device(config.device)
+    nuclei: Any = load_nuclei_model(config.nuclei_model, device=device)
+    if not hasattr(nuclei, "predict"):
+        nuclei = _ClassicalAsModel(nuclei)
     return LoadedModels(
-        nuclei=load_nuclei_model(config.nuclei_model, device=device),
+        nuclei=nuclei,
         tissue=load_tissue_model(config.tissue_model, device=device),
         device=device,
     )
