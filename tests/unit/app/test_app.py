@@ -1,0 +1,140 @@
+"""Unit tests of the application layer: config, inputs, publishing, statistics, CLI frame."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from slidestream.cli import cli
+from slidestream.config import RunConfig, load_config_file
+from slidestream.errors import ConfigError
+from slidestream.inputs import discover_slides
+from slidestream.publish import SUMMARY_NAME, publish, read_summary, staging_dir
+from slidestream.statistics import StatisticsAccumulator
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = (
+        "import sys; from slidestream.cli import cli; "
+        "from click.testing import CliRunner; "
+        "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
+        "heavy = [m for m in ('torch', 'openslide', 'monai', 'cv2') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "", f"--help imported {out}"
+
+
+def test_version_and_usage_exit_codes() -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0 and "slidestream" in result.output
+    assert runner.invoke(cli, ["no-such-command"]).exit_code == 2
+    assert runner.invoke(cli, ["run"]).exit_code == 2  # missing inputs
+
+
+def test_library_error_is_one_line_exit_1(tmp_path: Path) -> None:
+    missing_mpp = tmp_path / "tile.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(missing_mpp)
+    result = CliRunner().invoke(cli, ["info", str(missing_mpp)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "tile.png" in lines[0] and "--mpp" in lines[0]
+
+
+def test_config_validation_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--mpp"):
+        RunConfig(out_dir=tmp_path, mpp_override=0.0)
+    with pytest.raises(ConfigError, match="--device"):
+        RunConfig(out_dir=tmp_path, device="tpu")
+    with pytest.raises(ConfigError, match="points"):
+        RunConfig(out_dir=tmp_path, nuclei_as="dots")  # type: ignore[arg-type]
+
+
+def test_parameters_hash_tracks_results_not_speed(tmp_path: Path) -> None:
+    base = RunConfig(out_dir=tmp_path)
+    models = {"nuclei": "a", "tissue": "b"}
+    assert base.parameters_hash(models) == base.with_options(batch_size=64).parameters_hash(models)
+    assert base.parameters_hash(models) != base.with_options(
+        min_tissue_fraction=0.5
+    ).parameters_hash(models)
+    assert base.parameters_hash(models) != base.parameters_hash({"nuclei": "c", "tissue": "b"})
+
+
+def test_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[run]\nbatch_size = 4\nnuclei_as = 'points'\n")
+    assert load_config_file(cfg) == {"batch_size": 4, "nuclei_as": "points"}
+    cfg.write_text("[run]\nbatch_sise = 4\n")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config_file(cfg)
+
+
+def test_discover_slides_folders_manifest_dicom(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.svs").write_bytes(b"x")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "a" / "tile.png").write_bytes(b"x")  # images are slides only when named
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "sub" / "two.ome.tif").write_bytes(b"x")
+    (tmp_path / "a" / "dcm").mkdir()
+    for i in range(2):
+        (tmp_path / "a" / "dcm" / f"f{i}.dcm").write_bytes(b"x")
+    found = discover_slides([tmp_path / "a"])
+    assert [p.name for p in found] == ["one.svs", "two.ome.tif", "dcm"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,diagnosis\na/one.svs,x\na/one.svs,x\nmissing.svs,y\n")
+    from_manifest = discover_slides([manifest, tmp_path / "a" / "one.svs"])
+    assert [p.name for p in from_manifest] == ["one.svs", "missing.svs"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.svs\n")
+    with pytest.raises(ConfigError, match="'path' column"):
+        discover_slides([bad])
+
+
+def test_publish_moves_everything_summary_last(tmp_path: Path) -> None:
+    final = tmp_path / "slide"
+    final.mkdir()
+    (final / "old.txt").write_text("keep")
+    (final / SUMMARY_NAME).write_text(json.dumps({"v": 1}))
+    stage = staging_dir(tmp_path, "slide")
+    (stage / "nuclei.parquet").write_text("new")
+    (stage / SUMMARY_NAME).write_text(json.dumps({"v": 2}))
+    publish(stage, final)
+    assert not stage.exists()
+    assert (final / "nuclei.parquet").read_text() == "new"
+    assert (final / "old.txt").read_text() == "keep"
+    assert read_summary(final) == {"v": 2}
+
+
+def test_stale_staging_is_replaced(tmp_path: Path) -> None:
+    stage = staging_dir(tmp_path, "s")
+    (stage / "half.geojson").write_text("partial")
+    again = staging_dir(tmp_path, "s")
+    assert again == stage and list(again.iterdir()) == []
+
+
+def test_statistics_accumulator() -> None:
+    acc = StatisticsAccumulator(("tumour", "stroma"))
+    acc.add(area_um2=[10, 20, 30], hematoxylin_od=[1.0, 1.0, 0.5], class_index=[0, 0, 1])
+    acc.add(area_um2=[40], hematoxylin_od=[0.5], class_index=[1])
+    res = acc.result(tissue_area_mm2=2.0, class_area_mm2={"tumour": 0.5, "stroma": 1.5})
+    assert res["nucleus_count"] == 4
+    assert res["nuclei_per_mm2"] == pytest.approx(2.0)
+    assert res["nucleus_area_um2"]["median"] == pytest.approx(25.0)
+    assert res["mean_hematoxylin_od"] == pytest.approx(0.75)
+    tumour = res["classes"]["tumour"]
+    assert tumour["nucleus_count"] == 2 and tumour["nuclei_per_mm2"] == pytest.approx(4.0)
+    assert tumour["fraction"] == pytest.approx(0.25)
+    empty = StatisticsAccumulator(("a",)).result(tissue_area_mm2=0.0, class_area_mm2={})
+    assert empty["nuclei_per_mm2"] is None and empty["nucleus_area_um2"]["mean"] is None
