@@ -76,6 +76,14 @@ def _db_url(option: str | None, out_dir: Path, no_db: bool) -> str | None:
     default=None,
     help="TOML file of run options (command-line options win).",
 )
+@click.option(
+    "--dask",
+    "dask_scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run slides as tasks on a Dask distributed cluster (scheduler address); OUT must be "
+    "shared storage.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run_command(
     inputs: tuple[Path, ...],
@@ -92,6 +100,7 @@ def run_command(
     db_url: str | None,
     no_db: bool,
     config_file: Path | None,
+    dask_scheduler: str | None,
     no_progress: bool,
 ) -> None:
     """Analyse whole slides: nuclei, tissue classes, QuPath overlays and slide statistics.
@@ -121,7 +130,12 @@ def run_command(
     options["db_url"] = _db_url(db_url, out_dir, no_db)
     options["show_progress"] = not no_progress and sys.stderr.isatty()
     config = RunConfig(**options)
-    outcomes = run_batch(list(inputs), config)
+    if dask_scheduler:
+        from slidestream.distributed import run_batch_dask
+
+        outcomes = run_batch_dask(list(inputs), config, scheduler=dask_scheduler)
+    else:
+        outcomes = run_batch(list(inputs), config)
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "succeeded" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)

@@ -37,7 +37,16 @@ from slidestream.inputs import discover_slides
 from slidestream.publish import SUMMARY_NAME, publish, read_summary, staging_dir
 from slidestream.statistics import StatisticsAccumulator
 
-__all__ = ["LoadedModels", "SlideOutcome", "analyse_slide", "load_models", "run_batch"]
+__all__ = [
+    "LoadedModels",
+    "SlideOutcome",
+    "analyse_guarded",
+    "analyse_slide",
+    "load_models",
+    "record_outcome",
+    "run_batch",
+    "write_failures",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -583,7 +592,32 @@ def analyse_slide(
     )
 
 
-def _write_failures(out_dir: Path, failures: Sequence[SlideOutcome]) -> None:
+def analyse_guarded(
+    path: Path,
+    config: RunConfig,
+    models: LoadedModels,
+    *,
+    pool: ProcessPoolExecutor | None = None,
+) -> SlideOutcome:
+    """:func:`analyse_slide`, with a failure turned into a ``failed`` outcome (one-line reason).
+
+    Library errors (unreadable slide, no µm/px, no tissue, ...) and I/O errors fail the slide,
+    not the batch; the traceback goes to the debug log.
+    """
+    t0 = time.perf_counter()
+    try:
+        return analyse_slide(path, config, models, pool=pool)
+    except SlidestreamError as exc:
+        logger.error("%s", exc)
+        logger.debug("traceback of the failure", exc_info=True)
+        error = str(exc)
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        logger.exception("%s: unexpected failure", path)
+        error = f"{path}: {type(exc).__name__}: {exc}"
+    return SlideOutcome(path=path, status="failed", error=error, seconds=time.perf_counter() - t0)
+
+
+def write_failures(out_dir: Path, failures: Sequence[SlideOutcome]) -> None:
     path = out_dir / "failures.csv"
     if not failures:
         path.unlink(missing_ok=True)
@@ -598,7 +632,7 @@ def _write_failures(out_dir: Path, failures: Sequence[SlideOutcome]) -> None:
     tmp.replace(path)
 
 
-def _record(config: RunConfig, outcome: SlideOutcome, models: LoadedModels | None) -> None:
+def record_outcome(config: RunConfig, outcome: SlideOutcome, models: LoadedModels | None) -> None:
     """Record one slide's outcome in the statistics database (main process only)."""
     if config.db_url is None:
         return
@@ -669,26 +703,10 @@ def run_batch(inputs: Sequence[Path], config: RunConfig) -> list[SlideOutcome]:
         bar = tqdm(total=len(slides), desc="slides", unit="slide", position=0)
     try:
         for path in slides:
-            t0 = time.perf_counter()
-            try:
-                outcome = analyse_slide(path, config, models, pool=pool)
-            except SlidestreamError as exc:
-                logger.error("%s", exc)
-                logger.debug("traceback of the failure", exc_info=True)
-                outcome = SlideOutcome(
-                    path=path, status="failed", error=str(exc), seconds=time.perf_counter() - t0
-                )
-            except (OSError, ValueError, RuntimeError, MemoryError) as exc:
-                logger.exception("%s: unexpected failure", path)
-                outcome = SlideOutcome(
-                    path=path,
-                    status="failed",
-                    error=f"{path}: {type(exc).__name__}: {exc}",
-                    seconds=time.perf_counter() - t0,
-                )
+            outcome = analyse_guarded(path, config, models, pool=pool)
             outcomes.append(outcome)
             if outcome.status != "skipped":
-                _record(config, outcome, models)
+                record_outcome(config, outcome, models)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -696,5 +714,5 @@ def run_batch(inputs: Sequence[Path], config: RunConfig) -> list[SlideOutcome]:
             bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        _write_failures(config.out_dir, [o for o in outcomes if o.status == "failed"])
+        write_failures(config.out_dir, [o for o in outcomes if o.status == "failed"])
     return outcomes

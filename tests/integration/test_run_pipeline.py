@@ -210,3 +210,24 @@ def test_real_cmu_small_region_runs_through(shared_data: Path, tmp_path: Path) -
     assert stats["tissue_area_mm2"] > 0.3
     assert stats["nucleus_count"] > 500
     assert np.isfinite(stats["nuclei_per_mm2"])
+
+
+def test_dask_distributed_batch(small_slide: Path, tmp_path: Path) -> None:
+    from distributed import Client
+
+    from slidestream.distributed import run_batch_dask
+
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"not a slide")
+    config = RunConfig(
+        out_dir=tmp_path / "out",
+        nuclei_model="classical",
+        workers=0,
+        show_progress=False,
+        db_url=f"sqlite:///{tmp_path / 'stats.db'}",
+    )
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
+        outcomes = run_batch_dask([small_slide, bad], config, scheduler=c)
+    assert [o.status for o in outcomes] == ["succeeded", "failed"]
+    assert (tmp_path / "out" / "small-demo" / "summary.json").is_file()
+    assert "broken.svs" in (tmp_path / "out" / "failures.csv").read_text()

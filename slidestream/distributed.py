@@ -1,0 +1,102 @@
+"""Batch analysis beyond one machine, on a Dask distributed cluster.
+
+Each slide is one Dask task: a worker loads the models once (cached per worker process and
+model/device choice), analyses the slide with :func:`slidestream.pipeline.analyse_guarded` and
+publishes its outputs under ``out_dir`` — which must therefore be storage every worker and this
+process share. Only this (the client) process writes ``failures.csv`` and the statistics
+database, as everywhere else.
+
+Example::
+
+    dask scheduler &                      # or an existing cluster
+    dask worker tcp://scheduler:8786 --nthreads 1 --nworkers 4 &
+    slidestream run /shared/slides --out /shared/results --dask tcp://scheduler:8786
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slidestream.config import RunConfig
+from slidestream.inputs import discover_slides
+from slidestream.pipeline import (
+    LoadedModels,
+    SlideOutcome,
+    analyse_guarded,
+    load_models,
+    record_outcome,
+    write_failures,
+)
+
+__all__ = ["run_batch_dask"]
+
+logger = logging.getLogger(__name__)
+
+_MODELS: dict[tuple[str, str, str], LoadedModels] = {}
+"""Models loaded in this worker process, by (nuclei model, tissue model, device)."""
+
+
+def _worker_models(config: RunConfig) -> LoadedModels:
+    key = (config.nuclei_model, config.tissue_model, config.device)
+    if key not in _MODELS:
+        _MODELS[key] = load_models(config)
+    return _MODELS[key]
+
+
+def _analyse_on_worker(path: Path, config: RunConfig) -> SlideOutcome:
+    """Dask task: analyse one slide on a worker; never raises for a bad slide."""
+    return analyse_guarded(path, config, _worker_models(config), pool=None)
+
+
+def run_batch_dask(
+    inputs: Sequence[Path], config: RunConfig, *, scheduler: str | Any
+) -> list[SlideOutcome]:
+    """Analyse every slide of ``inputs`` as Dask tasks; record outcomes here as they finish.
+
+    Parameters
+    ----------
+    inputs
+        Slide files, folders and manifest CSVs, with paths valid on the workers.
+    config
+        Run configuration; ``out_dir`` must be shared by the workers and this process.
+    scheduler
+        Scheduler address (``tcp://host:8786``) or an existing ``distributed.Client``.
+
+    Returns
+    -------
+    list of SlideOutcome
+        One per slide, in input order.
+    """
+    from distributed import Client, as_completed
+
+    slides = discover_slides(inputs)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    own_client = not isinstance(scheduler, Client)
+    client = Client(scheduler) if own_client else scheduler
+    results: dict[int, SlideOutcome] = {}
+    try:
+        futures = client.map(
+            _analyse_on_worker, [Path(p).resolve() for p in slides], config=config, pure=False
+        )
+        index = {f.key: i for i, f in enumerate(futures)}
+        for future in as_completed(futures):
+            outcome: SlideOutcome = future.result()
+            i = index[future.key]
+            results[i] = SlideOutcome(
+                path=slides[i],
+                status=outcome.status,
+                error=outcome.error,
+                summary=outcome.summary,
+                seconds=outcome.seconds,
+            )
+            if outcome.status != "skipped":
+                record_outcome(config, results[i], None)
+    finally:
+        if own_client:
+            client.close()
+        outcomes = [results[i] for i in sorted(results)]
+        write_failures(config.out_dir, [o for o in outcomes if o.status == "failed"])
+    return outcomes
