@@ -75,14 +75,14 @@ def run_batch_dask(
     slides = discover_slides(inputs)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     own_client = not isinstance(scheduler, Client)
-    client = Client(scheduler) if own_client else scheduler
+    client: Any = Client(scheduler) if own_client else scheduler  # type: ignore[no-untyped-call]
     results: dict[int, SlideOutcome] = {}
     try:
         futures = client.map(
             _analyse_on_worker, [Path(p).resolve() for p in slides], config=config, pure=False
         )
         index = {f.key: i for i, f in enumerate(futures)}
-        for future in as_completed(futures):
+        for future in as_completed(futures):  # type: ignore[no-untyped-call]
             outcome: SlideOutcome = future.result()
             i = index[future.key]
             results[i] = SlideOutcome(
