@@ -115,9 +115,9 @@ def test_rerun_is_skipped_and_force_recomputes(small_slide: Path, run_result: Pa
     from slidestream.pipeline import run_batch
 
     config = RunConfig(out_dir=run_result, workers=0, show_progress=False, db_url=None)
-    first = run_batch([small_slide], config)
+    first = run_batch([small_slide], config.with_options(postprocess_workers=0))
     assert [o.status for o in first] == ["skipped"]
-    changed = config.with_options(min_tissue_fraction=0.03)
+    changed = config.with_options(min_tissue_fraction=0.03, postprocess_workers=0)
     again = run_batch([small_slide], changed)
     assert [o.status for o in again] == ["succeeded"]
 
@@ -130,7 +130,20 @@ def test_batch_with_corrupt_slide_goes_on_and_exits_1(small_slide: Path, tmp_pat
     shutil.copy(small_slide, good)
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        cli, ["run", str(tmp_path / "in"), "--out", str(out), "--no-progress", "--workers", "0"]
+        cli,
+        [
+            "run",
+            str(tmp_path / "in"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--workers",
+            "0",
+            "--nuclei-model",
+            "classical",
+            "--postprocess-workers",
+            "0",
+        ],
     )
     assert result.exit_code == 1, result.output
     assert (out / "good" / "summary.json").is_file()
@@ -150,7 +163,14 @@ def test_interrupted_run_leaves_no_partial_outputs(
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    config = RunConfig(out_dir=tmp_path, workers=0, show_progress=False, db_url=None)
+    config = RunConfig(
+        out_dir=tmp_path,
+        workers=0,
+        postprocess_workers=0,
+        nuclei_model="classical",
+        show_progress=False,
+        db_url=None,
+    )
     monkeypatch.setattr(overlays, "render_overlay_png", boom)
     with pytest.raises(KeyboardInterrupt):
         run_batch([small_slide], config)
@@ -185,7 +205,14 @@ def test_run_records_statistics_in_database(small_slide: Path, tmp_path: Path) -
     from slidestream.pipeline import run_batch
 
     url = f"sqlite:///{tmp_path / 'stats.db'}"
-    config = RunConfig(out_dir=tmp_path, workers=0, show_progress=False, db_url=url)
+    config = RunConfig(
+        out_dir=tmp_path,
+        workers=0,
+        postprocess_workers=0,
+        nuclei_model="classical",
+        show_progress=False,
+        db_url=url,
+    )
     run_batch([small_slide], config)
     run_batch([small_slide], config.with_options(force=True))  # idempotent
     engine = connect(url)
