@@ -5,6 +5,12 @@ pickles cheaply; the slide is opened lazily on first use in each process and cac
 works with ``num_workers=0`` and with worker processes started by fork or spawn (a forked worker
 never reuses its parent's handle).
 
+The loader's unit of work is a whole batch, not a tile: a worker reads the batch's tiles straight
+into one preallocated channels-last ``(N, H, W, 3)`` uint8 array that lives in shared memory, so
+the batch crosses the process boundary without a copy (no per-tile tensors, no ``torch.stack``,
+no re-sharing). :class:`TileBatch` exposes it as ``(N, 3, H, W)`` through a zero-copy
+``permute`` view.
+
 Read errors never cross the process boundary as raw tracebacks: the loader's workers turn a
 :class:`~slidestream.errors.SlidestreamError` into a small failure record, and the main process
 re-raises it as a one-line :class:`~slidestream.errors.SlideReadError` naming the file and region.
@@ -18,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -135,18 +141,13 @@ class TileDataset:
                 close()
         self._pid = None
 
-    def read_tile(self, i: int) -> npt.NDArray[np.uint8]:
-        """Pixels of the ``i``-th tile as uint8 ``(H, W, 3)`` at ``tile_mpp``.
+    def _is_native(self, slide: SlideLike) -> bool:
+        return abs(self.tile_mpp / slide.mpp - 1.0) <= _NATIVE_TOLERANCE
 
-        Raises
-        ------
-        SlideReadError
-            When the region cannot be read; the message names the file and the region.
-        """
-        slide = self._get_slide()
-        l0_x, l0_y = (float(v) for v in self.l0_xy[i])
+    def _read(
+        self, slide: SlideLike, i: int, l0_x: float, l0_y: float, native: bool
+    ) -> npt.NDArray[np.uint8]:
         size = (self.tile_size_px, self.tile_size_px)
-        native = abs(self.tile_mpp / slide.mpp - 1.0) <= _NATIVE_TOLERANCE
         try:
             if native:
                 rgb = slide.read_region((round(l0_x), round(l0_y)), size, level=0)
@@ -164,12 +165,60 @@ class TileDataset:
             )
         return rgb
 
+    def read_tile(self, i: int) -> npt.NDArray[np.uint8]:
+        """Pixels of the ``i``-th tile as uint8 ``(H, W, 3)`` at ``tile_mpp``.
+
+        Raises
+        ------
+        SlideReadError
+            When the region cannot be read; the message names the file and the region.
+        """
+        slide = self._get_slide()
+        l0_x, l0_y = self.l0_xy[i].tolist()
+        return self._read(slide, i, l0_x, l0_y, self._is_native(slide))
+
+    def read_tiles_into(self, start: int, out: npt.NDArray[np.uint8]) -> None:
+        """Read tiles ``start .. start + len(out) - 1`` into ``out``.
+
+        Parameters
+        ----------
+        start
+            Position (not ``TileSpec.index``) of the first tile in this dataset.
+        out
+            uint8 ``(N, tile_size_px, tile_size_px, 3)``, channels last; tile ``start + k`` is
+            written to ``out[k]``. At native resolution each tile is one level-0
+            ``read_region`` copied once into ``out`` (no resampling).
+
+        Raises
+        ------
+        SlideReadError
+            When a region cannot be read; the message names the file and the region.
+        ConfigError
+            When ``out`` has the wrong shape or dtype, or the range runs past the dataset.
+        """
+        count = int(out.shape[0]) if out.ndim == 4 else -1
+        expected = (count, self.tile_size_px, self.tile_size_px, 3)
+        if out.shape != expected or out.dtype != np.uint8:
+            raise ConfigError(
+                f"read_tiles_into: out is {out.dtype} {out.shape}; expected uint8 (N, "
+                f"{self.tile_size_px}, {self.tile_size_px}, 3)"
+            )
+        if start < 0 or start + count > len(self):
+            raise ConfigError(
+                f"read_tiles_into: tiles {start}..{start + count - 1} outside 0..{len(self) - 1}"
+            )
+        slide = self._get_slide()
+        native = self._is_native(slide)
+        read = self._read
+        for k, (l0_x, l0_y) in enumerate(self.l0_xy[start : start + count].tolist()):
+            out[k] = read(slide, start + k, l0_x, l0_y, native)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """``(image, index)``: uint8 ``(3, H, W)`` (a channels-first view of the read array)."""
         import torch
 
         rgb = self.read_tile(i)
-        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-        return image, int(self.indices[i])
+        return torch.from_numpy(rgb).permute(2, 0, 1), int(self.indices[i])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -179,7 +228,10 @@ class TileBatch:
     Parameters
     ----------
     images
-        uint8 ``(N, 3, H, W)`` on the loader's device.
+        uint8 ``(N, 3, H, W)`` on the loader's device. This is a zero-copy ``permute`` view of a
+        contiguous channels-last ``(N, H, W, 3)`` array (``images.is_contiguous(memory_format=
+        torch.channels_last)`` holds), so ``images.permute(0, 2, 3, 1)`` is contiguous again.
+        Models accept it as is; call ``.contiguous()`` if plain NCHW strides are needed.
     indices
         int64 ``(N,)`` tile indices (``TileSpec.index``), on the CPU.
     l0_xy
@@ -196,62 +248,97 @@ class _Failure:
     message: str
 
 
-class _GuardedDataset:
-    """Wraps a :class:`TileDataset` so that read errors travel back as data, not tracebacks."""
+class _BatchedTiles:
+    """Batch ``b`` of a :class:`TileDataset` as one ``(b, images (N, H, W, 3))`` item.
 
-    def __init__(self, dataset: TileDataset) -> None:
+    Inside a loader worker the images are allocated in shared memory, so sending them to the main
+    process passes a handle, not the pixels. Read errors travel back as :class:`_Failure` data.
+    """
+
+    def __init__(self, dataset: TileDataset, batch_size: int) -> None:
         self.dataset = dataset
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return -(-len(self.dataset) // self.batch_size)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, npt.NDArray[np.float64]] | _Failure:
+    def __getitem__(self, b: int) -> tuple[int, torch.Tensor] | _Failure:
+        import torch
+        from torch.utils.data import get_worker_info
+
+        start = b * self.batch_size
+        count = min(len(self.dataset), start + self.batch_size) - start
+        if b < 0 or count <= 0:
+            raise IndexError(f"batch {b} outside 0..{len(self) - 1}")
+        size = self.dataset.tile_size_px
+        shape = (count, size, size, 3)
+        if get_worker_info() is not None:
+            # Allocated in shared memory up front (as torch's default_collate does): sending it
+            # to the main process then shares a handle instead of copying the pixels.
+            new_shared = cast(
+                "Callable[[int], torch.UntypedStorage]", torch.UntypedStorage._new_shared
+            )
+            storage = new_shared(count * size * size * 3)
+            strides = (size * size * 3, size * 3, 3, 1)
+            images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+        else:
+            images = torch.empty(shape, dtype=torch.uint8)
         try:
-            image, index = self.dataset[i]
+            self.dataset.read_tiles_into(start, images.numpy())
         except SlidestreamError as exc:
             return _Failure(str(exc))
-        return image, index, self.dataset.l0_xy[i]
+        return b, images
 
 
-def _collate(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | _Failure:
-    import torch
-
-    for item in items:
-        if isinstance(item, _Failure):
-            return item
-    images = torch.stack([item[0] for item in items])
-    indices = torch.tensor([item[1] for item in items], dtype=torch.int64)
-    l0_xy = torch.from_numpy(np.stack([item[2] for item in items]).astype(np.float64))
-    return images, indices, l0_xy
+def _identity(item: Any) -> Any:
+    return item
 
 
 def _worker_init(worker_id: int) -> None:
     import torch
 
-    # One thread per worker: the workers are the parallelism.
+    # One thread per worker: the workers are the parallelism (no intra-op oversubscription).
+    # Not cv2.setNumThreads: in a forked child of a process whose OpenCV pool has run (e.g. after
+    # tissue detection) it deadlocks tearing the inherited pool down.
     torch.set_num_threads(1)
 
 
 class TileLoader:
     """Iterable of :class:`TileBatch` over a :class:`TileDataset` (see :func:`make_loader`)."""
 
-    def __init__(self, loader: Any, device: torch.device, dataset: TileDataset) -> None:
+    def __init__(
+        self, loader: Any, device: torch.device, dataset: TileDataset, batch_size: int
+    ) -> None:
         self._loader = loader
         self.device = device
         self.dataset = dataset
+        self._batch_size = batch_size
 
     def __len__(self) -> int:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[TileBatch]:
+        import torch
+
         non_blocking = self.device.type == "cuda"
-        for item in self._loader:
+        batch_size = self._batch_size
+        indices = torch.from_numpy(self.dataset.indices)
+        l0_xy = torch.from_numpy(self.dataset.l0_xy)
+        for expected, item in enumerate(self._loader):
             if isinstance(item, _Failure):
                 raise SlideReadError(item.message)
-            images, indices, l0_xy = item
+            b, images = item
+            if b != expected:  # the loader is sequential; anything else is a bug
+                raise RuntimeError(f"tile loader: got batch {b}, expected batch {expected}")
             if images.device != self.device:
                 images = images.to(self.device, non_blocking=non_blocking)
-            yield TileBatch(images=images, indices=indices, l0_xy=l0_xy)
+            start = b * batch_size
+            stop = start + int(images.shape[0])
+            yield TileBatch(
+                images=images.permute(0, 3, 1, 2),
+                indices=indices[start:stop].clone(),
+                l0_xy=l0_xy[start:stop].clone(),
+            )
 
 
 def make_loader(
@@ -311,14 +398,14 @@ def make_loader(
             "worker_init_fn": _worker_init,
             "multiprocessing_context": multiprocessing_context,
         }
+    # batch_size=None: each dataset item is already a whole batch, read by one worker.
     loader: DataLoader[Any] = DataLoader(
-        _GuardedDataset(dataset),  # type: ignore[arg-type]
-        batch_size=batch_size,
+        _BatchedTiles(dataset, batch_size),  # type: ignore[arg-type]
+        batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_identity,
         pin_memory=target.type == "cuda",
-        drop_last=False,
         **extra,
     )
-    return TileLoader(loader, target, dataset)
+    return TileLoader(loader, target, dataset, batch_size)

@@ -158,3 +158,47 @@ def test_cuda_loader_pins_and_transfers(generated_slide: Path) -> None:
         assert not batch.indices.is_cuda
         seen.extend(batch.indices.tolist())
     assert seen == list(range(len(grid)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_are_channels_last_views_read_in_one_piece(
+    generated_slide: Path, num_workers: int
+) -> None:
+    from slidestream.wsi import open_slide
+
+    with open_slide(generated_slide) as slide:
+        grid = plan_tiles(slide, CFG)
+    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
+    loader = make_loader(
+        dataset, batch_size=4, num_workers=num_workers, multiprocessing_context="fork"
+    )
+    batches = list(loader)
+    assert len(batches) == len(loader) == -(-len(grid) // 4)
+    for batch in batches:
+        images = batch.images
+        assert images.shape[1] == 3
+        # (N, 3, H, W) is a zero-copy view of one contiguous (N, H, W, 3) array
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert images.permute(0, 2, 3, 1).is_contiguous()
+        # a worker's batch arrives in shared memory (a handle crossed, not the pixels)
+        assert images.is_shared() == (num_workers > 0)
+        expected_xy = torch.from_numpy(dataset.l0_xy[batch.indices.numpy()])
+        torch.testing.assert_close(batch.l0_xy, expected_xy)
+
+
+def test_read_tiles_into_fills_a_preallocated_array(generated_slide: Path) -> None:
+    from slidestream.errors import ConfigError
+    from slidestream.wsi import open_slide
+
+    with open_slide(generated_slide) as slide:
+        grid = plan_tiles(slide, CFG)
+    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
+    out = np.zeros((3, 96, 96, 3), np.uint8)
+    dataset.read_tiles_into(2, out)
+    for k in range(3):
+        np.testing.assert_array_equal(out[k], dataset.read_tile(2 + k))
+    with pytest.raises(ConfigError, match="expected uint8"):
+        dataset.read_tiles_into(0, np.zeros((3, 96, 96), np.uint8))
+    with pytest.raises(ConfigError, match="outside"):
+        dataset.read_tiles_into(len(dataset) - 1, out)
+    dataset.close()
