@@ -1,5 +1,24 @@
 """slidestream.models (being built)."""
 
+# --- nuclei (issue #3) ---
+from slidestream.models.nuclei import ClassicalSegmenter as ClassicalSegmenter
+from slidestream.models.nuclei import NucleusModel as NucleusModel
+from slidestream.models.nuclei import list_nuclei_models as list_nuclei_models
+from slidestream.models.nuclei import load_nuclei_model as load_nuclei_model
+from slidestream.models.nuclei import measure_nuclei as measure_nuclei
+from slidestream.models.nuclei import score_instances as score_instances
+from slidestream.models.nuclei import train_nuclei as train_nuclei
+
+__all__ = [
+    "ClassicalSegmenter",
+    "NucleusModel",
+    "list_nuclei_models",
+    "load_nuclei_model",
+    "measure_nuclei",
+    "score_instances",
+    "train_nuclei",
+]
+
 # tissue classification (issue #4)
 from slidestream.models.tissue import (
     ModelSpec,
@@ -9,7 +28,7 @@ from slidestream.models.tissue import (
     load_tissue_model,
 )
 
-__all__ = [
+__all__ += [
     "ModelSpec",
     "PatchClassifier",
     "classify_image",

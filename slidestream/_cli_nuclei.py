@@ -1,9 +1,267 @@
-"""CLI commands (placeholder until the owning issue lands)."""
+"""CLI: ``slidestream train nuclei``, ``slidestream evaluate nuclei``, ``slidestream segment``.
+
+Heavy libraries (torch, MONAI, the model code) are imported inside the command bodies.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
 import click
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+
+
+def _collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES))
+        else:
+            files.append(item)
+    if not files:
+        raise click.UsageError(f"no PNG/JPEG/TIFF images found in {[str(i) for i in inputs]}")
+    return files
+
+
+def _read_rgb(path: Path) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    from slidestream.errors import ConfigError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read image ({exc}); pass PNG/JPEG/TIFF RGB") from exc
+
+
+def _write_mask(path: Path, labels: Any) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from slidestream.errors import ConfigError
+
+    if int(labels.max(initial=0)) > 65535:
+        raise ConfigError(
+            f"{path}: more than 65535 nuclei do not fit a uint16 PNG; split the image"
+        )
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(labels.astype(np.uint16)).save(tmp)
+    tmp.replace(path)
+
+
+def _write_geojson(path: Path, image_path: Path, labels: Any, rgb: Any, mpp: float) -> int:
+    from slidestream.models import measure_nuclei
+    from slidestream.overlays import extract_tile_nuclei, write_nuclei_geojson
+
+    h, w = labels.shape
+    # A whole image is one tile without halo: nuclei on its edge are expected, so the stitcher's
+    # "nucleus touches the tile border" warning is silenced for this call.
+    stitch_logger = logging.getLogger("slidestream.overlays._stitch")
+    level = stitch_logger.level
+    stitch_logger.setLevel(logging.ERROR)
+    try:
+        table = extract_tile_nuclei(
+            labels,
+            rgb,
+            core=(0, 0, w, h),
+            l0_origin=(0.0, 0.0),
+            l0_per_px=1.0,
+            mpp=mpp,
+            measure=measure_nuclei,
+        )
+    finally:
+        stitch_logger.setLevel(level)
+    digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
+    return write_nuclei_geojson(path, [table], id_namespace=digest)
+
+
+def _train_progress() -> Any:
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(step: int, total: int, info: dict[str, float]) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc="train nuclei", unit="step")
+        b = bar["bar"]
+        b.update(step - b.n)
+        b.set_postfix({k: f"{v:.3f}" for k, v in info.items()}, refresh=False)
+
+    return update
 
 
 def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> None:
-    """Attach this module's commands to the CLI groups."""
+    """Attach ``train nuclei``, ``evaluate nuclei`` and ``segment`` to the CLI groups."""
+
+    @train.command("nuclei")
+    @click.option(
+        "--data",
+        "data",
+        multiple=True,
+        required=True,
+        help="Dataset folder (images/, masks/); DIR:MPP gives its µm/px, else "
+        "DIR/mpp.json or the known shared datasets' table.",
+    )
+    @click.option(
+        "--out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=True,
+        help="Output weights (.safetensors; a .json sidecar is written beside it).",
+    )
+    @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)
+    @click.option(
+        "--minutes",
+        type=click.FloatRange(min=0.1),
+        default=None,
+        help="Wall-clock budget of the optimisation (stops early).",
+    )
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    )
+    @click.option(
+        "--mpp",
+        type=click.FloatRange(min=0.05),
+        default=0.5,
+        show_default=True,
+        help="Working µm/px of the model.",
+    )
+    @click.option("--crop-px", type=click.IntRange(min=32), default=160, show_default=True)
+    @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+    @click.option("--val-every-steps", type=click.IntRange(min=1), default=150, show_default=True)
+    @click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=2,
+        show_default=True,
+        help="CPU threads (torch.set_num_threads); 1 is faster on an oversubscribed machine.",
+    )
+    def train_nuclei_cmd(
+        data: tuple[str, ...],
+        out: Path,
+        epochs: int,
+        minutes: float | None,
+        seed: int,
+        device: str,
+        mpp: float,
+        crop_px: int,
+        batch_size: int,
+        val_every_steps: int,
+        threads: int,
+    ) -> None:
+        """Train the nucleus U-Net from scratch on folders in the common format."""
+        from slidestream.models.nuclei import TrainConfig, train_nuclei
+
+        config = TrainConfig(
+            mpp=mpp,
+            epochs=epochs,
+            minutes=minutes,
+            seed=seed,
+            device=device,  # type: ignore[arg-type]
+            crop_px=crop_px,
+            batch_size=batch_size,
+            val_every_steps=val_every_steps,
+            num_threads=threads,
+        )
+        result = train_nuclei(list(data), out, config=config, progress=_train_progress())
+        click.echo(
+            f"wrote {result.weights} ({result.steps} steps, {result.wall_s / 60:.1f} min); "
+            f"validation {json.dumps(result.val)}"
+        )
+
+    @evaluate.command("nuclei")
+    @click.option(
+        "--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+    )
+    @click.option(
+        "--masks",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        required=True,
+        help="uint16 instance PNGs named like the images.",
+    )
+    @click.option(
+        "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the images."
+    )
+    @click.option(
+        "--model",
+        default="default",
+        show_default=True,
+        help="Registry name (default, nuclei-unet-fast, nuclei-unet-accurate, "
+        "classical) or .safetensors path.",
+    )
+    @click.option("--device", default="cpu", show_default=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    def evaluate_nuclei_cmd(
+        images: Path, masks: Path, mpp: float, model: str, device: str, as_json: bool
+    ) -> None:
+        """Score a nucleus model: AJI, PQ (DQ, SQ), object F1 at IoU 0.5 and Dice."""
+        import numpy as np
+        from PIL import Image
+
+        from slidestream.models.nuclei import load_nuclei_model, score_instances
+
+        seg = load_nuclei_model(model, device)
+        rows: list[dict[str, Any]] = []
+        for img_path in _collect_inputs((images,)):
+            mask_path = masks / (img_path.stem + ".png")
+            if not mask_path.is_file():
+                logger.warning("%s: no mask %s; skipped", img_path, mask_path)
+                continue
+            with Image.open(mask_path) as im:
+                true = np.asarray(im, dtype=np.int32)
+            pred = seg.segment(_read_rgb(img_path), mpp)
+            rows.append({"image": img_path.stem, **score_instances(true, pred).to_dict()})
+        if not rows:
+            raise click.UsageError(f"no image/mask pairs in {images} and {masks}")
+        keys = ("aji", "pq", "dq", "sq", "f1", "dice")
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        if as_json:
+            click.echo(json.dumps({"model": seg.name, "images": rows, "mean": mean}, indent=2))
+            return
+        click.echo(f"{'image':40s} " + " ".join(f"{k:>6s}" for k in keys) + "  n_true n_pred")
+        for r in rows:
+            click.echo(
+                f"{r['image'][:40]:40s} "
+                + " ".join(f"{r[k]:6.3f}" for k in keys)
+                + f"  {r['n_true']:6d} {r['n_pred']:6d}"
+            )
+        click.echo(f"{'MEAN (' + seg.name + ')':40s} " + " ".join(f"{mean[k]:6.3f}" for k in keys))
+
+    @cli.command("segment")
+    @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+    @click.option(
+        "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the input images."
+    )
+    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+    @click.option("--model", default="default", show_default=True)
+    @click.option("--device", default="cpu", show_default=True)
+    @click.option("--geojson", is_flag=True, help="Also write DIR/<stem>.geojson (QuPath).")
+    def segment_cmd(
+        inputs: tuple[Path, ...], mpp: float, out: Path, model: str, device: str, geojson: bool
+    ) -> None:
+        """Segment nuclei in images; write DIR/<stem>.png uint16 instance masks."""
+        from tqdm import tqdm
+
+        from slidestream.models.nuclei import load_nuclei_model
+
+        files = _collect_inputs(inputs)
+        out.mkdir(parents=True, exist_ok=True)
+        seg = load_nuclei_model(model, device)
+        for path in tqdm(files, desc="segment", unit="image", disable=len(files) < 2):
+            rgb = _read_rgb(path)
+            labels = seg.segment(rgb, mpp)
+            _write_mask(out / f"{path.stem}.png", labels)
+            if geojson:
+                n = _write_geojson(out / f"{path.stem}.geojson", path, labels, rgb, mpp)
+                logger.info("%s: %d nuclei", path, n)

@@ -1,0 +1,136 @@
+"""Benchmark the nucleus models on this machine: params, MP/s and mm²/s.
+
+For each preset: model forward (fp32 / bf16 autocast, contiguous / channels-last), post-processing
+alone and model + post-processing, on CPU (and CUDA when present). MP/s are megapixels per second
+at the model's working µm/px; mm²/s = MP/s x mpp² (tissue area per second).
+
+Usage::
+
+    python bench/nuclei.py [--threads 2] [--tile 512] [--repeats 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _timeit(fn: Any, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _real_tile(tile: int, mpp: float) -> np.ndarray:
+    """A real H&E tile at ``mpp`` µm/px (falls back to noise when shared data is absent)."""
+    from PIL import Image
+
+    from slidestream.models.nuclei._data import resample_image
+
+    path = (
+        Path(__file__).resolve().parents[1].parent
+        / "shared"
+        / "data"
+        / "nuclei"
+        / "monuseg_kumar"
+        / "images"
+        / "Breast_TCGA-AR-A1AS-01Z-00-DX1.png"
+    )
+    if not path.is_file():
+        return np.random.default_rng(0).integers(0, 255, (tile, tile, 3), dtype=np.uint8)
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    rgb = resample_image(rgb, 0.25 / mpp)
+    reps = (int(np.ceil(tile / rgb.shape[0])), int(np.ceil(tile / rgb.shape[1])), 1)
+    return np.tile(rgb, reps)[:tile, :tile].copy()
+
+
+def bench(device: str, tile: int, repeats: int) -> list[dict[str, Any]]:
+    from slidestream.models.nuclei import ClassicalSegmenter, load_nuclei_model
+    from slidestream.models.nuclei._model import NucleusModel
+
+    rows: list[dict[str, Any]] = []
+    for name in ("nuclei-unet-fast", "nuclei-unet-accurate"):
+        base = load_nuclei_model(name, device)
+        if not isinstance(base, NucleusModel):
+            continue
+        mpp = base.mpp
+        rgb = _real_tile(tile, mpp)
+        batch = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
+        mp = tile * tile / 1e6
+        row: dict[str, Any] = {
+            "model": name,
+            "device": device,
+            "mpp": mpp,
+            "params": base.n_parameters,
+            "tile_px": tile,
+            "tta": base.tta,
+            "threads": torch.get_num_threads(),
+        }
+        precisions = ("fp32", "bf16") if device == "cpu" else ("fp32", "fp16")
+        for prec in precisions:
+            for cl in (False, True):
+                m = load_nuclei_model(name, device, precision=prec)  # type: ignore[arg-type]
+                assert isinstance(m, NucleusModel)
+                if not cl:
+                    m.channels_last = False
+                    m.net = m.net.to(memory_format=torch.contiguous_format)
+                dt = _timeit(lambda m=m, b=batch: m.predict(b), repeats)
+                row[f"forward_{prec}{'_cl' if cl else ''}_mp_s"] = round(mp / dt, 3)
+        maps = base.predict(batch)[0]
+        dt_pp = _timeit(lambda m=base, x=maps: m.postprocess(x), repeats)
+        row["postprocess_mp_s"] = round(mp / dt_pp, 3)
+        dt_total = _timeit(lambda m=base, b=batch: m.postprocess(m.predict(b)[0]), repeats)
+        row["precision_used"] = base.precision
+        row["total_mp_s"] = round(mp / dt_total, 3)
+        row["total_mm2_s"] = round(mp / dt_total * mpp**2, 4)
+        row["n_nuclei"] = int(base.postprocess(maps).max())
+        rows.append(row)
+    cl_model = ClassicalSegmenter()
+    rgb = _real_tile(tile, cl_model.mpp)
+    dt = _timeit(lambda: cl_model.segment_working(rgb), repeats)
+    mp = tile * tile / 1e6
+    rows.append(
+        {
+            "model": "classical",
+            "device": "cpu",
+            "mpp": cl_model.mpp,
+            "params": 0,
+            "tile_px": tile,
+            "total_mp_s": round(mp / dt, 3),
+            "total_mm2_s": round(mp / dt * cl_model.mpp**2, 4),
+        }
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tile", type=int, default=512, help="tile side, px at the model µm/px")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = bench("cpu", args.tile, args.repeats)
+    if torch.cuda.is_available():
+        rows += bench("cuda", 1024, args.repeats)
+    for row in rows:
+        print(json.dumps(row))
+    if args.json:
+        with Path(args.json).open("w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

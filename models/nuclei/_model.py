@@ -1,0 +1,190 @@
+"""Inference wrapper: :class:`NucleusModel` (predict maps, post-process, segment at any µm/px)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from slidestream.errors import ConfigError
+from slidestream.models.nuclei._data import resample_image, resample_labels
+from slidestream.models.nuclei._network import PAD_MULTIPLE, NucleusNet
+from slidestream.models.nuclei._postprocess import PostprocessConfig, postprocess_maps
+
+__all__ = ["NucleusModel", "Precision", "pad_to_multiple"]
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+_MAX_TILE_PX = 1024
+_TILE_MARGIN_PX = 32
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, int, int]:
+    """Reflect-pad (N, C, H, W) at the bottom/right to multiples of ``multiple``.
+
+    Returns the padded tensor and the original height and width (px).
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        mode = "reflect" if (ph < h and pw < w) else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, h, w
+
+
+def _cpu_bf16_fast() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class NucleusModel:
+    """A trained nucleus network plus its post-processing, at a declared working µm/px.
+
+    Parameters
+    ----------
+    net : NucleusNet
+        The network (weights loaded).
+    name : str
+        Registry name or file stem.
+    mpp : float
+        Working resolution in µm/px; :meth:`segment` resamples inputs to it.
+    weights_sha256 : str
+        SHA-256 of the weights file.
+    postprocess_config : PostprocessConfig
+        Watershed thresholds (in working pixels).
+    device : str or torch.device
+        ``"cpu"`` or ``"cuda[:i]"``.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Autocast dtype. ``"auto"``: fp16 on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX),
+        else fp32 (bf16 is emulated and slower on AVX2-only CPUs).
+    channels_last : bool
+        Use the channels-last memory format.
+    tta : bool
+        Average the maps over the 4 flips (slower, slightly more accurate).
+    """
+
+    def __init__(
+        self,
+        net: NucleusNet,
+        *,
+        name: str,
+        mpp: float,
+        weights_sha256: str,
+        postprocess_config: PostprocessConfig,
+        device: str | torch.device = "cpu",
+        precision: Precision = "auto",
+        channels_last: bool = True,
+        tta: bool = False,
+    ) -> None:
+        if not mpp > 0:
+            raise ConfigError(f"model {name}: working µm/px {mpp} must be > 0")
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.name = name
+        self.mpp = float(mpp)
+        self.weights_sha256 = weights_sha256
+        self.postprocess_config = postprocess_config
+        self.tta = tta
+        if precision == "auto":
+            if self.device.type == "cuda":
+                precision = "fp16"
+            else:
+                precision = "bf16" if _cpu_bf16_fast() else "fp32"
+        self.precision: Precision = precision
+        self.postprocess: Callable[[npt.NDArray[np.floating[Any]]], npt.NDArray[np.int32]] = (
+            functools.partial(postprocess_maps, config=postprocess_config)
+        )
+
+    @property
+    def n_parameters(self) -> int:
+        """Number of network parameters."""
+        return sum(p.numel() for p in self.net.parameters())
+
+    def _autocast(self) -> Any:
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, h, w = pad_to_multiple(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            if not self.tta:
+                out = self.net(x)
+            else:
+                out = self.net(x)
+                for dims in ((-1,), (-2,), (-2, -1)):
+                    out = out + torch.flip(self.net(torch.flip(x, dims)), dims)
+                out = out / 4.0
+        return torch.sigmoid(out.float()[..., :h, :w])
+
+    @torch.inference_mode()
+    def predict(self, batch: torch.Tensor) -> npt.NDArray[np.float32]:
+        """Probability maps of a batch of tiles at the working µm/px.
+
+        Parameters
+        ----------
+        batch : torch.Tensor, uint8, shape (N, 3, H, W)
+            RGB tiles at ``self.mpp`` (any H, W; padded internally).
+
+        Returns
+        -------
+        ndarray, float32, shape (N, 3, H, W)
+            Foreground, boundary and normalised-distance probabilities, same pixel frame.
+        """
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ConfigError(f"batch of shape {tuple(batch.shape)}: expected (N, 3, H, W) uint8")
+        x = batch.to(self.device, non_blocking=True).float()
+        n, _, h, w = x.shape
+        if h <= _MAX_TILE_PX and w <= _MAX_TILE_PX:
+            return self._forward(x).cpu().numpy().astype(np.float32, copy=False)
+        out = np.zeros((n, 3, h, w), np.float32)
+        step = _MAX_TILE_PX - 2 * _TILE_MARGIN_PX
+        for y0 in range(0, h, step):
+            for x0 in range(0, w, step):
+                ya, xa = max(0, y0 - _TILE_MARGIN_PX), max(0, x0 - _TILE_MARGIN_PX)
+                yb, xb = min(h, y0 + step + _TILE_MARGIN_PX), min(w, x0 + step + _TILE_MARGIN_PX)
+                tile = self._forward(x[:, :, ya:yb, xa:xb]).cpu().numpy()
+                y1, x1 = min(h, y0 + step), min(w, x0 + step)
+                out[:, :, y0:y1, x0:x1] = tile[:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa]
+        return out
+
+    def segment(self, image: npt.NDArray[np.uint8], mpp: float) -> npt.NDArray[np.int32]:
+        """Segment the nuclei of one RGB image.
+
+        Parameters
+        ----------
+        image : ndarray, uint8, shape (H, W, 3)
+            RGB image.
+        mpp : float
+            µm/px of ``image``; it is resampled to :attr:`mpp` and the labels back.
+
+        Returns
+        -------
+        ndarray, int32, shape (H, W)
+            Instance ids ``1..n`` in the input's pixel frame (0 background).
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ConfigError(f"image {image.shape} {image.dtype}: expected (H, W, 3) uint8 RGB")
+        if not mpp > 0:
+            raise ConfigError(f"input µm/px {mpp}: must be > 0; pass --mpp")
+        t_img = resample_image(image, mpp / self.mpp)
+        batch = torch.from_numpy(np.ascontiguousarray(t_img.transpose(2, 0, 1)))[None]
+        maps = self.predict(batch)[0]
+        t_labels = self.postprocess(maps)
+        return resample_labels(t_labels, (image.shape[1], image.shape[0]))

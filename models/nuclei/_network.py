@@ -1,0 +1,99 @@
+"""The nucleus network: a compact MONAI BasicUNet with three output maps.
+
+Output channels (logits, at the model's working µm/px, same height/width as the input):
+
+0. nucleus foreground,
+1. nucleus boundary (a one-pixel inner contour of every instance, DCAN-style),
+2. normalised distance to the instance border (1 at the instance's deepest point, 0 at its edge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slidestream.errors import ConfigError
+
+__all__ = ["N_OUTPUTS", "PAD_MULTIPLE", "NetworkConfig", "NucleusNet", "build_network"]
+
+N_OUTPUTS = 3
+"""Foreground, boundary, distance."""
+
+PAD_MULTIPLE = 16
+"""Height and width of the network input must be multiples of this (four 2x poolings)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkConfig:
+    """Architecture arguments of :class:`NucleusNet` (stored next to the weights).
+
+    Attributes
+    ----------
+    features : tuple of int
+        Six channel widths of MONAI ``BasicUNet`` (four encoder levels, bottleneck, last decoder).
+    norm : str
+        Normalisation layer name passed to MONAI (``"batch"`` or ``"instance"``).
+    """
+
+    features: tuple[int, int, int, int, int, int] = (16, 16, 32, 64, 128, 16)
+    norm: str = "batch"
+
+    def __post_init__(self) -> None:
+        if len(self.features) != 6 or any(int(f) < 1 for f in self.features):
+            raise ConfigError(
+                f"network features {self.features!r}: expected six positive channel widths"
+            )
+        if self.norm not in ("batch", "instance"):
+            raise ConfigError(f"network norm {self.norm!r}: expected 'batch' or 'instance'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-serialisable arguments."""
+        return {"features": list(self.features), "norm": self.norm}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
+        """Build from :meth:`to_dict` output."""
+        feats = tuple(int(f) for f in data["features"])
+        if len(feats) != 6:
+            raise ConfigError(f"network features {feats!r}: expected six channel widths")
+        return cls(
+            features=(feats[0], feats[1], feats[2], feats[3], feats[4], feats[5]),
+            norm=str(data.get("norm", "batch")),
+        )
+
+
+class NucleusNet(nn.Module):
+    """BasicUNet wrapper taking uint8-range RGB and returning three logit maps.
+
+    Parameters
+    ----------
+    config : NetworkConfig
+        Architecture arguments.
+    """
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        from monai.networks.nets.basic_unet import BasicUNet
+
+        self.config = config
+        self.unet = BasicUNet(
+            spatial_dims=2,
+            in_channels=3,
+            out_channels=N_OUTPUTS,
+            features=config.features,
+            norm=config.norm,
+            act="relu",
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map RGB in [0, 255] (N, 3, H, W), H and W multiples of 16, to logits (N, 3, H, W)."""
+        out: torch.Tensor = self.unet(x * (1.0 / 127.5) - 1.0)
+        return out
+
+
+def build_network(config: NetworkConfig) -> NucleusNet:
+    """Create an untrained :class:`NucleusNet`."""
+    return NucleusNet(config)

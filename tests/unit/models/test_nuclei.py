@@ -1,0 +1,286 @@
+"""Tests of slidestream.models.nuclei: post-processing, metrics, measurements, weights, training."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slidestream.errors import ConfigError, WeightsError
+from slidestream.models.nuclei import (
+    SHIPPED_WEIGHTS,
+    ClassicalSegmenter,
+    NetworkConfig,
+    NucleusModel,
+    TrainConfig,
+    list_nuclei_models,
+    load_nuclei_model,
+    make_targets,
+    measure_nuclei,
+    postprocess_maps,
+    score_instances,
+    train_nuclei,
+)
+
+TINY = NetworkConfig(features=(4, 4, 8, 8, 16, 4))
+
+
+def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return np.hypot(yy - cy, xx - cx) <= r
+
+
+# --- post-processing ---------------------------------------------------------------------------
+
+
+def test_postprocess_splits_two_touching_discs() -> None:
+    shape = (64, 96)
+    labels = np.zeros(shape, np.int32)
+    labels[_disc(shape, 32, 30, 14)] = 1
+    labels[_disc(shape, 32, 56, 14) & (labels == 0)] = 2  # overlapping discs touch along a chord
+    maps = make_targets(labels)
+    maps[1] = 0.0  # no boundary help: the distance map alone must split them
+    pred = postprocess_maps(maps)
+    assert pred.dtype == np.int32 and pred.shape == shape
+    assert pred.max() == 2
+    scores = score_instances(labels, pred)
+    assert scores.n_matched == 2 and scores.aji > 0.9
+
+
+def test_postprocess_is_picklable_and_removes_small() -> None:
+    model_pp = pickle.loads(pickle.dumps(postprocess_maps))
+    maps = np.zeros((3, 32, 32), np.float32)
+    maps[:, 2:4, 2:4] = 1.0  # 4 px: below min_size_px
+    assert model_pp(maps).max() == 0
+
+
+# --- metrics (hand-computed) --------------------------------------------------------------------
+
+
+def _sq(a: np.ndarray, y: slice, x: slice, v: int) -> None:
+    a[y, x] = v
+
+
+def test_metrics_perfect_and_partial() -> None:
+    t = np.zeros((8, 8), np.int32)
+    _sq(t, slice(0, 4), slice(0, 4), 5)
+    s = score_instances(t, t)
+    assert (s.aji, s.pq, s.f1, s.dice) == (1.0, 1.0, 1.0, 1.0)
+    p = np.zeros_like(t)
+    _sq(p, slice(0, 4), slice(0, 3), 1)  # 12 of 16 px
+    s = score_instances(t, p)
+    assert s.aji == pytest.approx(0.75) and s.pq == pytest.approx(0.75)
+    assert s.dq == 1.0 and s.dice == pytest.approx(24 / 28)
+
+
+def test_metrics_split() -> None:
+    t = np.zeros((8, 8), np.int32)
+    _sq(t, slice(0, 4), slice(0, 4), 1)
+    p = np.zeros_like(t)
+    _sq(p, slice(0, 4), slice(0, 2), 1)
+    _sq(p, slice(0, 4), slice(2, 4), 2)
+    s = score_instances(t, p)
+    assert s.aji == pytest.approx(8 / 24)  # best half: I=8, U=16; other half adds 8
+    assert s.pq == 0.0 and s.n_matched == 0 and s.dice == 1.0
+
+
+def test_metrics_merged() -> None:
+    t = np.zeros((8, 8), np.int32)
+    _sq(t, slice(0, 4), slice(0, 4), 1)
+    _sq(t, slice(0, 4), slice(4, 8), 2)
+    p = (t > 0).astype(np.int32)
+    s = score_instances(t, p)
+    assert s.aji == pytest.approx(32 / 64)
+    assert s.pq == 0.0 and s.dq == 0.0
+
+
+def test_metrics_missed_and_spurious() -> None:
+    t = np.zeros((10, 10), np.int32)
+    _sq(t, slice(0, 4), slice(0, 4), 1)
+    _sq(t, slice(6, 10), slice(6, 10), 2)
+    p = np.zeros_like(t)
+    _sq(p, slice(0, 4), slice(0, 4), 3)
+    s = score_instances(t, p)  # one missed
+    assert s.aji == pytest.approx(16 / 32)
+    assert s.dq == pytest.approx(2 / 3) and s.sq == 1.0 and s.pq == pytest.approx(2 / 3)
+    t2 = np.where(t == 1, 1, 0)
+    p2 = p.copy()
+    _sq(p2, slice(7, 9), slice(7, 9), 4)  # one spurious, 4 px
+    s = score_instances(t2, p2)
+    assert s.aji == pytest.approx(16 / 20)
+    assert s.pq == pytest.approx(2 / 3) and s.n_pred == 2
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+def test_measure_ellipses_match_analytic_values() -> None:
+    shape = (200, 260)
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    labels = np.zeros(shape, np.int32)
+    specs = [(60.0, 70.0, 40.0, 20.0, 0.0), (140.0, 180.0, 36.0, 24.0, np.pi / 5)]
+    for i, (cy, cx, a, b, th) in enumerate(specs, start=1):
+        dx, dy = xx - cx, yy - cy
+        u = dx * np.cos(th) + dy * np.sin(th)
+        v = -dx * np.sin(th) + dy * np.cos(th)
+        labels[(u / a) ** 2 + (v / b) ** 2 <= 1.0] = i
+    rgb = np.full((*shape, 3), 200, np.uint8)
+    rgb[labels > 0] = (80, 40, 140)
+    mpp = 0.25
+    m = measure_nuclei(labels, rgb, mpp)
+    assert list(m["label"]) == [1, 2]
+    for k, (cy, cx, a, b, _th) in enumerate(specs):
+        assert m["area_um2"][k] == pytest.approx(np.pi * a * b * mpp**2, rel=0.02)
+        assert m["major_axis_um"][k] == pytest.approx(2 * a * mpp, rel=0.02)
+        assert m["minor_axis_um"][k] == pytest.approx(2 * b * mpp, rel=0.02)
+        assert m["eccentricity"][k] == pytest.approx(np.sqrt(1 - (b / a) ** 2), rel=0.02)
+        assert m["centroid_x"][k] == pytest.approx(cx, abs=0.5)
+        assert m["centroid_y"][k] == pytest.approx(cy, abs=0.5)
+        assert m["solidity"][k] > 0.97
+        assert m["mean_r"][k] == pytest.approx(80.0)
+    assert np.all(m["hematoxylin_od"] > 0)
+    assert m["bbox_x0"][0] == pytest.approx(70 - 40, abs=1)
+    assert m["bbox_x1"][0] == pytest.approx(70 + 41, abs=1)
+
+
+def test_measure_keys_exact_and_empty() -> None:
+    keys = [
+        "label",
+        "centroid_x",
+        "centroid_y",
+        "bbox_x0",
+        "bbox_y0",
+        "bbox_x1",
+        "bbox_y1",
+        "area_um2",
+        "perimeter_um",
+        "equivalent_diameter_um",
+        "major_axis_um",
+        "minor_axis_um",
+        "eccentricity",
+        "solidity",
+        "circularity",
+        "mean_r",
+        "mean_g",
+        "mean_b",
+        "hematoxylin_od",
+        "eosin_od",
+    ]
+    m = measure_nuclei(np.zeros((8, 8), np.int32), np.zeros((8, 8, 3), np.uint8), 0.5)
+    assert list(m) == keys and all(v.shape == (0,) for v in m.values())
+
+
+# --- shipped weights ----------------------------------------------------------------------------
+
+
+def test_shipped_weights_load_and_forward_fast() -> None:
+    t0 = time.perf_counter()
+    model = load_nuclei_model("default")
+    assert isinstance(model, NucleusModel)
+    assert len(model.weights_sha256) == 64 and model.mpp > 0
+    maps = model.predict(torch.randint(0, 255, (2, 3, 70, 90), dtype=torch.uint8))
+    assert maps.shape == (2, 3, 70, 90) and maps.dtype == np.float32
+    assert np.all((maps >= 0) & (maps <= 1))
+    labels = model.segment(np.full((77, 131, 3), 230, np.uint8), 0.25)
+    assert labels.shape == (77, 131) and labels.dtype == np.int32
+    pickle.dumps(model.postprocess)
+    assert time.perf_counter() - t0 < 20
+    names = {row["name"] for row in list_nuclei_models()}
+    assert {"classical", "nuclei-unet-fast", "nuclei-unet-accurate"} <= names
+    assert sum(row["default"] for row in list_nuclei_models()) == 1
+
+
+def _copy_weights(tmp_path: Path) -> Path:
+    dst = tmp_path / "w.safetensors"
+    shutil.copy(SHIPPED_WEIGHTS, dst)
+    side = json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())
+    side["weights"] = dst.name
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    return dst
+
+
+def test_corrupt_weights_raise_weights_error(tmp_path: Path) -> None:
+    dst = _copy_weights(tmp_path)
+    data = dst.read_bytes()
+    dst.write_bytes(data[:100] + b"\x00garbage" + data[-50:])
+    with pytest.raises(WeightsError, match=r"w\.safetensors.*corrupt"):
+        load_nuclei_model(dst)
+
+
+def test_mismatched_weights_raise_weights_error(tmp_path: Path) -> None:
+    dst = _copy_weights(tmp_path)
+    side = json.loads(dst.with_suffix(".json").read_text())
+    side["architecture"]["features"] = [8, 8, 16, 16, 32, 8]
+    dst.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_nuclei_model(dst)
+    with pytest.raises(ConfigError):
+        load_nuclei_model("no-such-model")
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _synthetic_dataset(root: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        labels = np.zeros((96, 96), np.uint16)
+        for k in range(1, 9):
+            cy, cx = rng.uniform(8, 88, 2)
+            labels[_disc(labels.shape, cy, cx, rng.uniform(4, 7)) & (labels == 0)] = k
+        rgb = np.empty((96, 96, 3), np.uint8)
+        rgb[...] = (235, 180, 210)
+        rgb[labels > 0] = (90, 50, 150)
+        Image.fromarray(rgb).save(root / "images" / f"s{i}.png")
+        Image.fromarray(labels).save(root / "masks" / f"s{i}.png")
+    return root
+
+
+def test_few_step_training_reduces_loss_and_loads(tmp_path: Path) -> None:
+    data = _synthetic_dataset(tmp_path / "synth", 4, seed=1)
+    out = tmp_path / "tiny.safetensors"
+    cfg = TrainConfig(
+        mpp=0.5,
+        network=TINY,
+        crop_px=64,
+        batch_size=4,
+        epochs=36,
+        lr=1e-2,
+        val_every_steps=12,
+        seed=3,
+        num_threads=1,
+    )
+    res = train_nuclei([f"{data}:0.5"], out, config=cfg)
+    assert res.steps == 36 and len(res.losses) == 3
+    assert res.losses[-1] < res.losses[0]
+    model = load_nuclei_model(out)
+    assert isinstance(model, NucleusModel) and model.mpp == 0.5
+    assert model.segment(np.zeros((50, 40, 3), np.uint8), 0.5).shape == (50, 40)
+
+
+# --- real data ----------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_tile_reaches_sane_aji(shared_data: Path) -> None:
+    # A held-out (validation) MoNuSeg image: never seen in training.
+    root = shared_data / "nuclei" / "monuseg_kumar"
+    name = "Kidney_TCGA-HE-7130-01Z-00-DX1.png"
+    with Image.open(root / "images" / name) as im:
+        rgb = np.asarray(im.convert("RGB"))[:384, :384].copy()
+    with Image.open(root / "masks" / name) as im:
+        true = np.asarray(im, dtype=np.int32)[:384, :384].copy()
+    model = load_nuclei_model("default")
+    pred = model.segment(rgb, 0.25)
+    assert score_instances(true, pred).aji > 0.5
+    classical = ClassicalSegmenter().segment(rgb, 0.25)
+    assert score_instances(true, classical).aji > 0.2
