@@ -37,6 +37,10 @@ MEASUREMENT_KEYS: tuple[str, ...] = (
 """Keys of :func:`measure_nuclei`, in order."""
 
 
+_RGB2HED_TO_OD10 = 6.0
+"""Factor from scikit-image's ``rgb2hed`` output to decadic optical density."""
+
+
 def measure_nuclei(
     labels: npt.NDArray[np.integer[Any]], rgb: npt.NDArray[np.uint8], mpp: float
 ) -> dict[str, npt.NDArray[Any]]:
@@ -59,8 +63,8 @@ def measure_nuclei(
         half-open ``[x0, x1)``) are in pixels of the image frame; lengths in µm, areas in µm²;
         ``eccentricity`` and ``solidity`` in [0, 1]; ``circularity`` = 4πA/P²;
         ``mean_r/g/b`` in 0..255; ``hematoxylin_od`` and ``eosin_od`` are the mean stain
-        optical densities from Ruifrok-Johnston colour deconvolution (scikit-image
-        ``rgb2hed``).
+        optical densities (decadic, OD = -log10(I / I0)) from Ruifrok-Johnston colour
+        deconvolution (scikit-image ``rgb2hed``, whose output is OD / 6, rescaled here).
 
     Examples
     --------
@@ -118,7 +122,8 @@ def measure_nuclei(
         for key in ("mean_r", "mean_g", "mean_b", "hematoxylin_od", "eosin_od"):
             out[key] = np.zeros(0, np.float64)
         return out
-    hed = rgb2hed(rgb)
+    # rgb2hed divides by -log(1e-6) (natural log) instead of ln(10): its values are OD10 / 6.
+    hed = rgb2hed(rgb) * _RGB2HED_TO_OD10
     index = ids
     for key, channel in (
         ("mean_r", rgb[..., 0]),
