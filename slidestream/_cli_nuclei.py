@@ -147,6 +147,16 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         show_default=True,
         help="CPU threads (torch.set_num_threads); 1 is faster on an oversubscribed machine.",
     )
+    @click.option(
+        "--init",
+        "init",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Continue training from these .safetensors (same architecture).",
+    )
+    @click.option(
+        "--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True
+    )
     def train_nuclei_cmd(
         data: tuple[str, ...],
         out: Path,
@@ -159,8 +169,10 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         batch_size: int,
         val_every_steps: int,
         threads: int,
+        init: Path | None,
+        lr: float,
     ) -> None:
-        """Train the nucleus U-Net from scratch on folders in the common format."""
+        """Train the nucleus U-Net (from scratch or --init weights) on common-format folders."""
         from slidestream.models.nuclei import TrainConfig, train_nuclei
 
         config = TrainConfig(
@@ -173,6 +185,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             batch_size=batch_size,
             val_every_steps=val_every_steps,
             num_threads=threads,
+            init_weights=init,
+            lr=lr,
         )
         result = train_nuclei(list(data), out, config=config, progress=_train_progress())
         click.echo(

@@ -85,6 +85,10 @@ class TrainConfig:
         Validation (and checkpoint) interval.
     num_threads : int
         ``torch.set_num_threads`` on CPU.
+    init_weights : Path or None
+        Continue from these ``.safetensors`` (same architecture; safetensors loader, never
+        pickle) instead of a random initialisation. They are validated before the first step,
+        so the saved best weights are never worse on validation than the starting ones.
     """
 
     mpp: float = 0.5
@@ -100,6 +104,7 @@ class TrainConfig:
     val_keys: tuple[str, ...] = DEFAULT_VAL_KEYS
     val_every_steps: int = 200
     num_threads: int = 2
+    init_weights: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:
@@ -246,7 +251,7 @@ def train_nuclei(
     config: TrainConfig,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train the nucleus network from scratch and write weights + sidecar JSON.
+    """Train the nucleus network (from scratch or ``config.init_weights``); write weights + JSON.
 
     Parameters
     ----------
@@ -293,7 +298,13 @@ def train_nuclei(
     steps_per_epoch = max(1, int(areas.sum() // (config.batch_size * config.crop_px**2)))
     total_steps = steps_per_epoch * config.epochs
 
-    net = build_network(config.network).to(device)
+    if config.init_weights is not None:
+        from slidestream.models.nuclei._weights import load_network as _load_init
+
+        net, _ = _load_init(Path(config.init_weights), config.network)
+        net = net.to(device)
+    else:
+        net = build_network(config.network).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
     ckpt_last = out.with_name(out.stem + ".last.safetensors")
@@ -304,6 +315,7 @@ def train_nuclei(
             "batch_size": config.batch_size,
             "seed": config.seed,
             "lr": config.lr,
+            "init_weights": None if config.init_weights is None else str(config.init_weights),
             "sources": [
                 {"path": str(s.path), "mpp": s.mpp, "per_image_mpp": dict(s.per_image_mpp)}
                 for s in sources
@@ -341,6 +353,8 @@ def train_nuclei(
             save_weights(net, out, meta)
         logger.info("step %d: loss %.4f val %s", step, mean_loss, last_val)
 
+    if config.init_weights is not None:
+        run_validation()  # the starting point is a candidate best checkpoint
     net.train()
     while step < total_steps:
         elapsed = time.perf_counter() - t_opt

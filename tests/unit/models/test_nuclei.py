@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import pickle
 import shutil
 import time
@@ -265,6 +267,32 @@ def test_few_step_training_reduces_loss_and_loads(tmp_path: Path) -> None:
     model = load_nuclei_model(out)
     assert isinstance(model, NucleusModel) and model.mpp == 0.5
     assert model.segment(np.zeros((50, 40, 3), np.uint8), 0.5).shape == (50, 40)
+
+
+def test_init_weights_start_from_the_given_weights(tmp_path: Path) -> None:
+    from slidestream.models.nuclei._network import build_network
+    from slidestream.models.nuclei._weights import load_network
+
+    data = _synthetic_dataset(tmp_path / "synth", 3, seed=2)
+    base = TrainConfig(
+        mpp=0.5, network=TINY, crop_px=64, batch_size=2, epochs=4, lr=1e-2, num_threads=1, seed=5
+    )
+    first = tmp_path / "first.safetensors"
+    train_nuclei([f"{data}:0.5"], first, config=base)
+    # A near-zero LR keeps the parameters where they started: the result must be the init.
+    cont = tmp_path / "cont.safetensors"
+    cfg = dataclasses.replace(base, epochs=1, lr=1e-12, weight_decay=0.0, init_weights=first)
+    res = train_nuclei([f"{data}:0.5"], cont, config=cfg)
+    assert res.steps >= 1 and math.isnan(res.losses[0])  # validated before the first step
+    a, _ = load_network(first, TINY)
+    b, _ = load_network(cont, TINY)
+    fresh = build_network(TINY)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+    assert any(
+        not torch.allclose(pa, pf)
+        for pa, pf in zip(a.parameters(), fresh.parameters(), strict=True)
+    )
 
 
 # --- real data ----------------------------------------------------------------------------------
