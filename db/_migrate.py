@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib.resources
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,11 +243,35 @@ def open_database(url: str | URL, *, create: bool = False, **engine_kwargs: Any)
             if fresh:
                 logger.info("creating the slidestream schema in %s", mask_url(engine.url))
                 upgrade(engine)
+            else:
+                _wait_for_concurrent_creation(engine)
         check_schema(engine)
     except BaseException:
         engine.dispose()
         raise
     return engine
+
+
+def _wait_for_concurrent_creation(
+    engine: Engine, *, settle_s: float = 1.0, timeout_s: float = 60.0
+) -> None:
+    """Wait while another process is still migrating a database it has just created.
+
+    Migrations commit one revision at a time on some backends (SQLite DDL), so a second writer
+    can see a half-created schema. While the recorded revision keeps moving towards head we
+    wait; a revision that stays put for ``settle_s`` is final (and checked by the caller).
+    """
+    head = head_revision()
+    deadline = time.monotonic() + timeout_s
+    seen = current_revision(engine)
+    stable_since = time.monotonic()
+    while seen != head and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = current_revision(engine)
+        if now != seen:
+            seen, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= settle_s:
+            return
 
 
 class _connection:  # noqa: N801 - used like a function
