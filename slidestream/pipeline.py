@@ -34,7 +34,13 @@ from slidestream._version import __version__
 from slidestream.config import RunConfig
 from slidestream.errors import NoTissueError, SlidestreamError
 from slidestream.inputs import discover_slides
-from slidestream.publish import SUMMARY_NAME, publish, read_summary, staging_dir
+from slidestream.publish import (
+    SUMMARY_NAME,
+    publish,
+    read_summary,
+    staging_dir,
+    write_json_atomic,
+)
 from slidestream.statistics import StatisticsAccumulator
 
 __all__ = [
@@ -581,9 +587,8 @@ def analyse_slide(
                 "started_at": started_at,
                 "finished_at": datetime.now(UTC).isoformat(),
             },
-            "outputs": {k: v for k, v in OUTPUT_NAMES.items()},
+            "outputs": dict(OUTPUT_NAMES),
         }
-        from slidestream.publish import write_json_atomic
 
         write_json_atomic(stage / SUMMARY_NAME, summary)
         publish(stage, slide_out)
