@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from slidestream._cli_db import DB_ENVVAR, default_db_url
+
 __all__ = ["register"]
 
 
 def _db_url(option: str | None, out_dir: Path, no_db: bool) -> str | None:
+    """``--db`` (or ``$SLIDESTREAM_DB``, filled in by click) else the output folder's SQLite."""
     if no_db:
         return None
-    if option:
-        return option
-    env = os.environ.get("SLIDESTREAM_DB")
-    if env:
-        return env
-    return f"sqlite:///{(out_dir / 'slidestream.db').resolve()}"
+    return option or default_db_url(out_dir)
 
 
 @click.command("run")
@@ -66,7 +63,9 @@ def _db_url(option: str | None, out_dir: Path, no_db: bool) -> str | None:
     "db_url",
     default=None,
     metavar="URL",
-    help="Statistics database (SQLAlchemy URL); env SLIDESTREAM_DB; default OUT/slidestream.db.",
+    envvar=DB_ENVVAR,
+    show_envvar=True,
+    help="Statistics database (SQLAlchemy URL); default OUT/slidestream.db.",
 )
 @click.option("--no-db", is_flag=True, help="Record nothing in a database.")
 @click.option(
@@ -174,7 +173,7 @@ def demo_command(out_dir: Path, force: bool) -> None:
     config = RunConfig(
         out_dir=out_dir,
         force=force,
-        db_url=f"sqlite:///{(out_dir / 'slidestream.db').resolve()}",
+        db_url=default_db_url(out_dir),
         show_progress=sys.stderr.isatty(),
     )
     outcomes = run_batch([slide_path], config)
@@ -202,7 +201,7 @@ def demo_command(out_dir: Path, force: bool) -> None:
         )
     click.echo(
         f"database:    {out_dir / 'slidestream.db'} (try: slidestream query --db "
-        f"sqlite:///{(out_dir / 'slidestream.db').resolve()} --slides)"
+        f"{default_db_url(out_dir)} --slides)"
     )
     click.echo(
         "QuPath: open the slide (File > Open), then drag tissue.geojson and "
