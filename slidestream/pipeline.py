@@ -246,12 +246,43 @@ class _Progress:
             self._bar.close()
 
 
+def _tile_stream(
+    slide: Any,
+    mask: Any,
+    tiling: Any,
+    config: RunConfig,
+    *,
+    readers: int,
+    batch_size: int,
+    device: str,
+) -> tuple[Any, Any]:
+    """Plan the tissue tiles of ``tiling`` and open their batch loader: ``(grid, loader)``."""
+    from slidestream.tiling import TileDataset, make_loader, plan_tiles
+
+    grid = plan_tiles(slide, tiling, mask)
+    dataset = TileDataset(
+        slide.path,
+        grid.tiles,
+        tile_mpp=tiling.tile_mpp,
+        tile_size_px=tiling.tile_size_px,
+        slide_mpp=config.mpp_override,
+    )
+    loader = make_loader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=readers,
+        device=device,
+        multiprocessing_context=_LOADER_CONTEXT,
+    )
+    return grid, loader
+
+
 def _tissue_pass(
     slide: Any, mask: Any, models: LoadedModels, config: RunConfig, readers: int
 ) -> tuple[Any, dict[str, float]]:
     """Classify tissue patches; return the class regions and per-class areas (mm²)."""
     from slidestream.overlays import tissue_class_regions
-    from slidestream.tiling import TileDataset, TilingConfig, make_loader, plan_tiles
+    from slidestream.tiling import TilingConfig
 
     spec = models.tissue.spec
     tiling = TilingConfig(
@@ -260,25 +291,20 @@ def _tissue_pass(
         overlap_px=0,
         min_tissue_fraction=config.min_tissue_fraction,
     )
-    grid = plan_tiles(slide, tiling, mask)
+    grid, loader = _tile_stream(
+        slide,
+        mask,
+        tiling,
+        config,
+        readers=readers,
+        batch_size=max(config.batch_size, 16),
+        device=models.device,
+    )
     n_classes = len(spec.class_names)
     probs = np.full((grid.n_rows, grid.n_cols, n_classes), np.nan, dtype=np.float32)
-    dataset = TileDataset(
-        slide.path,
-        grid.tiles,
-        tile_mpp=tiling.tile_mpp,
-        tile_size_px=tiling.tile_size_px,
-        slide_mpp=config.mpp_override,
-    )
     bar = _Progress(len(grid), "tissue", config.show_progress)
     try:
-        for batch in make_loader(
-            dataset,
-            batch_size=max(config.batch_size, 16),
-            num_workers=readers,
-            device=models.device,
-            multiprocessing_context=_LOADER_CONTEXT,
-        ):
+        for batch in loader:
             p = models.tissue.predict_proba(batch.images)
             for i, idx in enumerate(batch.indices.tolist()):
                 tile = grid.tiles[idx]
@@ -341,7 +367,7 @@ def _nucleus_tables(
     max_pending: int,
 ) -> Iterator[Any]:
     """Stream the nuclei of every tissue tile, in tile order, as NucleusTables (level-0)."""
-    from slidestream.tiling import TileDataset, TilingConfig, make_loader, plan_tiles
+    from slidestream.tiling import TilingConfig
 
     nmodel = models.nuclei
     halo_px = math.ceil(config.nucleus_halo_um / float(nmodel.mpp))
@@ -351,26 +377,21 @@ def _nucleus_tables(
         overlap_px=2 * halo_px,
         min_tissue_fraction=config.min_tissue_fraction,
     )
-    grid = plan_tiles(slide, tiling, mask)
-    dataset = TileDataset(
-        slide.path,
-        grid.tiles,
-        tile_mpp=tiling.tile_mpp,
-        tile_size_px=tiling.tile_size_px,
-        slide_mpp=config.mpp_override,
+    grid, loader = _tile_stream(
+        slide,
+        mask,
+        tiling,
+        config,
+        readers=readers,
+        batch_size=config.batch_size,
+        device=models.device,
     )
     l0_per_px = float(nmodel.mpp) / float(slide.mpp)
     postprocess = nmodel.postprocess
     pending: deque[Future[Any] | Any] = deque()
     bar = _Progress(len(grid), "nuclei", config.show_progress)
     try:
-        for batch in make_loader(
-            dataset,
-            batch_size=config.batch_size,
-            num_workers=readers,
-            device=models.device,
-            multiprocessing_context=_LOADER_CONTEXT,
-        ):
+        for batch in loader:
             maps = nmodel.predict(batch.images)
             rgb = batch.images.permute(0, 2, 3, 1).cpu().numpy()
             for i, idx in enumerate(batch.indices.tolist()):
