@@ -32,30 +32,39 @@ def _timeit(fn: Any, repeats: int) -> float:
 
 
 def _real_tile(tile: int, mpp: float) -> np.ndarray:
-    """A real H&E tile at ``mpp`` µm/px (falls back to noise when shared data is absent)."""
+    """A real H&E tile at ``mpp`` µm/px (falls back to noise when shared data is absent).
+
+    The nucleus data folder is ``$SLIDESTREAM_NUCLEI_DATA`` or ``../shared/data/nuclei``.
+    """
+    import os
+
     from PIL import Image
 
     from slidestream.models.nuclei._data import resample_image
 
-    path = (
-        Path(__file__).resolve().parents[1].parent
-        / "shared"
-        / "data"
-        / "nuclei"
-        / "monuseg_kumar"
-        / "images"
-        / "Breast_TCGA-AR-A1AS-01Z-00-DX1.png"
+    data = Path(
+        os.environ.get(
+            "SLIDESTREAM_NUCLEI_DATA",
+            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nuclei",
+        )
     )
+    path = data / "monuseg_kumar" / "images" / "Breast_TCGA-AR-A1AS-01Z-00-DX1.png"
+    src_mpp = 0.25
+    mpp_table = path.parents[1] / "mpp.json"
+    if mpp_table.is_file():
+        import json as _json
+
+        src_mpp = float(_json.loads(mpp_table.read_text())["default"])
     if not path.is_file():
         return np.random.default_rng(0).integers(0, 255, (tile, tile, 3), dtype=np.uint8)
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))
-    rgb = resample_image(rgb, 0.25 / mpp)
+    rgb = resample_image(rgb, src_mpp / mpp)
     reps = (int(np.ceil(tile / rgb.shape[0])), int(np.ceil(tile / rgb.shape[1])), 1)
     return np.tile(rgb, reps)[:tile, :tile].copy()
 
 
-def bench(device: str, tile: int, repeats: int) -> list[dict[str, Any]]:
+def bench(device: str, tile: int, repeats: int, batch_n: int = 1) -> list[dict[str, Any]]:
     from slidestream.models.nuclei import ClassicalSegmenter, load_nuclei_model
     from slidestream.models.nuclei._model import NucleusModel
 
@@ -66,14 +75,16 @@ def bench(device: str, tile: int, repeats: int) -> list[dict[str, Any]]:
             continue
         mpp = base.mpp
         rgb = _real_tile(tile, mpp)
-        batch = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
-        mp = tile * tile / 1e6
+        one = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
+        batch = one.expand(batch_n, -1, -1, -1).contiguous()
+        mp = batch_n * tile * tile / 1e6
         row: dict[str, Any] = {
             "model": name,
             "device": device,
             "mpp": mpp,
             "params": base.n_parameters,
             "tile_px": tile,
+            "batch": batch_n,
             "tta": base.tta,
             "threads": torch.get_num_threads(),
         }
@@ -87,15 +98,20 @@ def bench(device: str, tile: int, repeats: int) -> list[dict[str, Any]]:
                     m.net = m.net.to(memory_format=torch.contiguous_format)
                 dt = _timeit(lambda m=m, b=batch: m.predict(b), repeats)
                 row[f"forward_{prec}{'_cl' if cl else ''}_mp_s"] = round(mp / dt, 3)
-        maps = base.predict(batch)[0]
+        maps = base.predict(one)[0]
         dt_pp = _timeit(lambda m=base, x=maps: m.postprocess(x), repeats)
-        row["postprocess_mp_s"] = round(mp / dt_pp, 3)
-        dt_total = _timeit(lambda m=base, b=batch: m.postprocess(m.predict(b)[0]), repeats)
+        row["postprocess_mp_s_per_process"] = round(tile * tile / 1e6 / dt_pp, 3)
+        # Model on the whole batch + post-processing of every tile in this one process (the
+        # pipeline spreads post-processing over a pool; see bench/pipeline.py).
+        dt_total = _timeit(
+            lambda m=base, b=batch: [m.postprocess(x) for x in m.predict(b)], repeats
+        )
         row["precision_used"] = base.precision
         row["total_mp_s"] = round(mp / dt_total, 3)
         row["total_mm2_s"] = round(mp / dt_total * mpp**2, 4)
         row["n_nuclei"] = int(base.postprocess(maps).max())
         rows.append(row)
+        print(json.dumps(row), flush=True)
     cl_model = ClassicalSegmenter()
     rgb = _real_tile(tile, cl_model.mpp)
     dt = _timeit(lambda: cl_model.segment_working(rgb), repeats)
@@ -111,6 +127,7 @@ def bench(device: str, tile: int, repeats: int) -> list[dict[str, Any]]:
             "total_mm2_s": round(mp / dt * cl_model.mpp**2, 4),
         }
     )
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -120,13 +137,21 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512, help="tile side, px at the model µm/px")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--devices", default="auto", help="cpu, cuda or cpu,cuda (auto: cpu, plus cuda if present)"
+    )
+    parser.add_argument("--cuda-batch", type=int, default=8, help="tiles per batch on CUDA")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = bench("cpu", args.tile, args.repeats)
-    if torch.cuda.is_available():
-        rows += bench("cuda", 1024, args.repeats)
-    for row in rows:
-        print(json.dumps(row))
+    devices = args.devices.split(",")
+    if args.devices == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows: list[dict[str, Any]] = []
+    for dev in devices:
+        if dev == "cpu":
+            rows += bench("cpu", args.tile, args.repeats)
+        else:
+            rows += bench(dev, args.tile, args.repeats, batch_n=args.cuda_batch)
     if args.json:
         with Path(args.json).open("w") as fh:
             json.dump(rows, fh, indent=2)

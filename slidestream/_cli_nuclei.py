@@ -157,6 +157,26 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @click.option(
         "--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True
     )
+    @click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Processes drawing augmented batches (use ~CPU cores - 1 with a GPU).",
+    )
+    @click.option(
+        "--features",
+        default="16,16,32,64,128,16",
+        show_default=True,
+        help="Six BasicUNet channel widths (four encoder levels, bottleneck, last decoder).",
+    )
+    @click.option(
+        "--colour-strength",
+        type=click.FloatRange(min=0),
+        default=1.0,
+        show_default=True,
+        help="Strength of the HED stain / brightness jitter.",
+    )
     def train_nuclei_cmd(
         data: tuple[str, ...],
         out: Path,
@@ -171,11 +191,24 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         threads: int,
         init: Path | None,
         lr: float,
+        workers: int,
+        features: str,
+        colour_strength: float,
     ) -> None:
         """Train the nucleus U-Net (from scratch or --init weights) on common-format folders."""
         from slidestream.models.nuclei import TrainConfig, train_nuclei
+        from slidestream.models.nuclei._network import NetworkConfig
 
+        try:
+            widths = [int(f) for f in features.split(",")]
+        except ValueError as exc:
+            raise click.BadParameter(f"{features!r}: expected six integers") from exc
+        if len(widths) != 6:
+            raise click.BadParameter(f"{features!r}: expected six comma-separated widths")
         config = TrainConfig(
+            network=NetworkConfig(features=(*widths,)),  # type: ignore[arg-type]
+            workers=workers,
+            colour_strength=colour_strength,
             mpp=mpp,
             epochs=epochs,
             minutes=minutes,

@@ -39,10 +39,12 @@ def _from_file(
     path: Path, preset_name: str, device: str | torch.device, precision: Precision
 ) -> NucleusModel:
     side = read_sidecar(path)
-    weights = path.with_name(str(side.get("weights", path.with_suffix(".safetensors").name)))
     preset = _preset(side, preset_name, path)
+    # A preset may use other weights (and their architecture) than the file's own.
+    weights_name = preset.get("weights", side.get("weights", path.with_suffix(".safetensors").name))
+    weights = path.with_name(str(weights_name))
     try:
-        arch = NetworkConfig.from_dict(side["architecture"])
+        arch = NetworkConfig.from_dict(preset.get("architecture", side["architecture"]))
         pp = PostprocessConfig(**preset.get("postprocess", {}))
         mpp = float(preset["mpp"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -51,8 +53,7 @@ def _from_file(
             "restore it or retrain with `slidestream train nuclei`"
         ) from exc
     net, sha = load_network(weights, arch)
-    stem = weights.stem
-    name = f"{stem}-{preset['preset']}" if preset["preset"] != "default" else stem
+    name = f"{path.stem}-{preset['preset']}" if preset["preset"] != "default" else weights.stem
     return NucleusModel(
         net,
         name=name,

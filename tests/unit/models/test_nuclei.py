@@ -199,6 +199,17 @@ def test_shipped_weights_load_and_forward_fast() -> None:
     assert sum(row["default"] for row in list_nuclei_models()) == 1
 
 
+def test_accurate_preset_uses_its_own_wider_weights() -> None:
+    fast = load_nuclei_model("fast")
+    accurate = load_nuclei_model("nuclei-unet-accurate")
+    assert isinstance(fast, NucleusModel) and isinstance(accurate, NucleusModel)
+    assert accurate.name == "nuclei-unet-accurate" and accurate.tta and not fast.tta
+    assert accurate.n_parameters > 3 * fast.n_parameters
+    assert accurate.weights_sha256 != fast.weights_sha256
+    maps = accurate.predict(torch.randint(0, 255, (1, 3, 48, 64), dtype=torch.uint8))
+    assert maps.shape == (1, 3, 48, 64)
+
+
 def _copy_weights(tmp_path: Path) -> Path:
     dst = tmp_path / "w.safetensors"
     shutil.copy(SHIPPED_WEIGHTS, dst)
@@ -293,6 +304,31 @@ def test_init_weights_start_from_the_given_weights(tmp_path: Path) -> None:
         not torch.allclose(pa, pf)
         for pa, pf in zip(a.parameters(), fresh.parameters(), strict=True)
     )
+
+
+def test_loader_workers_stream_is_seeded_and_trains(tmp_path: Path) -> None:
+    from slidestream.models.nuclei._data import load_sources, parse_data_arg
+    from slidestream.models.nuclei._train import _batches
+
+    data = _synthetic_dataset(tmp_path / "synth", 3, seed=4)
+    items = load_sources([parse_data_arg(f"{data}:0.5")], 0.5)
+    weights = np.full(len(items), 1.0 / len(items))
+    cfg = TrainConfig(mpp=0.5, network=TINY, crop_px=64, batch_size=2, workers=1, seed=7)
+    firsts = []
+    for _ in range(2):
+        stream = _batches(items, weights, np.random.default_rng(0), cfg, pin=False)
+        imgs, tgts = next(stream)
+        stream.close()
+        assert imgs.dtype == torch.uint8 and imgs.shape == (2, 3, 64, 64)
+        assert tgts.shape == (2, 3, 64, 64)
+        firsts.append(imgs)
+    assert torch.equal(firsts[0], firsts[1])  # worker streams are seeded (seed, worker id)
+    res = train_nuclei(
+        [f"{data}:0.5"],
+        tmp_path / "w.safetensors",
+        config=dataclasses.replace(cfg, epochs=4, num_threads=1),
+    )
+    assert res.steps >= 1 and math.isfinite(res.losses[-1])
 
 
 # --- real data ----------------------------------------------------------------------------------
