@@ -5,19 +5,29 @@ diameter at 0.25 µm/px, ~20 vertices each, with the 13 ``measure_nuclei`` measu
 as ``NucleusTable`` chunks of ``--chunk`` nuclei so memory stays bounded, and prints nuclei/s of
 each writer and the peak resident memory of the process.
 
-Usage: ``python bench/geojson.py [--nuclei 1000000] [--chunk 20000] [--out DIR]``
+``--baseline REF`` also runs the GeoJSON writer of git revision ``REF`` (its ``overlays/`` package,
+extracted to a temporary folder), alternating with the current one, for a before/after comparison
+on the same machine load. Wall-clock rates depend on free cores (the gzip deflate runs on worker
+threads); ``nuclei/CPU-s`` is the steadier figure on a busy machine.
+
+Usage: ``python bench/geojson.py [--nuclei 1000000] [--chunk 20000] [--out DIR] [--baseline REF]``
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
 import resource
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +92,21 @@ def tables(total: int, chunk: int, templates: list[NucleusTable]) -> Iterator[Nu
         i += 1
 
 
+def baseline_writer(ref: str, folder: Path) -> Callable[..., int]:
+    """``write_nuclei_geojson`` of git revision ``ref``, imported from an extracted copy."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, "overlays"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "overlays").rename(folder / "baseline_overlays")
+    sys.path.insert(0, str(folder))
+    module: Any = importlib.import_module("baseline_overlays")
+    writer: Callable[..., int] = module.write_nuclei_geojson
+    return writer
+
+
 def peak_rss_mib() -> float:
     scale = 1024 if sys.platform != "darwin" else 1024 * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
@@ -92,37 +117,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nuclei", type=int, default=1_000_000)
     ap.add_argument("--chunk", type=int, default=20_000)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--baseline", metavar="REF", default=None, help="also run git REF's writer")
     args = ap.parse_args(argv)
     templates = [synth_table(args.chunk, seed) for seed in range(4)]
     out = args.out or Path(tempfile.mkdtemp(prefix="slidestream-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"{args.nuclei:,} nuclei in chunks of {args.chunk:,}; output in {out}")
     print(f"peak RSS after synthesis: {peak_rss_mib():.0f} MiB; load average {os.getloadavg()}")
-    jobs = {
-        "geojson.gz polygons": lambda: write_nuclei_geojson(
-            out / "nuclei.geojson.gz", tables(args.nuclei, args.chunk, templates),
-            id_namespace="bench", class_colors=COLORS,
-        ),
-        "geojson.gz points": lambda: write_nuclei_geojson(
-            out / "points.geojson.gz", tables(args.nuclei, args.chunk, templates),
-            id_namespace="bench", class_colors=COLORS, as_points=True,
-        ),
+    writers: dict[str, Callable[..., int]] = {"": write_nuclei_geojson}
+    if args.baseline:
+        writers = {f"{args.baseline} ": baseline_writer(args.baseline, out / "baseline"), **writers}
+    jobs: dict[str, Callable[[], int]] = {}
+    for points in (False, True):
+        kind, name = ("points", "points") if points else ("polygons", "nuclei")
+        for label, writer in writers.items():
+            prefix = label.strip().replace("/", "_") + "-" if label else ""
+            jobs[f"{label}geojson.gz {kind}"] = lambda w=writer, f=f"{prefix}{name}", p=points: w(
+                out / f"{f}.geojson.gz", tables(args.nuclei, args.chunk, templates),
+                id_namespace="bench", class_colors=COLORS, as_points=p,
+            )  # fmt: skip
+    jobs |= {
         "parquet": lambda: write_nuclei_parquet(
             out / "nuclei.parquet", tables(args.nuclei, args.chunk, templates),
             id_namespace="bench",
         ),
     }  # fmt: skip
+    width = max(map(len, jobs))
     for name, job in jobs.items():
         t0, c0 = time.perf_counter(), time.process_time()
         count = job()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(
-            f"{name:22s} {count:>10,} nuclei  wall {dt:6.2f} s = {count / dt:>9,.0f} nuclei/s  "
+            f"{name:{width}s} {count:>10,} nuclei  "
+            f"wall {dt:6.2f} s = {count / dt:>9,.0f} nuclei/s  "
             f"CPU {cpu:6.2f} s = {count / cpu:>9,.0f} nuclei/CPU-s  "
             f"peak RSS {peak_rss_mib():.0f} MiB"
         )
     for f in sorted(out.iterdir()):
-        print(f"  {f.name}: {f.stat().st_size / 2**20:.1f} MiB")
+        if f.is_file():
+            print(f"  {f.name}: {f.stat().st_size / 2**20:.1f} MiB")
     return 0
 
 

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +21,7 @@ from PIL import Image
 
 from slidestream.errors import ConfigError
 from slidestream.overlays import (
+    MEASUREMENT_DISPLAY_NAMES,
     NUCLEUS_ID_NAMESPACE,
     MeasureFn,
     NucleusTable,
@@ -30,7 +33,6 @@ from slidestream.overlays import (
     write_nuclei_parquet,
     write_tissue_geojson,
 )
-from slidestream.overlays._json_text import format_fixed
 
 COLORS = {"Tumor": (200, 0, 0), "Stroma": (0, 150, 0)}
 
@@ -93,7 +95,7 @@ def test_geojson_content(tmp_path: Path, tables: list[NucleusTable]) -> None:
     assert "classification" not in feats[2]["properties"]  # Unclassified
     assert feats[3]["properties"]["classification"]["color"] == [128, 128, 128]
     area = feats[1]["properties"]["measurements"]["Area µm^2"]
-    assert area == pytest.approx(tables[0].measurements["area_um2"][1], abs=1e-4)
+    assert area == pytest.approx(tables[0].measurements["area_um2"][1], rel=5e-4)  # 4 digits
     ring = np.array(f0["geometry"]["coordinates"][0])
     np.testing.assert_allclose(ring, tables[0].coords[: len(ring)], atol=0.005)
     assert shapely.Polygon(ring).is_valid
@@ -161,14 +163,104 @@ def test_geojson_name_checked(tmp_path: Path) -> None:
         write_nuclei_geojson(tmp_path / "nuclei.gz", [], id_namespace="x")
 
 
-def test_format_fixed() -> None:
-    v = np.array([1008.5857, 152.0, -0.5, 0.0, -0.004, 12.30, 99.999, 1e6 + 0.01])
-    text = [bytes(r[r != 0]).decode() for r in format_fixed(v, 2)]
-    assert text == ["1008.59", "152", "-0.5", "0", "0", "12.3", "100", "1000000.01"]
-    rng = np.random.default_rng(0)
-    r = rng.uniform(-1e5, 1e5, 1000)
-    got = [float(bytes(x[x != 0])) for x in format_fixed(r, 4)]
-    np.testing.assert_array_equal(got, np.round(r, 4))
+def check_round_trip(feats: list[dict[str, Any]], table: NucleusTable, *, as_points: bool) -> None:
+    """Every feature of ``table``, in order: id, geometry within 0.005 px, measurements, class."""
+    assert len(feats) == len(table)
+    names = {k: MEASUREMENT_DISPLAY_NAMES.get(k, k) for k in table.measurement_names}
+    for i, f in enumerate(feats):
+        assert f["type"] == "Feature"
+        assert f["id"] == str(uuid.uuid5(NUCLEUS_ID_NAMESPACE, f"fp:{i}"))
+        geometry = f["geometry"]
+        if as_points:
+            assert geometry["type"] == "Point"
+            expected = np.array([table.centroid_x[i], table.centroid_y[i]])
+            got = np.array(geometry["coordinates"])
+        else:
+            assert geometry["type"] == "Polygon" and len(geometry["coordinates"]) == 1
+            expected = table.coords[table.offsets[i] : table.offsets[i + 1]]
+            got = np.array(geometry["coordinates"][0])
+            assert got.shape == expected.shape and (got[0] == got[-1]).all()  # closed ring
+        np.testing.assert_allclose(got, expected, rtol=0, atol=0.005 + 1e-9)
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        cls = None if table.classes is None else str(table.classes[i])
+        if cls in (None, "Unclassified"):
+            assert "classification" not in props
+        else:
+            assert props["classification"]["name"] == cls
+        meas = props["measurements"]
+        for key, name in names.items():
+            value = float(table.measurements[key][i])
+            if not np.isfinite(value):
+                assert name not in meas
+                continue
+            tolerance = max(5e-5, 5e-4 * abs(value)) if abs(value) < 1e4 else 0.5
+            assert meas[name] == pytest.approx(value, abs=tolerance), (i, name)
+
+
+@pytest.mark.parametrize("as_points", [False, True])
+def test_geojson_round_trip(tmp_path: Path, tables: list[NucleusTable], as_points: bool) -> None:
+    path = tmp_path / "n.geojson.gz"
+    write_nuclei_geojson(
+        path, tables, id_namespace="fp", class_colors=COLORS, as_points=as_points, chunk_size=64
+    )
+    feats = json.loads(gzip.decompress(path.read_bytes()))["features"]
+    check_round_trip(feats, NucleusTable.concat(tables), as_points=as_points)
+
+
+@pytest.fixture(scope="module")
+def awkward(tables: list[NucleusTable]) -> NucleusTable:
+    """Values that widen fields: x >= 100,000 px, x < 0, measurements < 0 or >= 1e6, long class."""
+    t = NucleusTable.concat(tables)
+    coords, meas = t.coords.copy(), {k: v.copy() for k, v in t.measurements.items()}
+    classes = t.classes.copy() if t.classes is not None else np.full(len(t), "Tumor")
+    for i, dx in ((3, 150_000.0), (10, -700.0), (20, 2_000_000.0)):
+        coords[t.offsets[i] : t.offsets[i + 1], 0] += dx
+    coords[t.offsets[30] : t.offsets[31]] %= 10.0  # a nucleus near the origin
+    meas["mean_r"][5] = -3.25
+    meas["mean_g"][6] = 123_456.0
+    meas["mean_b"][7] = 3.4e9
+    meas["solidity"][8] = 9.99996
+    for k in meas:  # no measurement at all
+        meas[k][9] = np.nan
+    meas["area_um2"][11] = np.inf
+    classes[12] = "A class name longer than any in the colour table"
+    return replace(t, coords=coords, measurements=meas, classes=classes)
+
+
+@pytest.mark.parametrize("as_points", [False, True])
+def test_geojson_same_text_for_any_chunking(
+    tmp_path: Path, awkward: NucleusTable, as_points: bool
+) -> None:
+    texts = []
+    for chunk_size in (20_000, 64, 7, 1):
+        path = tmp_path / f"{chunk_size}.geojson"
+        write_nuclei_geojson(
+            path, [awkward], id_namespace="fp", class_colors=COLORS, as_points=as_points,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+        texts.append(path.read_bytes())
+    assert all(t == texts[0] for t in texts[1:])
+    assert b"\0" not in texts[0]
+    feats = json.loads(texts[0])["features"]
+    check_round_trip(feats, awkward, as_points=as_points)
+    assert feats[9]["properties"]["measurements"] == {}
+    assert feats[6]["properties"]["measurements"]["Green: Mean"] == 123456
+    assert feats[8]["properties"]["measurements"]["Solidity"] == 10.0
+
+
+def test_geojson_compresslevel_checked(tmp_path: Path, tables: list[NucleusTable]) -> None:
+    for level in (-1, 13):
+        with pytest.raises(ConfigError, match="compresslevel"):
+            write_nuclei_geojson(tmp_path / "n.geojson.gz", tables, id_namespace="x",
+                                 compresslevel=level)  # fmt: skip
+    sizes = []
+    for level in (0, 1, 6):
+        path = tmp_path / f"n{level}.geojson.gz"
+        write_nuclei_geojson(path, tables, id_namespace="x", compresslevel=level, chunk_size=100)
+        sizes.append(path.stat().st_size)
+        assert json.loads(gzip.decompress(path.read_bytes()))["features"]
+    assert sizes[0] > sizes[1] >= sizes[2]
 
 
 @pytest.fixture(scope="module")
