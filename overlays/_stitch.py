@@ -1,4 +1,4 @@
-"""Seam-free nucleus stitching: per-tile core ownership, contour tracing, level-0 polygons.
+"""Seam-free nucleus stitching: per-tile core ownership, pixel-edge outlines, level-0 polygons.
 
 Runs in CPU worker processes: plain module-level functions over plain arrays and floats, returning
 a picklable :class:`~slidestream.overlays.NucleusTable`.
@@ -13,16 +13,22 @@ Pixel convention. Tile pixel ``(c, r)`` covers ``[c, c + 1) x [r, r + 1)`` in co
 coordinates; centroids from ``measure`` follow scikit-image (pixel centre at the integer index), so
 ``+ 0.5`` turns them into continuous coordinates;
 level 0 = ``l0_origin + t_continuous * l0_per_px``.
+
+Outlines. A nucleus outline runs along its pixels' edges (vertices on the integer lattice), so
+the level-0 polygon is the label's pixels scaled by ``l0_per_px``: its area is the pixel count
+times ``l0_per_px**2`` and, rasterised with the pixel-centre rule (QuPath's), it covers exactly
+the level-0 pixels that nearest-neighbour upsampling of the label map would give (at integer
+scales). Tracing contours through pixel centres instead shrinks every nucleus by half a model
+pixel, a large loss of overlap for small nuclei.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeAlias, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeAlias, cast
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 import shapely
@@ -32,7 +38,7 @@ from slidestream.errors import ConfigError
 
 from ._table import GEOMETRY_KEYS, NucleusTable
 
-__all__ = ["MeasureFn", "extract_tile_nuclei", "trace_nuclei"]
+__all__ = ["MeasureFn", "extract_tile_nuclei", "pixel_edge_rings", "trace_nuclei"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +61,176 @@ def _default_measure() -> MeasureFn:
         ) from exc
 
 
-def _largest_contour(mask: npt.NDArray[np.uint8]) -> npt.NDArray[np.int32]:
-    """Return the (k, 2) ``(x, y)`` pixel-centre outline of the largest component of ``mask``."""
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if len(contours) == 1:
-        best = contours[0]
-    else:
-        best = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
-    return cast(npt.NDArray[np.int32], best.reshape(-1, 2))
+_STEP: Final = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], np.int64)
+"""Unit step ``(dx, dy)`` of a crack direction: 0 right, 1 down, 2 left, 3 up (y points down)."""
+
+_TURNS: Final = (1, 0, 3)
+"""Successor preference at a lattice point: right turn, straight on, left turn (never back)."""
+
+
+def _crack_edges(
+    labels: npt.NDArray[np.integer[Any]], label_ids: npt.NDArray[np.integer[Any]]
+) -> tuple[npt.NDArray[np.int64], ...]:
+    """Every unit pixel edge between a traced label and anything else, directed clockwise.
+
+    Returns ``(obj, x, y, d)``, each shape (m,): the index into ``label_ids`` of the label the
+    edge belongs to, the start lattice point ``(x, y)`` in padded tile px (pixel ``(c, r)`` of
+    ``labels`` covers ``[c + 1, c + 2) x [r + 1, r + 2)``) and the direction (see ``_STEP``).
+    The label lies on the right of its edges (y down), so outer rings have a positive shoelace
+    area and holes a negative one.
+    """
+    ids = np.asarray(label_ids, np.int64)
+    lut = np.full(max(int(labels.max(initial=0)), int(ids.max(initial=0))) + 1, -1, np.int64)
+    lut[ids] = np.arange(ids.size)
+    h, w = labels.shape
+    k = np.full((h + 2, w + 2), -1, np.int64)
+    k[1:-1, 1:-1] = lut[labels]
+    parts: list[tuple[npt.NDArray[np.int64], ...]] = []
+    a, b = k[:, :-1], k[:, 1:]  # left | right neighbours, edge at lattice x = c + 1
+    diff = a != b
+    r, c = np.nonzero(diff & (a >= 0))  # a's right edge, downwards
+    parts.append((a[r, c], c + 1, r, np.full(r.size, 1, np.int64)))
+    r, c = np.nonzero(diff & (b >= 0))  # b's left edge, upwards
+    parts.append((b[r, c], c + 1, r + 1, np.full(r.size, 3, np.int64)))
+    a, b = k[:-1, :], k[1:, :]  # upper / lower neighbours, edge at lattice y = r + 1
+    diff = a != b
+    r, c = np.nonzero(diff & (a >= 0))  # a's bottom edge, leftwards
+    parts.append((a[r, c], c + 1, r + 1, np.full(r.size, 2, np.int64)))
+    r, c = np.nonzero(diff & (b >= 0))  # b's top edge, rightwards
+    parts.append((b[r, c], c, r + 1, np.full(r.size, 0, np.int64)))
+    return tuple(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(4))
+
+
+def _link_edges(
+    obj: npt.NDArray[np.int64],
+    x: npt.NDArray[np.int64],
+    y: npt.NDArray[np.int64],
+    d: npt.NDArray[np.int64],
+    lattice_shape: tuple[int, int],
+) -> npt.NDArray[np.int64]:
+    """Successor of every edge along its label's outline (a permutation of ``arange(m)``).
+
+    Where two pixels of a label touch only at a corner, the outline turns right, so each ring
+    encloses a 4-connected set of pixels and the two pixels get separate rings.
+    """
+    m = obj.size
+    lh, lw = lattice_shape
+    key = ((obj * lh + y) * lw + x) * 4 + d
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    base = ((obj * lh + y + _STEP[d, 1]) * lw + x + _STEP[d, 0]) * 4
+    nxt = np.full(m, -1, np.int64)
+    for turn in _TURNS:
+        want = base + (d + turn) % 4
+        pos = np.minimum(np.searchsorted(sorted_key, want), m - 1)
+        hit = (sorted_key[pos] == want) & (nxt < 0)
+        nxt[hit] = order[pos[hit]]
+    return nxt
+
+
+def _order_cycles(
+    nxt: npt.NDArray[np.int64], max_len: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Cycles of the permutation ``nxt`` by pointer jumping: ``(head, to_tail)`` per element.
+
+    ``head`` is the smallest element of the element's cycle (the ring's first edge) and
+    ``to_tail`` the number of steps from the element to the last edge before the head, so
+    sorting a cycle by decreasing ``to_tail`` walks it from its head. ``max_len`` bounds the
+    cycle lengths.
+    """
+    m = nxt.size
+    head = np.arange(m, dtype=np.int64)
+    jump = nxt.copy()
+    reach = 1
+    while reach < max_len:
+        head = np.minimum(head, head[jump])
+        jump = jump[jump]
+        reach *= 2
+    is_tail = nxt == head
+    jump = np.where(is_tail, np.arange(m, dtype=np.int64), nxt)
+    to_tail = (~is_tail).astype(np.int64)
+    reach = 1
+    while reach < max_len:
+        to_tail = to_tail + to_tail[jump]
+        jump = jump[jump]
+        reach *= 2
+    return head, to_tail
+
+
+def pixel_edge_rings(
+    labels: npt.NDArray[np.integer[Any]], label_ids: npt.NDArray[np.integer[Any]]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Trace the exact pixel-edge outline of each label (the crack boundary of its pixels).
+
+    The outline of a label is the outer ring of its largest 4-connected part: rasterised with
+    the pixel-centre rule it gives back exactly those pixels, and its area is their count.
+    Holes are dropped (filled). Corners where the outline turns are kept, collinear lattice
+    points are not. Two pixels touching only at a corner are separate parts; a part whose
+    outline pinches itself at a corner gives a self-touching ring (see ``trace_nuclei``).
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (H, W)
+        Instance labels, 0 = background.
+    label_ids : ndarray of int, shape (n,)
+        Distinct labels to trace, each present in ``labels``, in output order.
+
+    Returns
+    -------
+    vertices : ndarray of int64, shape (M, 2)
+        Open rings (first vertex not repeated), ``(x, y)`` lattice points in tile px: pixel
+        ``(c, r)`` covers ``[c, c + 1) x [r, r + 1)``. Rings run clockwise on screen (y down),
+        positive shoelace area.
+    offsets : ndarray of int64, shape (n + 1,)
+        Ring ``i`` is ``vertices[offsets[i]:offsets[i + 1]]``.
+
+    Raises
+    ------
+    ConfigError
+        If a label of ``label_ids`` is not in ``labels``.
+
+    Examples
+    --------
+    >>> labels = np.zeros((4, 5), np.int32)
+    >>> labels[1:3, 1:4] = 7
+    >>> labels[2, 3] = 0
+    >>> vertices, offsets = pixel_edge_rings(labels, np.array([7]))
+    >>> vertices.tolist()
+    [[4, 1], [4, 2], [3, 2], [3, 3], [1, 3], [1, 1]]
+    """
+    n = len(label_ids)
+    if n == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(1, np.int64)
+    h, w = labels.shape
+    obj, x, y, d = _crack_edges(labels, label_ids)
+    per_label = np.bincount(obj, minlength=n)
+    if (per_label == 0).any():
+        missing = np.asarray(label_ids)[per_label == 0][:5].tolist()
+        raise ConfigError(f"trace_nuclei: labels {missing} are not in the label image")
+    nxt = _link_edges(obj, x, y, d, (h + 3, w + 3))
+    head, to_tail = _order_cycles(nxt, int(per_label.max()))
+    # shoelace area (x2) of every ring, from its edges; keep the largest outer ring per label
+    twice_area = np.bincount(
+        head, weights=x * (y + _STEP[d, 1]) - (x + _STEP[d, 0]) * y, minlength=obj.size
+    )
+    heads = np.flatnonzero(head == np.arange(obj.size))
+    by_label = np.lexsort((heads, -twice_area[heads], obj[heads]))
+    first = np.ones(heads.size, bool)
+    first[1:] = obj[heads[by_label[1:]]] != obj[heads[by_label[:-1]]]
+    best = np.empty(n, np.int64)
+    best[obj[heads[by_label[first]]]] = heads[by_label[first]]
+    edge = np.flatnonzero(best[obj] == head)
+    edge = edge[np.lexsort((-to_tail[edge], obj[edge]))]  # by label, each ring from its head
+    owner, d_ring = obj[edge], d[edge]
+    counts = np.bincount(owner, minlength=n)
+    ends = np.cumsum(counts)
+    prev = np.arange(-1, edge.size - 1)
+    prev[ends - counts] = ends - 1  # a ring's first edge follows its last
+    corner = d_ring[prev] != d_ring  # the outline turns at the edge's start point
+    vertices = np.stack([x[edge[corner]], y[edge[corner]]], axis=1) - 1  # padded -> tile px
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(owner[corner], minlength=n), out=offsets[1:])
+    return vertices, offsets
 
 
 def _largest_polygons(geoms: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
@@ -80,86 +248,67 @@ def _largest_polygons(geoms: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]
 def trace_nuclei(
     labels: npt.NDArray[np.integer[Any]],
     label_ids: npt.NDArray[np.integer[Any]],
-    slices: Sequence[tuple[slice, ...] | None],
     *,
-    simplify_tolerance_px: float = 0.5,
+    simplify_tolerance_px: float = 0.0,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Trace one valid, closed, simplified outline per label, in continuous tile px.
+    """Trace one valid, closed outline per label, in continuous tile px.
 
-    The outline is the pixel-centre contour (``cv2.findContours``) grown by half a pixel with
-    mitred square joins, which follows the pixel edges (area ~ pixel count); invalid contours are
-    repaired with ``shapely.make_valid`` (the largest polygon is kept; holes are dropped) and the
-    ring is simplified within ``simplify_tolerance_px``.
+    The outline follows the pixel edges (:func:`pixel_edge_rings`): rasterised with the
+    pixel-centre rule (QuPath's, at any integer level-0 scale) it covers exactly the label's
+    pixels, and its area is their count (holes filled; the largest 4-connected part). A ring
+    that pinches itself at a pixel corner is repaired with ``shapely.make_valid`` (largest
+    polygon, holes dropped). With ``simplify_tolerance_px > 0`` the outline is then simplified
+    (Douglas-Peucker) within that tolerance, which trades exactness for fewer vertices.
+
+    Geometry is computed in each nucleus's own frame (its bounding box's corner at the
+    origin), so a nucleus gets the same outline whichever tile traces it.
 
     Parameters
     ----------
     labels : ndarray of int, shape (H, W)
         Instance labels, 0 = background.
     label_ids : ndarray of int, shape (n,)
-        Labels to trace, in output order.
-    slices : list
-        ``scipy.ndimage.find_objects(labels)``.
+        Distinct labels to trace, each present in ``labels``, in output order.
     simplify_tolerance_px : float
-        Douglas-Peucker tolerance in tile px.
+        Douglas-Peucker tolerance in tile px; 0 keeps the exact pixel-edge outline.
 
     Returns
     -------
     coords : ndarray of float64, shape (M, 2)
-        Closed rings, ``(x, y)`` in continuous tile px (pixel edges at integers).
+        Closed rings (first position repeated), ``(x, y)`` in continuous tile px (pixel
+        ``(c, r)`` covers ``[c, c + 1) x [r, r + 1)``).
     offsets : ndarray of int64, shape (n + 1,)
         Ring ``i`` is ``coords[offsets[i]:offsets[i + 1]]``.
+
+    Raises
+    ------
+    ConfigError
+        If a label of ``label_ids`` is not in ``labels``.
     """
     n = len(label_ids)
     if n == 0:
         return np.zeros((0, 2), np.float64), np.zeros(1, np.int64)
-    outlines: list[npt.NDArray[np.int32]] = []
-    origins = np.zeros((n, 2), np.float64)  # crop origin (x, y) in tile px
-    extents = np.zeros((n, 2), np.float64)  # crop (width, height) in px
-    for j, lab in enumerate(label_ids):
-        sl = slices[int(lab) - 1]
-        if sl is None:  # measured but absent from the image: cannot happen with a sane measure
-            raise ConfigError(f"trace_nuclei: label {int(lab)} is not in the label image")
-        crop = np.pad((labels[sl] == lab).view(np.uint8), 1)
-        # geometry is computed in crop coordinates, so a nucleus gets the same outline whichever
-        # tile it is traced in (no dependence of rounding / simplification ties on the position)
-        outlines.append(_largest_contour(crop) - 1)  # padded crop -> crop pixel index
-        origins[j] = sl[1].start, sl[0].start
-        extents[j] = sl[1].stop - sl[1].start, sl[0].stop - sl[0].start
-    sizes = np.fromiter((len(o) for o in outlines), np.int64, n)
-    flat = np.concatenate(outlines).astype(np.float64)
-    owner = np.repeat(np.arange(n), sizes)
-    geoms = np.empty(n, dtype=object)
-    is_poly = sizes >= 3
-    if is_poly.any():
-        sel = is_poly[owner]
-        rings = shapely.linearrings(
-            flat[sel], indices=np.repeat(np.arange(is_poly.sum()), sizes[is_poly])
-        )
-        geoms[is_poly] = shapely.polygons(rings)
-        poly_idx = np.flatnonzero(is_poly)
-        bad = poly_idx[~shapely.is_valid(geoms[poly_idx])]
-        if bad.size:
-            geoms[bad] = shapely.make_valid(geoms[bad])
-    for i in np.flatnonzero(sizes == 2):
-        geoms[i] = shapely.LineString(outlines[i])
-    for i in np.flatnonzero(sizes == 1):
-        geoms[i] = shapely.Point(outlines[i][0])
-    grown = shapely.buffer(geoms, 0.5, cap_style="square", join_style="mitre")
-    # mitres overshoot 45-degree corners: clip to the pixels' box (pixel centres at integers)
-    grown = shapely.intersection(
-        grown, shapely.box(-0.5, -0.5, extents[:, 0] - 0.5, extents[:, 1] - 0.5)
-    )
-    grown = _largest_polygons(grown)
-    simple = shapely.simplify(grown, simplify_tolerance_px, preserve_topology=False)
-    redo = np.flatnonzero(~shapely.is_valid(simple) | shapely.is_empty(simple))
-    if redo.size:
-        simple[redo] = shapely.simplify(grown[redo], simplify_tolerance_px, preserve_topology=True)
-    simple = _largest_polygons(simple)
-    coords, index = shapely.get_coordinates(shapely.get_exterior_ring(simple), return_index=True)
-    counts = np.bincount(index, minlength=n)
+    vertices, offsets = pixel_edge_rings(labels, label_ids)
+    counts = np.diff(offsets)
+    owner = np.repeat(np.arange(n), counts)
+    origins = np.minimum.reduceat(vertices, offsets[:-1], axis=0)  # each ring has >= 4 vertices
+    local = (vertices - origins[owner]).astype(np.float64)
+    geoms = shapely.polygons(shapely.linearrings(local, indices=owner))
+    bad = np.flatnonzero(~shapely.is_valid(geoms))
+    if bad.size:
+        geoms[bad] = _largest_polygons(shapely.make_valid(geoms[bad]))
+    if simplify_tolerance_px > 0:
+        simple = shapely.simplify(geoms, simplify_tolerance_px, preserve_topology=False)
+        redo = np.flatnonzero(~shapely.is_valid(simple) | shapely.is_empty(simple))
+        if redo.size:
+            simple[redo] = shapely.simplify(
+                geoms[redo], simplify_tolerance_px, preserve_topology=True
+            )
+        geoms = _largest_polygons(simple)
+    coords, index = shapely.get_coordinates(shapely.get_exterior_ring(geoms), return_index=True)
     offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    coords += origins[index] + 0.5  # crop pixel index -> continuous tile px (edges at integers)
+    np.cumsum(np.bincount(index, minlength=n), out=offsets[1:])
+    coords += origins[index]  # nucleus frame -> continuous tile px (edges at integers)
     return coords, offsets
 
 
@@ -172,7 +321,7 @@ def extract_tile_nuclei(
     l0_per_px: float,
     mpp: float,
     measure: MeasureFn | None = None,
-    simplify_tolerance_px: float = 0.5,
+    simplify_tolerance_px: float = 0.0,
 ) -> NucleusTable:
     """Return the nuclei this tile owns, as level-0 polygons with their measurements.
 
@@ -197,7 +346,8 @@ def extract_tile_nuclei(
         ``centroid_y`` (tile px, scikit-image convention) and measurements; default
         ``slidestream.models.measure_nuclei``.
     simplify_tolerance_px : float
-        Outline simplification tolerance in tile px (0.5 = half a model pixel).
+        Outline simplification tolerance in tile px; 0 (default) keeps the exact pixel-edge
+        outline, whose area is the nucleus's pixel count.
 
     Returns
     -------
@@ -248,9 +398,7 @@ def extract_tile_nuclei(
             truncated,
             *l0_origin,
         )
-    coords, offsets = trace_nuclei(
-        labels, label_ids, slices, simplify_tolerance_px=simplify_tolerance_px
-    )
+    coords, offsets = trace_nuclei(labels, label_ids, simplify_tolerance_px=simplify_tolerance_px)
     ox, oy = l0_origin
     coords *= l0_per_px
     coords += (ox, oy)
