@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from slidestream.errors import ConfigError
 from slidestream.models.nuclei._data import resample_image, resample_labels
-from slidestream.models.nuclei._network import PAD_MULTIPLE, NucleusNet
+from slidestream.models.nuclei._network import PAD_MULTIPLE, NucleusNet, fold_batchnorm
 from slidestream.models.nuclei._postprocess import PostprocessConfig, postprocess_maps
 
 __all__ = ["NucleusModel", "Precision", "pad_to_multiple"]
@@ -89,7 +89,9 @@ class NucleusModel:
         if not mpp > 0:
             raise ConfigError(f"model {name}: working µm/px {mpp} must be > 0")
         self.device = torch.device(device)
+        self._n_parameters = sum(p.numel() for p in net.parameters())
         self.net = net.to(self.device).eval()
+        fold_batchnorm(self.net)  # inference only: BatchNorm merged into the convolutions
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -110,8 +112,8 @@ class NucleusModel:
 
     @property
     def n_parameters(self) -> int:
-        """Number of network parameters."""
-        return sum(p.numel() for p in self.net.parameters())
+        """Number of parameters of the network as trained (before BatchNorm folding)."""
+        return self._n_parameters
 
     def _autocast(self) -> Any:
         if self.precision == "fp32":

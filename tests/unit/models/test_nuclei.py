@@ -210,6 +210,24 @@ def test_accurate_preset_uses_its_own_wider_weights() -> None:
     assert maps.shape == (1, 3, 48, 64)
 
 
+def test_batchnorm_folding_keeps_the_outputs() -> None:
+    from slidestream.models.nuclei._network import fold_batchnorm
+    from slidestream.models.nuclei._weights import load_network
+
+    net, _ = load_network(SHIPPED_WEIGHTS, NetworkConfig(features=(16, 16, 32, 64, 128, 16)))
+    net.eval()
+    x = torch.randint(0, 255, (2, 3, 64, 48)).float()
+    with torch.inference_mode():
+        ref = net(x)
+        with pytest.raises(ConfigError):
+            fold_batchnorm(net.train())
+        net.eval()
+        assert fold_batchnorm(net) == 18
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+        assert torch.allclose(net(x), ref, atol=1e-3)
+        assert fold_batchnorm(net) == 0
+
+
 def _copy_weights(tmp_path: Path) -> Path:
     dst = tmp_path / "w.safetensors"
     shutil.copy(SHIPPED_WEIGHTS, dst)
