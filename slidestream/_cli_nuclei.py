@@ -119,7 +119,12 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         required=True,
         help="Output weights (.safetensors; a .json sidecar is written beside it).",
     )
-    @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)
+    @click.option(
+        "--epochs",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Passes over the training pixels [default: 300, or no cap when --minutes is given].",
+    )
     @click.option(
         "--minutes",
         type=click.FloatRange(min=0.1),
@@ -180,7 +185,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     def train_nuclei_cmd(
         data: tuple[str, ...],
         out: Path,
-        epochs: int,
+        epochs: int | None,
         minutes: float | None,
         seed: int,
         device: str,
@@ -210,7 +215,9 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             workers=workers,
             colour_strength=colour_strength,
             mpp=mpp,
-            epochs=epochs,
+            # With a time budget the budget alone decides (a GPU run once stopped at the
+            # 300-epoch cap after half its minutes).
+            epochs=epochs if epochs is not None else (10**6 if minutes is not None else 300),
             minutes=minutes,
             seed=seed,
             device=device,  # type: ignore[arg-type]
