@@ -271,5 +271,6 @@ def render_overlay_png(
     )
 
     with atomic_path(Path(path)) as tmp:
-        canvas.save(tmp, format="PNG", optimize=False)
+        # zlib level 3: a third of the time of the default 6 for ~9 % more bytes.
+        canvas.save(tmp, format="PNG", optimize=False, compress_level=3)
     return width, height

@@ -313,6 +313,17 @@ class TileLoader:
         self.device = device
         self.dataset = dataset
         self._batch_size = batch_size
+        self._started: Iterator[Any] | None = None
+
+    def start(self) -> TileLoader:
+        """Start the readers and their read-ahead now, before the first iteration.
+
+        Lets a caller overlap the readers' start-up and first reads with other work (e.g. the
+        tissue pass before the nucleus pass). The next iteration consumes what was started.
+        """
+        if self._started is None:
+            self._started = iter(self._loader)
+        return self
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -324,7 +335,8 @@ class TileLoader:
         batch_size = self._batch_size
         indices = torch.from_numpy(self.dataset.indices)
         l0_xy = torch.from_numpy(self.dataset.l0_xy)
-        for expected, item in enumerate(self._loader):
+        source, self._started = self._started, None
+        for expected, item in enumerate(source if source is not None else self._loader):
             if isinstance(item, _Failure):
                 raise SlideReadError(item.message)
             b, images = item

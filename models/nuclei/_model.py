@@ -106,6 +106,14 @@ class NucleusModel:
             else:
                 precision = "bf16" if _cpu_bf16_fast() else "fp32"
         self.precision: Precision = precision
+        # On a CPU, bf16 runs as bf16 weights and activations rather than under autocast: the
+        # concatenations, paddings and ReLUs of the U-Net then move half the bytes and no weight
+        # is re-cast per call (1.6x the forward throughput of autocast on a 2-core AVX512-BF16
+        # CPU; same held-out AJI, see the model card).
+        self._cast: torch.dtype | None = None
+        if self.device.type == "cpu" and precision == "bf16":
+            self.net = self.net.to(torch.bfloat16)
+            self._cast = torch.bfloat16
         self.postprocess: Callable[[npt.NDArray[np.floating[Any]]], npt.NDArray[np.int32]] = (
             functools.partial(postprocess_maps, config=postprocess_config)
         )
@@ -116,13 +124,15 @@ class NucleusModel:
         return self._n_parameters
 
     def _autocast(self) -> Any:
-        if self.precision == "fp32":
+        if self.precision == "fp32" or self._cast is not None:
             return torch.autocast(self.device.type, enabled=False)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x, h, w = pad_to_multiple(x)
+        if self._cast is not None:
+            x = x.to(self._cast)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
@@ -154,6 +164,13 @@ class NucleusModel:
         x = batch.to(self.device, non_blocking=True).float()
         n, _, h, w = x.shape
         if h <= _MAX_TILE_PX and w <= _MAX_TILE_PX:
+            if self.device.type == "cpu" and n > 1:
+                # One tile at a time on a CPU: a 512² tile's activations stay in cache, which
+                # gave 1.4-1.9x the throughput of batches of 8 on a 2-core CPU.
+                out = np.empty((n, 3, h, w), np.float32)
+                for i in range(n):
+                    out[i] = self._forward(x[i : i + 1])[0].numpy()
+                return out
             return self._forward(x).cpu().numpy().astype(np.float32, copy=False)
         out = np.zeros((n, 3, h, w), np.float32)
         step = _MAX_TILE_PX - 2 * _TILE_MARGIN_PX

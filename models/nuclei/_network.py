@@ -94,6 +94,11 @@ class NucleusNet(nn.Module):
             norm=config.norm,
             act="relu",
         )
+        # Inputs are padded to multiples of PAD_MULTIPLE, so the decoder never needs MONAI's
+        # replicate-padding of upsampled features; skipping it saves a full copy per level.
+        for module in self.unet.modules():
+            if hasattr(module, "is_pad"):
+                module.is_pad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map RGB in [0, 255] (N, 3, H, W), H and W multiples of 16, to logits (N, 3, H, W)."""

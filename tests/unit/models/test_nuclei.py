@@ -366,3 +366,17 @@ def test_real_tile_reaches_sane_aji(shared_data: Path) -> None:
     assert score_instances(true, pred).aji > 0.5
     classical = ClassicalSegmenter().segment(rgb, 0.25)
     assert score_instances(true, classical).aji > 0.2
+
+
+def test_bf16_cpu_maps_match_fp32_and_batches_match_tiles() -> None:
+    fp32 = load_nuclei_model("fast", precision="fp32")
+    bf16 = load_nuclei_model("fast", precision="bf16")
+    assert isinstance(fp32, NucleusModel) and isinstance(bf16, NucleusModel)
+    assert next(bf16.net.parameters()).dtype == torch.bfloat16
+    x = torch.randint(0, 255, (3, 3, 64, 80), dtype=torch.uint8)
+    ref = fp32.predict(x)
+    got = bf16.predict(x)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).mean() < 0.01 and np.abs(got - ref).max() < 0.15
+    one_by_one = np.concatenate([fp32.predict(x[i : i + 1]) for i in range(3)])
+    np.testing.assert_allclose(ref, one_by_one, atol=1e-5)

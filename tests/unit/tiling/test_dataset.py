@@ -67,6 +67,28 @@ def test_fork_loader_yields_every_tile_once_with_correct_pixels(
         np.testing.assert_array_equal(pixels[tile.index], expected)
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_started_loader_yields_the_same_batches_once(
+    generated_slide: Path, num_workers: int
+) -> None:
+    from slidestream.wsi import open_slide
+
+    with open_slide(generated_slide) as slide:
+        grid = plan_tiles(slide, CFG)
+    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
+    loader = make_loader(
+        dataset, batch_size=4, num_workers=num_workers, device="cpu", multiprocessing_context="fork"
+    )
+    plain_order, plain = _collect(list(loader))
+    assert loader.start() is loader
+    loader.start()  # idempotent until consumed
+    order, pixels = _collect(list(loader))
+    assert order == plain_order == list(range(len(grid)))
+    for index, image in plain.items():
+        np.testing.assert_array_equal(pixels[index], image)
+    assert _collect(list(loader))[0] == plain_order  # consumed: the next pass starts afresh
+
+
 def test_spawn_loader_and_pickling(generated_slide: Path) -> None:
     from slidestream.wsi import open_slide
 
