@@ -205,6 +205,12 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         help="Add granulometry and joint H-E histogram features.",
     )
     @click.option(
+        "--lbp/--no-lbp",
+        default=False,
+        show_default=True,
+        help="Add local-binary-pattern histograms of H and E (radii 1-3 px).",
+    )
+    @click.option(
         "--hidden",
         type=click.IntRange(min=0),
         default=0,
@@ -244,6 +250,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         cnn_channels: str,
         textons: int,
         morphology: bool,
+        lbp: bool,
         hidden: int,
         batch_size: int,
         samples_per_epoch: int,
@@ -285,6 +292,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             cnn_channels=widths,
             textons=textons,
             morphology=morphology,
+            lbp=lbp,
             hidden=hidden,
             batch_size=batch_size,
             samples_per_epoch=samples_per_epoch,

@@ -36,6 +36,36 @@ _OD_MAX = math.log(256.0)
 _TEXTON_DIM = 30
 _GRANULOMETRY_PX = (3, 5, 7, 11)
 _JOINT_BINS = 6
+# Local binary patterns: (neighbours P, radius R in px) on the H and E optical densities.
+_LBP_SCALES = ((8, 1.0), (8, 2.0), (16, 3.0))
+
+
+def _lbp_kernels(points: int, radius: float) -> torch.Tensor:
+    """``(P, 1, K, K)`` kernels sampling ``P`` neighbours on a circle of ``radius`` px.
+
+    Each kernel holds the bilinear-interpolation weights of one neighbour (angle ``2πk/P``,
+    scikit-image's ``local_binary_pattern`` sampling) minus 1 at the centre, so that a
+    convolution gives ``neighbour - centre``.
+    """
+    half = math.ceil(radius)
+    size = 2 * half + 1
+    kernels = torch.zeros(points, 1, size, size)
+    for k in range(points):
+        angle = 2.0 * math.pi * k / points
+        dy, dx = -radius * math.sin(angle), radius * math.cos(angle)
+        dy, dx = round(dy, 5), round(dx, 5)
+        y0, x0 = math.floor(dy), math.floor(dx)
+        fy, fx = dy - y0, dx - x0
+        for yy, xx, w in (
+            (y0, x0, (1 - fy) * (1 - fx)),
+            (y0, x0 + 1, (1 - fy) * fx),
+            (y0 + 1, x0, fy * (1 - fx)),
+            (y0 + 1, x0 + 1, fy * fx),
+        ):
+            if w > 0:
+                kernels[k, 0, half + yy, half + xx] += w
+        kernels[k, 0, half, half] -= 1.0
+    return kernels
 
 
 def _gaussian_derivative_bank() -> torch.Tensor:
@@ -85,6 +115,11 @@ class TissueNet(nn.Module):
         Soft-histogram bins per stain channel.
     textons : int
         Texton dictionary size (0: none); fitted with :func:`fit_textons`.
+    morphology : bool
+        Add granulometry and joint H-E histogram features.
+    lbp : bool
+        Add rotation-invariant uniform local-binary-pattern histograms of H and E (radii 1, 2
+        and 3 px at the model's µm/px; 76 features).
     hidden : int
         Hidden units of the head (0: linear head).
     dropout : float
@@ -105,6 +140,7 @@ class TissueNet(nn.Module):
         hist_bins: int = 8,
         textons: int = 0,
         morphology: bool = False,
+        lbp: bool = False,
         hidden: int = 0,
         dropout: float = 0.0,
     ) -> None:
@@ -127,6 +163,9 @@ class TissueNet(nn.Module):
         # persistent, so it ships in the safetensors file.
         self.textons = textons
         self.morphology = morphology
+        self.lbp = lbp
+        for i, (points, radius) in enumerate(_LBP_SCALES):
+            self.register_buffer(f"lbp_kernel_{i}", _lbp_kernels(points, radius), persistent=False)
         self.texton_centers: torch.Tensor
         self.texton_scale: torch.Tensor
         self.register_buffer("texton_centers", torch.zeros(textons, _TEXTON_DIM))
@@ -170,7 +209,37 @@ class TissueNet(nn.Module):
             self.pyramid_levels * 3 * (int(self.bank.shape[0]) - 1) * 2 + self.pyramid_levels * 3
         )
         morph = (3 * len(_GRANULOMETRY_PX) * 2 + _JOINT_BINS**2) if self.morphology else 0
-        return colour + texture + self.textons + morph
+        lbp = 2 * sum(p + 2 for p, _ in _LBP_SCALES) if self.lbp else 0
+        return colour + texture + self.textons + morph + lbp
+
+    def lbp_features(self, st: torch.Tensor) -> torch.Tensor:
+        """Square-rooted histograms of rotation-invariant uniform LBP codes of H and E.
+
+        Per scale ``(P, R)`` of :data:`_LBP_SCALES`: a pixel's bits are ``neighbour >= centre``
+        for its ``P`` circle samples; a pattern with at most two 0/1 transitions around the
+        circle has code = number of 1 bits (0..P), any other code P + 1 (as scikit-image's
+        ``local_binary_pattern(method="uniform")``). Centres are every second pixel of every second
+        row; those whose circle leaves the patch are not counted. Returns ``(N, 2 * sum(P + 2))``.
+        """
+        x = st[:, :2]
+        n, c, h, w = x.shape
+        flat = x.reshape(n * c, 1, h, w)
+        feats = []
+        for i, (points, _radius) in enumerate(_LBP_SCALES):
+            kernels: torch.Tensor = getattr(self, f"lbp_kernel_{i}")
+            # centres on every second row and column (the histogram of a 2x-subsampled grid of
+            # centres; neighbours still sampled at full resolution): a quarter of the work
+            diff = F.conv2d(flat, kernels, stride=2)  # (N*C, P, h', w'), valid centres only
+            bits = diff >= -1e-6
+            ones = bits.sum(dim=1, dtype=torch.int64)
+            transitions = (bits != bits.roll(1, dims=1)).sum(dim=1, dtype=torch.int64)
+            code = torch.where(transitions <= 2, ones, points + 1).flatten(1)  # (N*C, pixels)
+            bins = points + 2
+            offset = torch.arange(code.shape[0], device=code.device).unsqueeze(1) * bins
+            counts = torch.bincount((code + offset).flatten(), minlength=code.shape[0] * bins)
+            hist = counts.reshape(n, c * bins).float() / code.shape[1]
+            feats.append(hist.sqrt())
+        return torch.cat(feats, dim=1)
 
     def morphology_features(self, st: torch.Tensor) -> torch.Tensor:
         """Granulometry (mean of grey openings / closings of H, E and total OD with square
@@ -246,6 +315,8 @@ class TissueNet(nn.Module):
             feats.append(self.texton_histogram(st))
         if self.morphology:
             feats.append(self.morphology_features(st))
+        if self.lbp:
+            feats.append(self.lbp_features(st))
         return torch.cat(feats, dim=1)
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:

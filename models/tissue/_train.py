@@ -125,6 +125,7 @@ class TrainConfig:
     dropout: float = 0.0
     textons: int = 32
     morphology: bool = False
+    lbp: bool = False
     hidden: int = 0
     views_per_image: int = 16
     aug_strength: float = 1.0
@@ -153,6 +154,7 @@ class TrainConfig:
             "dropout": self.dropout,
             "textons": self.textons,
             "morphology": self.morphology,
+            "lbp": self.lbp,
             "hidden": self.hidden,
         }
 
