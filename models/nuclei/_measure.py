@@ -207,7 +207,7 @@ def _outline_measures(
         same = bpad[ys + 1 + dy, xs + 1 + dx] & (pad[ys + 1 + dy, xs + 1 + dx] == own)
         code += weight * same
     bidx = dense[own]
-    perimeter = np.bincount(bidx, _PERIMETER_WEIGHTS[code], n)
+    perimeter = np.bincount(bidx, _PERIMETER_WEIGHTS[code], n).astype(np.float64)
 
     # Hull of each nucleus's border-pixel centres: built from one LineString per nucleus (its
     # border points in any order, the first repeated so that a 1-pixel nucleus has 2 vertices),

@@ -98,7 +98,7 @@ class NucleusNet(nn.Module):
         # replicate-padding of upsampled features; skipping it saves a full copy per level.
         for module in self.unet.modules():
             if hasattr(module, "is_pad"):
-                module.is_pad = False
+                setattr(module, "is_pad", False)  # noqa: B010
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map RGB in [0, 255] (N, 3, H, W), H and W multiples of 16, to logits (N, 3, H, W)."""
