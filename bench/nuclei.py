@@ -1,8 +1,10 @@
 """Benchmark the nucleus models on this machine: params, MP/s and mm²/s.
 
-For each preset: model forward (fp32 / bf16 autocast, contiguous / channels-last), post-processing
-alone and model + post-processing, on CPU (and CUDA when present). MP/s are megapixels per second
-at the model's working µm/px; mm²/s = MP/s x mpp² (tissue area per second).
+For each preset: model forward (fp32 / bf16, contiguous / channels-last), post-processing alone,
+a pipeline worker's whole per-tile job (post-processing + measurements + level-0 outlines,
+``worker_mp_s_per_process``) and model + post-processing, on CPU (and CUDA when present). MP/s
+are megapixels per second at the model's working µm/px; mm²/s = MP/s x mpp² (tissue area per
+second).
 
 Usage::
 
@@ -101,6 +103,22 @@ def bench(device: str, tile: int, repeats: int, batch_n: int = 1) -> list[dict[s
         maps = base.predict(one)[0]
         dt_pp = _timeit(lambda m=base, x=maps: m.postprocess(x), repeats)
         row["postprocess_mp_s_per_process"] = round(tile * tile / 1e6 / dt_pp, 3)
+        # what a pipeline worker does per tile: post-processing, then the owned nuclei's
+        # measurements and level-0 outlines (slidestream.overlays.extract_tile_nuclei)
+        from slidestream.overlays import extract_tile_nuclei
+
+        def worker(m: Any = base, x: Any = maps, image: Any = rgb) -> Any:
+            return extract_tile_nuclei(
+                m.postprocess(x),
+                image,
+                core=(32, 32, tile - 32, tile - 32),
+                l0_origin=(0.0, 0.0),
+                l0_per_px=2.0,
+                mpp=m.mpp,
+            )
+
+        dt_worker = _timeit(worker, repeats)
+        row["worker_mp_s_per_process"] = round(tile * tile / 1e6 / dt_worker, 3)
         # Model on the whole batch + post-processing of every tile in this one process (the
         # pipeline spreads post-processing over a pool; see bench/pipeline.py).
         dt_total = _timeit(
