@@ -234,7 +234,9 @@ def make_targets(labels: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.float32
     dist = ndi.distance_transform_edt(fg & ~touching).astype(np.float32)
     n = int(lab.max())
     if n > 0:
-        peak = ndi.maximum(dist, lab, index=np.arange(n + 1)).astype(np.float32)
+        # per-instance maximum (np.maximum.at: ndimage.maximum sorts every pixel)
+        peak = np.zeros(n + 1, np.float32)
+        np.maximum.at(peak, lab.ravel(), dist.ravel())
         peak[0] = 1.0
         dist = dist / np.maximum(peak[lab], 1.0)
     return np.stack([fg.astype(np.float32), boundary.astype(np.float32), dist])
