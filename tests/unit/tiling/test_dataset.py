@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -67,18 +68,24 @@ def test_fork_loader_yields_every_tile_once_with_correct_pixels(
         np.testing.assert_array_equal(pixels[tile.index], expected)
 
 
+def _fork_loader(slide_path: Path, num_workers: int) -> tuple[Any, Any]:
+    """The whole-slide grid of CFG and a forked CPU loader over it (batches of 4)."""
+    from slidestream.wsi import open_slide
+
+    with open_slide(slide_path) as slide:
+        grid = plan_tiles(slide, CFG)
+    dataset = TileDataset(slide_path, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
+    loader = make_loader(
+        dataset, batch_size=4, num_workers=num_workers, device="cpu", multiprocessing_context="fork"
+    )
+    return grid, loader
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_started_loader_yields_the_same_batches_once(
     generated_slide: Path, num_workers: int
 ) -> None:
-    from slidestream.wsi import open_slide
-
-    with open_slide(generated_slide) as slide:
-        grid = plan_tiles(slide, CFG)
-    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
-    loader = make_loader(
-        dataset, batch_size=4, num_workers=num_workers, device="cpu", multiprocessing_context="fork"
-    )
+    grid, loader = _fork_loader(generated_slide, num_workers)
     plain_order, plain = _collect(list(loader))
     assert loader.start() is loader
     loader.start()  # idempotent until consumed
@@ -186,14 +193,7 @@ def test_cuda_loader_pins_and_transfers(generated_slide: Path) -> None:
 def test_batches_are_channels_last_views_read_in_one_piece(
     generated_slide: Path, num_workers: int
 ) -> None:
-    from slidestream.wsi import open_slide
-
-    with open_slide(generated_slide) as slide:
-        grid = plan_tiles(slide, CFG)
-    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
-    loader = make_loader(
-        dataset, batch_size=4, num_workers=num_workers, multiprocessing_context="fork"
-    )
+    grid, loader = _fork_loader(generated_slide, num_workers)
     batches = list(loader)
     assert len(batches) == len(loader) == -(-len(grid) // 4)
     for batch in batches:
@@ -204,7 +204,7 @@ def test_batches_are_channels_last_views_read_in_one_piece(
         assert images.permute(0, 2, 3, 1).is_contiguous()
         # a worker's batch arrives in shared memory (a handle crossed, not the pixels)
         assert images.is_shared() == (num_workers > 0)
-        expected_xy = torch.from_numpy(dataset.l0_xy[batch.indices.numpy()])
+        expected_xy = torch.from_numpy(loader.dataset.l0_xy[batch.indices.numpy()])
         torch.testing.assert_close(batch.l0_xy, expected_xy)
 
 
