@@ -238,7 +238,7 @@ def make_targets(labels: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.float32
         peak = np.zeros(n + 1, np.float32)
         np.maximum.at(peak, lab.ravel(), dist.ravel())
         peak[0] = 1.0
-        dist = dist / np.maximum(peak[lab], 1.0)
+        dist = (dist / np.maximum(peak[lab], 1.0)).astype(np.float32)
     return np.stack([fg.astype(np.float32), boundary.astype(np.float32), dist])
 
 
