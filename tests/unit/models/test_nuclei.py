@@ -199,15 +199,35 @@ def test_shipped_weights_load_and_forward_fast() -> None:
     assert sum(row["default"] for row in list_nuclei_models()) == 1
 
 
-def test_accurate_preset_uses_its_own_wider_weights() -> None:
+def test_accurate_preset_is_the_fast_network_with_tta() -> None:
     fast = load_nuclei_model("fast")
     accurate = load_nuclei_model("nuclei-unet-accurate")
     assert isinstance(fast, NucleusModel) and isinstance(accurate, NucleusModel)
     assert accurate.name == "nuclei-unet-accurate" and accurate.tta and not fast.tta
-    assert accurate.n_parameters > 3 * fast.n_parameters
-    assert accurate.weights_sha256 != fast.weights_sha256
+    assert accurate.weights_sha256 == fast.weights_sha256
     maps = accurate.predict(torch.randint(0, 255, (1, 3, 48, 64), dtype=torch.uint8))
     assert maps.shape == (1, 3, 48, 64)
+
+
+def test_a_preset_may_name_its_own_weights_and_architecture(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    wide = SHIPPED_WEIGHTS.with_name("nuclei-unet-wide.safetensors")
+    shutil.copy(SHIPPED_WEIGHTS, tmp_path / "mine.safetensors")
+    shutil.copy(wide, tmp_path / "other.safetensors")
+    side = json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())
+    wide_arch = json.loads(wide.with_suffix(".json").read_text())["architecture"]
+    side["presets"] = {
+        "default": {"mpp": 0.5, "weights": "other.safetensors", "architecture": wide_arch}
+    }
+    side["default"] = "default"
+    (tmp_path / "mine.json").write_text(json.dumps(side))
+    model = load_nuclei_model(tmp_path / "mine.safetensors")
+    own = load_nuclei_model("fast")
+    assert isinstance(model, NucleusModel) and isinstance(own, NucleusModel)
+    assert model.n_parameters > 3 * own.n_parameters
+    assert model.weights_sha256 != own.weights_sha256
 
 
 def test_batchnorm_folding_keeps_the_outputs() -> None:
