@@ -65,8 +65,9 @@ class NucleusModel:
     device : str or torch.device
         ``"cpu"`` or ``"cuda[:i]"``.
     precision : {"auto", "fp32", "bf16", "fp16"}
-        Autocast dtype. ``"auto"``: fp16 on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX),
-        else fp32 (bf16 is emulated and slower on AVX2-only CPUs).
+        Compute dtype. ``"auto"``: fp16 autocast on CUDA; bf16 on CPUs with native bf16
+        (AVX512-BF16/AMX), else fp32 (bf16 is emulated and slower on AVX2-only CPUs). On a CPU,
+        bf16 casts the network's weights and activations (no autocast).
     channels_last : bool
         Use the channels-last memory format.
     tta : bool
