@@ -555,7 +555,6 @@ def analyse_slide(
     from slidestream.tiling import detect_tissue
     from slidestream.wsi import open_slide
 
-    _preload_forkserver()
     t_start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat()
     timings: dict[str, float] = {}

@@ -100,9 +100,8 @@ def measure_nuclei(
     dense = np.zeros(int(ids[-1]) + 1, np.int64)
     dense[ids] = np.arange(n)
     idx = dense[flat[fg]]
-    width = lab.shape[1]
-    row = (fg // width).astype(np.float64)
-    col = (fg % width).astype(np.float64)
+    irow, icol = np.divmod(fg, lab.shape[1])
+    row, col = irow.astype(np.float64), icol.astype(np.float64)
 
     area_px = np.bincount(idx, minlength=n).astype(np.float64)
     cy = np.bincount(idx, row, n) / area_px
@@ -119,7 +118,6 @@ def measure_nuclei(
     eccentricity = np.sqrt(1.0 - np.divide(l2, l1, out=np.ones(n), where=l1 > 0))
 
     bbox = np.empty((n, 4), np.int64)  # x0, y0, x1, y1 (half-open)
-    irow, icol = fg // width, fg % width
     bbox[:, :2] = np.iinfo(np.int64).max
     bbox[:, 2:] = -1
     np.minimum.at(bbox[:, 0], idx, icol)
@@ -212,14 +210,13 @@ def _outline_measures(
     # Hull of each nucleus's border-pixel centres: built from one LineString per nucleus (its
     # border points in any order, the first repeated so that a 1-pixel nucleus has 2 vertices),
     # far cheaper than a MultiPoint of point geometries.
-    order = np.argsort(bidx, kind="stable")
-    first = np.searchsorted(bidx[order], np.arange(n))
-    order = np.concatenate([order, order[first]])
-    owners = np.concatenate([bidx[order[: ys.size]], np.arange(n)])
-    regroup = np.argsort(owners, kind="stable")
-    order, owners = order[regroup], owners[regroup]
-    points = np.stack([xs[order], ys[order]], axis=1).astype(np.float64)
-    hulls = shapely.convex_hull(shapely.linestrings(points, indices=owners))
+    first = np.empty(n, np.int64)
+    first[bidx[::-1]] = np.arange(bidx.size - 1, -1, -1)  # each nucleus's first border pixel
+    pick = np.concatenate([np.arange(bidx.size), first])
+    owners = np.concatenate([bidx, np.arange(n)])
+    order = np.argsort(owners, kind="stable")
+    points = np.stack([xs[pick[order]], ys[pick[order]]], axis=1).astype(np.float64)
+    hulls = shapely.convex_hull(shapely.linestrings(points, indices=owners[order]))
     coords, owner = shapely.get_coordinates(hulls, return_index=True)
     hull_area = shapely.area(hulls)
     # lattice points on each hull's boundary: sum of gcd(|dx|, |dy|) over its closed ring

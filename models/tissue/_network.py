@@ -164,8 +164,10 @@ class TissueNet(nn.Module):
         self.textons = textons
         self.morphology = morphology
         self.lbp = lbp
-        for i, (points, radius) in enumerate(_LBP_SCALES):
-            self.register_buffer(f"lbp_kernel_{i}", _lbp_kernels(points, radius), persistent=False)
+        if lbp:
+            for i, (points, radius) in enumerate(_LBP_SCALES):
+                kernels = _lbp_kernels(points, radius)
+                self.register_buffer(f"lbp_kernel_{i}", kernels, persistent=False)
         self.texton_centers: torch.Tensor
         self.texton_scale: torch.Tensor
         self.register_buffer("texton_centers", torch.zeros(textons, _TEXTON_DIM))
