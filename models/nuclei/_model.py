@@ -71,7 +71,8 @@ class NucleusModel:
     channels_last : bool
         Use the channels-last memory format.
     tta : bool
-        Average the maps over the 4 flips (slower, slightly more accurate).
+        Average the logits over the 8 symmetries of the square (flips and transposition,
+        8 forward passes): slower, slightly more accurate.
     """
 
     def __init__(
@@ -137,14 +138,26 @@ class NucleusModel:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            if not self.tta:
-                out = self.net(x)
-            else:
-                out = self.net(x)
-                for dims in ((-1,), (-2,), (-2, -1)):
-                    out = out + torch.flip(self.net(torch.flip(x, dims)), dims)
-                out = out / 4.0
+            out = self.net(x) if not self.tta else self._dihedral_mean(x)
         return torch.sigmoid(out.float()[..., :h, :w])
+
+    def _dihedral_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean logits over the 8 symmetries of the square (flips x transposition).
+
+        Each view's output is mapped back to the input frame before averaging; the network is
+        fully convolutional and the padded ``(H, W)`` are multiples of 16, so transposed views
+        (``(W, H)``) need no further padding.
+        """
+        out: torch.Tensor | None = None
+        for transpose in (False, True):
+            xt = x.transpose(-1, -2) if transpose else x
+            for dims in ((), (-1,), (-2,), (-2, -1)):
+                view = self.net(torch.flip(xt, dims) if dims else xt)
+                view = torch.flip(view, dims) if dims else view
+                view = view.transpose(-1, -2) if transpose else view
+                out = view if out is None else out + view
+        assert out is not None
+        return out / 8.0
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> npt.NDArray[np.float32]:

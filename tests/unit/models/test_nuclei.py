@@ -209,6 +209,24 @@ def test_accurate_preset_is_the_fast_network_with_tta() -> None:
     assert maps.shape == (1, 3, 48, 64)
 
 
+def test_tta_maps_are_equivariant_to_the_symmetries_of_the_square() -> None:
+    """Averaging over all 8 dihedral views makes rotated input give rotated maps."""
+    accurate = load_nuclei_model("accurate", precision="fp32")
+    fast = load_nuclei_model("fast", precision="fp32")
+    assert isinstance(accurate, NucleusModel) and isinstance(fast, NucleusModel)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    for model, equivariant in ((accurate, True), (fast, False)):
+        maps = model.predict(x)
+        for k in (1, 2, 3):
+            rotated = model.predict(torch.rot90(x, k, (2, 3)).contiguous())
+            back = np.rot90(rotated, -k, axes=(2, 3))
+            close = np.allclose(back, maps, atol=1e-4)
+            assert close == equivariant
+        flipped = model.predict(x.flip(2).contiguous())
+        assert np.allclose(flipped[:, :, ::-1], maps, atol=1e-4) == equivariant
+
+
 def test_a_preset_may_name_its_own_weights_and_architecture(tmp_path: Path) -> None:
     import json
     import shutil
