@@ -34,6 +34,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--nuclei-model", default="default")
     parser.add_argument("--tissue-model", default="default")
+    parser.add_argument(
+        "--postprocess-workers",
+        type=int,
+        default=None,
+        help="post-processing processes (default: the pipeline's choice; 0: in the main process)",
+    )
     args = parser.parse_args()
 
     import multiprocessing as mp
@@ -74,6 +80,7 @@ def main() -> None:
             batch_size=args.batch_size,
             nuclei_model=args.nuclei_model,
             tissue_model=args.tissue_model,
+            postprocess_workers=args.postprocess_workers,
             show_progress=False,
             db_url=None,
         )
@@ -84,13 +91,17 @@ def main() -> None:
             f"{readers} reader(s), {post} post-processing worker(s)"
         )
         nmodel = models.nuclei
-        pool = ProcessPoolExecutor(
-            max_workers=post,
-            mp_context=mp.get_context("spawn"),
-            initializer=_init_postprocess_worker,
+        pool = (
+            ProcessPoolExecutor(
+                max_workers=post,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_postprocess_worker,
+            )
+            if post > 0
+            else None
         )
-        # warm the pool and the model
-        list(pool.map(abs, range(post)))
+        if pool is not None:  # warm the pool
+            list(pool.map(abs, range(post)))
         with open_slide(slide_path) as slide:
             mask = detect_tissue(slide, mask_mpp=config.tissue_mask_mpp)
             halo = math.ceil(config.nucleus_halo_um / nmodel.mpp)
@@ -116,8 +127,8 @@ def main() -> None:
         ]
         nmodel.predict(batches[0][:1])  # warm-up
 
-        # (a) model + post-processing alone, pre-loaded tiles, same pool; best of two runs (the
-        # first also warms the pool's workers and the CPU kernels)
+        # (a) model + post-processing alone, pre-loaded tiles, same pool (or inline); best of two
+        # runs (the first also warms the pool's workers and the CPU kernels)
         def model_alone() -> tuple[float, int]:
             t0 = time.perf_counter()
             pending: list[Future[Any]] = []
@@ -127,18 +138,19 @@ def main() -> None:
                 rgb = batch.permute(0, 2, 3, 1).numpy()
                 for i in range(len(batch)):
                     t = grid.tiles[b * args.batch_size + i]
-                    pending.append(
-                        pool.submit(
-                            _process_nucleus_tile,
-                            nmodel.postprocess,
-                            maps[i],
-                            np.ascontiguousarray(rgb[i]),
-                            t.core,
-                            (t.l0_x, t.l0_y),
-                            l0_per_px,
-                            nmodel.mpp,
-                        )
+                    job = (
+                        nmodel.postprocess,
+                        maps[i],
+                        np.ascontiguousarray(rgb[i]),
+                        t.core,
+                        (t.l0_x, t.l0_y),
+                        l0_per_px,
+                        nmodel.mpp,
                     )
+                    if pool is None:  # in the main process, as the pipeline does then
+                        count += len(_process_nucleus_tile(*job))
+                    else:
+                        pending.append(pool.submit(_process_nucleus_tile, *job))
                 while len(pending) > 4 * post:
                     count += len(pending.pop(0).result())
             for f in pending:
@@ -158,7 +170,8 @@ def main() -> None:
         t0 = time.perf_counter()
         outcome = analyse_slide(slide_path, config, models, pool=pool)
         total_s = time.perf_counter() - t0
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
         assert outcome.summary is not None
         timings = outcome.summary["provenance"]["timings_s"]
         e2e_tps = n / timings["nuclei"]

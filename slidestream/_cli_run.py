@@ -49,7 +49,10 @@ def _db_url(option: str | None, out_dir: Path, no_db: bool) -> str | None:
     "--postprocess-workers",
     type=click.IntRange(0, 64),
     default=None,
-    help="Nucleus post-processing processes [from the CPU count].",
+    help=(
+        "Nucleus post-processing processes [from the CPU count; 0 (in the main process) on "
+        "CPUs with <= 2 cores]."
+    ),
 )
 @click.option(
     "--nuclei-as",

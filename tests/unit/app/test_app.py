@@ -138,3 +138,21 @@ def test_statistics_accumulator() -> None:
     assert tumour["fraction"] == pytest.approx(0.25)
     empty = StatisticsAccumulator(("a",)).result(tissue_area_mm2=0.0, class_area_mm2={})
     assert empty["nuclei_per_mm2"] is None and empty["nucleus_area_um2"]["mean"] is None
+
+
+@pytest.mark.parametrize(
+    ("cpus", "device", "expected_post"),
+    [(1, "cpu", 0), (2, "cpu", 0), (8, "cpu", 4), (2, "cuda", 1), (16, "cuda:0", 11)],
+)
+def test_worker_counts_post_process_inline_on_small_cpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpus: int, device: str, expected_post: int
+) -> None:
+    from slidestream import pipeline
+
+    monkeypatch.setattr(pipeline, "_cpu_count", lambda: cpus)
+    readers, post = pipeline._worker_counts(RunConfig(out_dir=tmp_path), device)
+    assert post == expected_post
+    assert readers >= 1
+    # an explicit setting always wins
+    config = RunConfig(out_dir=tmp_path, postprocess_workers=3)
+    assert pipeline._worker_counts(config, device)[1] == 3
