@@ -51,6 +51,7 @@ def main() -> None:
     from slidestream.demo_slide import DemoSlideSpec, write_demo_slide
     from slidestream.pipeline import (
         _init_postprocess_worker,
+        _is_fp32_cpu_model,
         _process_nucleus_tile,
         _worker_counts,
         analyse_slide,
@@ -85,7 +86,9 @@ def main() -> None:
             db_url=None,
         )
         models = load_models(config)
-        readers, post = _worker_counts(config, models.device)
+        readers, post = _worker_counts(
+            config, models.device, fp32_cpu_model=_is_fp32_cpu_model(models)
+        )
         print(
             f"device {models.device}, torch threads {torch.get_num_threads()}, "
             f"{readers} reader(s), {post} post-processing worker(s)"

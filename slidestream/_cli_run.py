@@ -50,8 +50,8 @@ def _db_url(option: str | None, out_dir: Path, no_db: bool) -> str | None:
     type=click.IntRange(0, 64),
     default=None,
     help=(
-        "Nucleus post-processing processes [from the CPU count; 0 (in the main process) on "
-        "CPUs with <= 2 cores]."
+        "Nucleus post-processing processes [from the CPU count; 0 (in the main process) for "
+        "an fp32 model on <= 2 CPU cores]."
     ),
 )
 @click.option(

@@ -191,12 +191,27 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-#: Up to this many CPU cores, a CPU run post-processes nucleus tiles in the main process.
+#: Up to this many CPU cores, an fp32 CPU run post-processes nucleus tiles in the main process.
 _INLINE_POSTPROCESS_MAX_CPUS = 2
 
 
-def _worker_counts(config: RunConfig, device: str) -> tuple[int, int]:
-    """(tile-reading workers, post-processing workers) for this machine and device."""
+def _is_fp32_cpu_model(models: LoadedModels) -> bool:
+    """Whether the nucleus model is a torch network computing in fp32 on the CPU."""
+    return (
+        models.device == "cpu"
+        and getattr(models.nuclei, "net", None) is not None
+        and getattr(models.nuclei, "precision", None) == "fp32"
+    )
+
+
+def _worker_counts(
+    config: RunConfig, device: str, *, fp32_cpu_model: bool = False
+) -> tuple[int, int]:
+    """(tile-reading workers, post-processing workers) for this machine and device.
+
+    ``fp32_cpu_model``: the nucleus model is a torch network running in fp32 on the CPU (see
+    :func:`_is_fp32_cpu_model`); on <= 2 cores its post-processing then runs in the main process.
+    """
     cpus = _cpu_count()
     readers = (
         config.workers if config.workers is not None else (1 if cpus <= 4 else min(4, cpus // 4))
@@ -205,10 +220,12 @@ def _worker_counts(config: RunConfig, device: str) -> tuple[int, int]:
         post = config.postprocess_workers
     elif device.startswith("cuda"):
         post = max(1, cpus - readers - 1)
-    elif cpus <= _INLINE_POSTPROCESS_MAX_CPUS:
-        # The model's torch threads already use every core; a post-processing process beside
-        # them only steals cycles from (spinning) OpenMP threads. On a 2-core CPU the nucleus pass
-        # took 10.1-10.9 s inline vs 12.7-17.4 s with one worker (same run, bench/pipeline.py).
+    elif fp32_cpu_model and cpus <= _INLINE_POSTPROCESS_MAX_CPUS:
+        # The model's fp32 torch threads already use every core; a post-processing process
+        # beside them only steals cycles from (spinning) OpenMP threads: on a 2-core AVX2 CPU the
+        # nucleus pass took 9.2-11.3 s inline vs 11.5-17.4 s with one worker (8 alternated pairs).
+        # Not applied to bf16 networks (there post-processing costs as much as the model and the
+        # overlap was measured to pay) nor to the classical model (no torch threads).
         post = 0
     else:
         post = max(1, cpus // 2)
@@ -567,7 +584,9 @@ def analyse_slide(
     t_start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat()
     timings: dict[str, float] = {}
-    readers, post_workers = _worker_counts(config, models.device)
+    readers, post_workers = _worker_counts(
+        config, models.device, fp32_cpu_model=_is_fp32_cpu_model(models)
+    )
     with open_slide(path, mpp=config.mpp_override) as slide:
         slide_out = config.out_dir / slide.name
         params_hash = config.parameters_hash(models.hashes())
@@ -799,7 +818,9 @@ def run_batch(inputs: Sequence[Path], config: RunConfig) -> list[SlideOutcome]:
     slides = discover_slides(inputs)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     models = load_models(config)
-    readers, post_workers = _worker_counts(config, models.device)
+    readers, post_workers = _worker_counts(
+        config, models.device, fp32_cpu_model=_is_fp32_cpu_model(models)
+    )
     logger.info(
         "%d slide(s); device %s, %d reader(s), %d post-processing worker(s)",
         len(slides),

@@ -141,18 +141,43 @@ def test_statistics_accumulator() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cpus", "device", "expected_post"),
-    [(1, "cpu", 0), (2, "cpu", 0), (8, "cpu", 4), (2, "cuda", 1), (16, "cuda:0", 11)],
+    ("cpus", "device", "fp32_cpu_model", "expected_post"),
+    [
+        (1, "cpu", True, 0),
+        (2, "cpu", True, 0),
+        (2, "cpu", False, 1),  # bf16 network or the classical model: keep the worker
+        (8, "cpu", True, 4),
+        (2, "cuda", False, 1),
+        (16, "cuda:0", False, 11),
+    ],
 )
-def test_worker_counts_post_process_inline_on_small_cpus(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpus: int, device: str, expected_post: int
+def test_worker_counts_post_process_inline_only_for_fp32_models_on_small_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    cpus: int,
+    device: str,
+    fp32_cpu_model: bool,
+    expected_post: int,
 ) -> None:
     from slidestream import pipeline
 
     monkeypatch.setattr(pipeline, "_cpu_count", lambda: cpus)
-    readers, post = pipeline._worker_counts(RunConfig(out_dir=tmp_path), device)
+    config = RunConfig(out_dir=tmp_path)
+    readers, post = pipeline._worker_counts(config, device, fp32_cpu_model=fp32_cpu_model)
     assert post == expected_post
     assert readers >= 1
     # an explicit setting always wins
-    config = RunConfig(out_dir=tmp_path, postprocess_workers=3)
-    assert pipeline._worker_counts(config, device)[1] == 3
+    explicit = RunConfig(out_dir=tmp_path, postprocess_workers=3)
+    assert pipeline._worker_counts(explicit, device, fp32_cpu_model=fp32_cpu_model)[1] == 3
+
+
+def test_only_a_torch_network_in_fp32_on_the_cpu_counts_as_fp32_cpu_model() -> None:
+    from slidestream.models.nuclei import ClassicalSegmenter, load_nuclei_model
+    from slidestream.pipeline import LoadedModels, _is_fp32_cpu_model
+
+    fp32 = load_nuclei_model("fast", precision="fp32")
+    bf16 = load_nuclei_model("fast", precision="bf16")
+    assert _is_fp32_cpu_model(LoadedModels(nuclei=fp32, tissue=None, device="cpu"))
+    assert not _is_fp32_cpu_model(LoadedModels(nuclei=bf16, tissue=None, device="cpu"))
+    classical = ClassicalSegmenter()
+    assert not _is_fp32_cpu_model(LoadedModels(nuclei=classical, tissue=None, device="cpu"))
