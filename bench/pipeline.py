@@ -50,12 +50,12 @@ def main() -> None:
     from slidestream.config import RunConfig
     from slidestream.demo_slide import DemoSlideSpec, write_demo_slide
     from slidestream.pipeline import (
-        _init_postprocess_worker,
         _is_fp32_cpu_model,
         _process_nucleus_tile,
         _worker_counts,
         analyse_slide,
         load_models,
+        postprocess_pool,
     )
     from slidestream.tiling import TilingConfig, detect_tissue, plan_tiles
     from slidestream.wsi import open_slide
@@ -94,15 +94,7 @@ def main() -> None:
             f"{readers} reader(s), {post} post-processing worker(s)"
         )
         nmodel = models.nuclei
-        pool = (
-            ProcessPoolExecutor(
-                max_workers=post,
-                mp_context=mp.get_context("spawn"),
-                initializer=_init_postprocess_worker,
-            )
-            if post > 0
-            else None
-        )
+        pool = postprocess_pool(post)
         if pool is not None:  # warm the pool
             list(pool.map(abs, range(post)))
         with open_slide(slide_path) as slide:

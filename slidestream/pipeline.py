@@ -271,6 +271,20 @@ def _init_postprocess_worker() -> None:
         pass
 
 
+def postprocess_pool(workers: int) -> ProcessPoolExecutor | None:
+    """A spawn process pool of ``workers`` nucleus post-processing processes (``None`` for 0:
+    post-processing then runs in the calling process)."""
+    import multiprocessing as mp
+
+    if workers <= 0:
+        return None
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_postprocess_worker,
+    )
+
+
 def _process_nucleus_tile(
     postprocess: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.int32]],
     maps: npt.NDArray[np.float32],
@@ -813,7 +827,6 @@ def run_batch(inputs: Sequence[Path], config: RunConfig) -> list[SlideOutcome]:
     list of SlideOutcome
         One per slide, in input order. Failures are also written to ``out_dir/failures.csv``.
     """
-    import multiprocessing as mp
 
     slides = discover_slides(inputs)
     config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -828,15 +841,7 @@ def run_batch(inputs: Sequence[Path], config: RunConfig) -> list[SlideOutcome]:
         readers,
         post_workers,
     )
-    pool = (
-        ProcessPoolExecutor(
-            max_workers=post_workers,
-            mp_context=mp.get_context("spawn"),
-            initializer=_init_postprocess_worker,
-        )
-        if post_workers > 0
-        else None
-    )
+    pool = postprocess_pool(post_workers)
     outcomes: list[SlideOutcome] = []
     bar: Any = None
     if config.show_progress:
