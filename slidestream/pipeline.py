@@ -224,8 +224,9 @@ def _worker_counts(
         # The model's fp32 torch threads already use every core; a post-processing process
         # beside them only steals cycles from (spinning) OpenMP threads: on a 2-core AVX2 CPU the
         # nucleus pass took 9.2-11.3 s inline vs 11.5-17.4 s with one worker (8 alternated pairs).
-        # Not applied to bf16 networks (there post-processing costs as much as the model and the
-        # overlap was measured to pay) nor to the classical model (no torch threads).
+        # Not applied to bf16 networks (there post-processing costs as much as the model, so the
+        # overlap should pay; inline was not measured on such a CPU) nor to the classical model
+        # (no torch threads).
         post = 0
     else:
         post = max(1, cpus // 2)
