@@ -68,7 +68,7 @@ def _real_tile(tile: int, mpp: float) -> np.ndarray:
 
 def bench(device: str, tile: int, repeats: int, batch_n: int = 1) -> list[dict[str, Any]]:
     from slidestream.models.nuclei import ClassicalSegmenter, load_nuclei_model
-    from slidestream.models.nuclei._model import NucleusModel, _cpu_bf16_fast
+    from slidestream.models.nuclei._model import NucleusModel
 
     rows: list[dict[str, Any]] = []
     for name in ("nuclei-unet-fast", "nuclei-unet-accurate"):
@@ -91,8 +91,8 @@ def bench(device: str, tile: int, repeats: int, batch_n: int = 1) -> list[dict[s
             "threads": torch.get_num_threads(),
         }
         precisions = ("fp32", "bf16") if device == "cpu" else ("fp32", "fp16")
-        if device == "cpu" and not _cpu_bf16_fast() and base.tta:
-            # bf16 is emulated on CPUs without AVX512-BF16/AMX (~0.01 MP/s): timing 8 TTA
+        if device == "cpu" and base.precision == "fp32" and base.tta:
+            # "auto" chose fp32: bf16 is emulated on this CPU (~0.01 MP/s), and timing 8 TTA
             # passes of it would take tens of minutes and says nothing new (see the fast row)
             precisions = ("fp32",)
         for prec in precisions:

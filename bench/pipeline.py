@@ -20,7 +20,7 @@ import math
 import resource
 import tempfile
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,12 @@ def main() -> None:
     from slidestream.config import RunConfig
     from slidestream.demo_slide import DemoSlideSpec, write_demo_slide
     from slidestream.pipeline import (
-        _is_fp32_cpu_model,
-        _process_nucleus_tile,
         _worker_counts,
         analyse_slide,
         load_models,
+        nucleus_tile_result,
         postprocess_pool,
+        submit_nucleus_tile,
     )
     from slidestream.tiling import TilingConfig, detect_tissue, plan_tiles
     from slidestream.wsi import open_slide
@@ -86,9 +86,7 @@ def main() -> None:
             db_url=None,
         )
         models = load_models(config)
-        readers, post = _worker_counts(
-            config, models.device, fp32_cpu_model=_is_fp32_cpu_model(models)
-        )
+        readers, post = _worker_counts(config, models)
         print(
             f"device {models.device}, torch threads {torch.get_num_threads()}, "
             f"{readers} reader(s), {post} post-processing worker(s)"
@@ -126,14 +124,14 @@ def main() -> None:
         # runs (the first also warms the pool's workers and the CPU kernels)
         def model_alone() -> tuple[float, int]:
             t0 = time.perf_counter()
-            pending: list[Future[Any]] = []
+            pending: list[Any] = []
             count = 0
             for b, batch in enumerate(batches):
                 maps = nmodel.predict(batch)
                 rgb = batch.permute(0, 2, 3, 1).numpy()
                 for i in range(len(batch)):
                     t = grid.tiles[b * args.batch_size + i]
-                    job = (
+                    job = (  # in the pool, or inline when there is none (as the pipeline)
                         nmodel.postprocess,
                         maps[i],
                         np.ascontiguousarray(rgb[i]),
@@ -142,14 +140,11 @@ def main() -> None:
                         l0_per_px,
                         nmodel.mpp,
                     )
-                    if pool is None:  # in the main process, as the pipeline does then
-                        count += len(_process_nucleus_tile(*job))
-                    else:
-                        pending.append(pool.submit(_process_nucleus_tile, *job))
+                    pending.append(submit_nucleus_tile(pool, *job))
                 while len(pending) > 4 * post:
-                    count += len(pending.pop(0).result())
-            for f in pending:
-                count += len(f.result())
+                    count += len(nucleus_tile_result(pending.pop(0)))
+            for item in pending:
+                count += len(nucleus_tile_result(item))
             return time.perf_counter() - t0, count
 
         alone_s, count = min(model_alone() for _ in range(2))

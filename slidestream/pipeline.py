@@ -204,13 +204,11 @@ def _is_fp32_cpu_model(models: LoadedModels) -> bool:
     )
 
 
-def _worker_counts(
-    config: RunConfig, device: str, *, fp32_cpu_model: bool = False
-) -> tuple[int, int]:
-    """(tile-reading workers, post-processing workers) for this machine and device.
+def _worker_counts(config: RunConfig, models: LoadedModels) -> tuple[int, int]:
+    """(tile-reading workers, post-processing workers) for this machine and ``models``.
 
-    ``fp32_cpu_model``: the nucleus model is a torch network running in fp32 on the CPU (see
-    :func:`_is_fp32_cpu_model`); on <= 2 cores its post-processing then runs in the main process.
+    A nucleus network computing in fp32 on <= 2 CPU cores (:func:`_is_fp32_cpu_model`) gets its
+    post-processing in the main process (0 workers).
     """
     cpus = _cpu_count()
     readers = (
@@ -218,9 +216,9 @@ def _worker_counts(
     )
     if config.postprocess_workers is not None:
         post = config.postprocess_workers
-    elif device.startswith("cuda"):
+    elif models.device.startswith("cuda"):
         post = max(1, cpus - readers - 1)
-    elif fp32_cpu_model and cpus <= _INLINE_POSTPROCESS_MAX_CPUS:
+    elif _is_fp32_cpu_model(models) and cpus <= _INLINE_POSTPROCESS_MAX_CPUS:
         # The model's fp32 torch threads already use every core; a post-processing process
         # beside them only steals cycles from (spinning) OpenMP threads: on a 2-core AVX2 CPU the
         # nucleus pass took 9.2-11.3 s inline vs 11.5-17.4 s with one worker (8 alternated pairs).
@@ -284,6 +282,21 @@ def postprocess_pool(workers: int) -> ProcessPoolExecutor | None:
         mp_context=mp.get_context("spawn"),
         initializer=_init_postprocess_worker,
     )
+
+
+def submit_nucleus_tile(pool: ProcessPoolExecutor | None, *args: Any) -> Future[Any] | Any:
+    """Run :func:`_process_nucleus_tile` on ``args`` in ``pool``, or here when ``pool`` is None.
+
+    Returns a Future (pool) or the tile's NucleusTable; :func:`nucleus_tile_result` takes either.
+    """
+    if pool is None:
+        return _process_nucleus_tile(*args)
+    return pool.submit(_process_nucleus_tile, *args)
+
+
+def nucleus_tile_result(item: Future[Any] | Any) -> Any:
+    """The NucleusTable of a :func:`submit_nucleus_tile` result (waits for a Future)."""
+    return item.result() if isinstance(item, Future) else item
 
 
 def _process_nucleus_tile(
@@ -522,19 +535,14 @@ def _nucleus_tables(
                     l0_per_px,
                     float(nmodel.mpp),
                 )
-                if pool is None:
-                    pending.append(_process_nucleus_tile(*args))
-                else:
-                    pending.append(pool.submit(_process_nucleus_tile, *args))
+                pending.append(submit_nucleus_tile(pool, *args))
             while len(pending) > max_pending:
-                item = pending.popleft()
-                yield item.result() if isinstance(item, Future) else item
+                yield nucleus_tile_result(pending.popleft())
                 bar.update(1)
             if n_batches % _TRIM_EVERY_BATCHES == 0:
                 _release_free_heap()
         while pending:
-            item = pending.popleft()
-            yield item.result() if isinstance(item, Future) else item
+            yield nucleus_tile_result(pending.popleft())
             bar.update(1)
     finally:
         for item in pending:
@@ -599,9 +607,7 @@ def analyse_slide(
     t_start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat()
     timings: dict[str, float] = {}
-    readers, post_workers = _worker_counts(
-        config, models.device, fp32_cpu_model=_is_fp32_cpu_model(models)
-    )
+    readers, post_workers = _worker_counts(config, models)
     with open_slide(path, mpp=config.mpp_override) as slide:
         slide_out = config.out_dir / slide.name
         params_hash = config.parameters_hash(models.hashes())
@@ -832,9 +838,7 @@ def run_batch(inputs: Sequence[Path], config: RunConfig) -> list[SlideOutcome]:
     slides = discover_slides(inputs)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     models = load_models(config)
-    readers, post_workers = _worker_counts(
-        config, models.device, fp32_cpu_model=_is_fp32_cpu_model(models)
-    )
+    readers, post_workers = _worker_counts(config, models)
     logger.info(
         "%d slide(s); device %s, %d reader(s), %d post-processing worker(s)",
         len(slides),

@@ -159,16 +159,21 @@ def test_worker_counts_post_process_inline_only_for_fp32_models_on_small_cpus(
     fp32_cpu_model: bool,
     expected_post: int,
 ) -> None:
+    from types import SimpleNamespace
+
     from slidestream import pipeline
 
     monkeypatch.setattr(pipeline, "_cpu_count", lambda: cpus)
-    config = RunConfig(out_dir=tmp_path)
-    readers, post = pipeline._worker_counts(config, device, fp32_cpu_model=fp32_cpu_model)
+    # stand-in nucleus models: a torch network (``net``) in fp32, or one in bf16
+    nuclei = SimpleNamespace(net=object(), precision="fp32" if fp32_cpu_model else "bf16")
+    models = pipeline.LoadedModels(nuclei=nuclei, tissue=None, device=device)
+    assert pipeline._is_fp32_cpu_model(models) == (fp32_cpu_model and device == "cpu")
+    readers, post = pipeline._worker_counts(RunConfig(out_dir=tmp_path), models)
     assert post == expected_post
     assert readers >= 1
     # an explicit setting always wins
     explicit = RunConfig(out_dir=tmp_path, postprocess_workers=3)
-    assert pipeline._worker_counts(explicit, device, fp32_cpu_model=fp32_cpu_model)[1] == 3
+    assert pipeline._worker_counts(explicit, models)[1] == 3
 
 
 def test_only_a_torch_network_in_fp32_on_the_cpu_counts_as_fp32_cpu_model() -> None:
