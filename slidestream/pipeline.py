@@ -18,6 +18,7 @@ import csv
 import ctypes
 import ctypes.util
 import functools
+import json
 import logging
 import math
 import os
@@ -115,11 +116,19 @@ class LoadedModels:
     """Torch device string the models run on."""
 
     def hashes(self) -> dict[str, str]:
-        """Model name -> weights sha256, for the parameters hash."""
-        return {
+        """Model name -> weights sha256 (and the nucleus post-processing), for the parameters hash.
+
+        A preset's post-processing thresholds can change while its weights stay the same, so
+        they are part of what makes a stored result current.
+        """
+        out = {
             "nuclei": str(self.nuclei.weights_sha256),
             "tissue": str(self.tissue.weights_sha256),
         }
+        pp = getattr(self.nuclei, "postprocess_config", None)
+        if pp is not None:
+            out["nuclei_postprocess"] = json.dumps(pp.to_dict(), sort_keys=True)
+        return out
 
     def provenance(self) -> dict[str, Any]:
         """The ``provenance.models`` block of ``summary.json``."""
@@ -128,6 +137,11 @@ class LoadedModels:
                 "name": self.nuclei.name,
                 "sha256": self.nuclei.weights_sha256,
                 "mpp": float(self.nuclei.mpp),
+                "postprocess": (
+                    pp.to_dict()
+                    if (pp := getattr(self.nuclei, "postprocess_config", None)) is not None
+                    else None
+                ),
             },
             "tissue": {
                 "name": self.tissue.name,
@@ -308,10 +322,26 @@ def _process_nucleus_tile(
     l0_per_px: float,
     mpp: float,
 ) -> Any:
-    """Worker: instance labels from model maps, then the nuclei this tile owns (level-0)."""
+    """Worker: instance labels from model maps, then the nuclei this tile owns (level-0).
+
+    ``core`` is in the tile's pixels at the model's µm/px, ``l0_per_px`` level-0 pixels per tile
+    pixel. Post-processing may return labels ``u`` times finer than the maps
+    (``PostprocessConfig.upsample``): the tile frame is then scaled by ``u`` (RGB resampled
+    bilinearly for the measurements) so that outlines and measurements use the finer labels.
+    """
     from slidestream.overlays import extract_tile_nuclei
 
     labels = postprocess(maps)
+    u = labels.shape[0] // maps.shape[1]
+    if u > 1:
+        import cv2
+
+        rgb = np.ascontiguousarray(
+            cv2.resize(rgb, (labels.shape[1], labels.shape[0]), interpolation=cv2.INTER_LINEAR)
+        )
+        x0, y0, x1, y1 = core
+        core = (x0 * u, y0 * u, x1 * u, y1 * u)
+        l0_per_px, mpp = l0_per_px / u, mpp / u
     return extract_tile_nuclei(
         labels, rgb, core=core, l0_origin=l0_origin, l0_per_px=l0_per_px, mpp=mpp
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -219,5 +220,10 @@ class NucleusModel:
         t_img = resample_image(image, mpp / self.mpp)
         batch = torch.from_numpy(np.ascontiguousarray(t_img.transpose(2, 0, 1)))[None]
         maps = self.predict(batch)[0]
-        t_labels = self.postprocess(maps)
+        cfg = self.postprocess_config
+        if cfg.upsample > 1 and mpp >= self.mpp:
+            # Refining the watershed beyond the input's own resolution gains nothing.
+            t_labels = postprocess_maps(maps, config=dataclasses.replace(cfg, upsample=1))
+        else:
+            t_labels = self.postprocess(maps)
         return resample_labels(t_labels, (image.shape[1], image.shape[0]))

@@ -21,6 +21,7 @@ from slidestream.models.nuclei import (
     ClassicalSegmenter,
     NetworkConfig,
     NucleusModel,
+    PostprocessConfig,
     TrainConfig,
     list_nuclei_models,
     load_nuclei_model,
@@ -61,6 +62,35 @@ def test_postprocess_is_picklable_and_removes_small() -> None:
     maps = np.zeros((3, 32, 32), np.float32)
     maps[:, 2:4, 2:4] = 1.0  # 4 px: below min_size_px
     assert model_pp(maps).max() == 0
+
+
+def test_upsampled_postprocess_splits_discs_at_twice_the_resolution() -> None:
+    shape = (64, 96)
+    labels = np.zeros(shape, np.int32)
+    labels[_disc(shape, 32, 30, 14)] = 1
+    labels[_disc(shape, 32, 56, 14) & (labels == 0)] = 2
+    maps = make_targets(labels)
+    maps[1] = 0.0
+    config = PostprocessConfig(fg_threshold=0.5, marker_threshold=0.4, upsample=2)
+    pred = postprocess_maps(maps, config=config)
+    assert pred.shape == (128, 192) and pred.max() == 2
+    # Each instance at 2x covers about 4x its working-resolution area (bicubic edges).
+    fine_true = np.kron(labels, np.ones((2, 2), np.int32))
+    scores = score_instances(fine_true, pred)
+    assert scores.n_matched == 2 and scores.aji > 0.85
+    # Minimum sizes stay in working pixels: a 3 x 3 px blob (9 px < 12) is removed at 2x too.
+    small = np.zeros((3, 32, 32), np.float32)
+    small[:, 10:13, 10:13] = 1.0
+    cfg = PostprocessConfig(min_size_px=12, min_marker_px=1, upsample=2)
+    assert postprocess_maps(small, config=cfg).max() == 0
+    assert postprocess_maps(small, config=dataclasses.replace(cfg, min_size_px=4)).max() == 1
+
+
+def test_upsample_must_be_a_small_integer() -> None:
+    with pytest.raises(ConfigError, match="upsample"):
+        PostprocessConfig(upsample=0)
+    with pytest.raises(ConfigError, match="upsample"):
+        PostprocessConfig(upsample=1.5)  # type: ignore[arg-type]
 
 
 # --- metrics (hand-computed) --------------------------------------------------------------------
@@ -205,6 +235,7 @@ def test_accurate_preset_is_the_fast_network_with_tta() -> None:
     assert isinstance(fast, NucleusModel) and isinstance(accurate, NucleusModel)
     assert accurate.name == "nuclei-unet-accurate" and accurate.tta and not fast.tta
     assert accurate.weights_sha256 == fast.weights_sha256
+    assert accurate.postprocess_config.upsample == 2 and fast.postprocess_config.upsample == 1
     maps = accurate.predict(torch.randint(0, 255, (1, 3, 48, 64), dtype=torch.uint8))
     assert maps.shape == (1, 3, 48, 64)
 
