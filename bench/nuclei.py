@@ -108,18 +108,12 @@ def bench(device: str, tile: int, repeats: int, batch_n: int = 1) -> list[dict[s
         dt_pp = _timeit(lambda m=base, x=maps: m.postprocess(x), repeats)
         row["postprocess_mp_s_per_process"] = round(tile * tile / 1e6 / dt_pp, 3)
         # what a pipeline worker does per tile: post-processing, then the owned nuclei's
-        # measurements and level-0 outlines (slidestream.overlays.extract_tile_nuclei)
-        from slidestream.overlays import extract_tile_nuclei
+        # measurements and level-0 outlines (the pipeline's own per-tile job, run inline)
+        from slidestream.pipeline import submit_nucleus_tile
 
         def worker(m: Any = base, x: Any = maps, image: Any = rgb) -> Any:
-            return extract_tile_nuclei(
-                m.postprocess(x),
-                image,
-                core=(32, 32, tile - 32, tile - 32),
-                l0_origin=(0.0, 0.0),
-                l0_per_px=2.0,
-                mpp=m.mpp,
-            )
+            core = (32, 32, tile - 32, tile - 32)
+            return submit_nucleus_tile(None, m.postprocess, x, image, core, (0.0, 0.0), 2.0, m.mpp)
 
         dt_worker = _timeit(worker, repeats)
         row["worker_mp_s_per_process"] = round(tile * tile / 1e6 / dt_worker, 3)

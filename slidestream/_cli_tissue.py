@@ -33,6 +33,13 @@ _registry_option = click.option(
     help="User model registry JSON (default: the slidestream app config dir).",
 )
 
+_tta_option = click.option(
+    "--tta/--no-tta",
+    default=None,
+    help="Average every patch over its 8 flips/rotations (8x the cost). "
+    "Default: the model's own setting (on for the shipped models).",
+)
+
 
 def _parse_class_map(text: str | None) -> dict[str, str]:
     """``lung`` (LC25000 folder names), a JSON file, or ``raw=name,raw=name``."""
@@ -93,6 +100,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
     )
     @click.option("--progress/--no-progress", default=True, show_default=True)
+    @_tta_option
     @_registry_option
     def classify(
         inputs: tuple[Path, ...],
@@ -101,6 +109,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         mpp: float | None,
         device: str,
         progress: bool,
+        tta: bool | None,
         registry: Path | None,
     ) -> None:
         """Classify image files (or all images in folders) with a tissue model.
@@ -130,7 +139,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         writer.writerow(["path", "label", *(f"prob_{c}" for c in model.class_names)])
         with logging_redirect_tqdm():
             for f in tqdm(files, desc="classify", unit="img", disable=not progress):
-                probs = classify_image(read_rgb(f), mpp, model)
+                probs = classify_image(read_rgb(f), mpp, model, tta=tta)
                 label = model.class_names[int(probs.argmax())]
                 writer.writerow([str(f), label, *(f"{p:.6f}" for p in probs)])
         atomic_write_text(out_csv, buf.getvalue())
@@ -237,6 +246,13 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @click.option("--name", default=None, help="Model name stored in config.json.")
     @click.option("--display-name", default=None)
     @click.option("--progress/--no-progress", default=True, show_default=True)
+    @click.option(
+        "--tta/--no-tta",
+        default=False,
+        show_default=True,
+        help="The model classifies images over 8 flips/rotations per patch (stored in "
+        "config.json; validation and --cv-folds classify the same way).",
+    )
     def train_tissue_cmd(
         data_dirs: tuple[Path, ...],
         out_dir: Path,
@@ -260,6 +276,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         name: str | None,
         display_name: str | None,
         progress: bool,
+        tta: bool,
     ) -> None:
         """Train a tissue patch classifier on labelled images."""
         from tqdm.auto import tqdm
@@ -298,6 +315,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             samples_per_epoch=samples_per_epoch,
             patch_size_pixels=patch_size_px,
             spacing_um_px=model_mpp,
+            tta=tta,
         )
         with logging_redirect_tqdm():
             if cv_folds:
@@ -356,6 +374,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
     )
     @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+    @_tta_option
     @_registry_option
     def evaluate_tissue_cmd(
         data_dir: Path,
@@ -364,6 +383,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         class_map: str | None,
         device: str,
         as_json: bool,
+        tta: bool | None,
         registry: Path | None,
     ) -> None:
         """Score a tissue model on labelled images (accuracy, balanced accuracy, macro F1,
@@ -378,7 +398,9 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             else ("cpu" if device == "auto" else device)
         )
         model = load_tissue_model(model_name, dev, registry=registry or _default_registry())
-        report = evaluate_tissue(data_dir, model, mpp=mpp, class_map=_parse_class_map(class_map))
+        report = evaluate_tissue(
+            data_dir, model, mpp=mpp, class_map=_parse_class_map(class_map), tta=tta
+        )
         if as_json:
             click.echo(json.dumps({"model": model.name, **report.to_json()}, indent=2))
         else:

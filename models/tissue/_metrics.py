@@ -138,6 +138,7 @@ def evaluate_tissue(
     mpp: float | None = None,
     class_map: Mapping[str, str] | None = None,
     on_image: Callable[[int, int], None] | None = None,
+    tta: bool | None = None,
 ) -> ClassificationReport:
     """Classify every labelled image of ``data_dir`` and score it against its label.
 
@@ -153,6 +154,8 @@ def evaluate_tissue(
         when the model has the lung classes.
     on_image : callable, optional
         ``on_image(done, total)`` progress callback.
+    tta : bool, optional
+        Dihedral test-time augmentation; ``None`` follows the model's spec.
 
     Raises
     ------
@@ -168,7 +171,7 @@ def evaluate_tissue(
     ds = discover_dataset(data_dir, class_map=mapping, class_names=model.class_names)
     preds = []
     for i, s in enumerate(ds.samples):
-        preds.append(int(classify_image(read_rgb(s.path), mpp, model).argmax()))
+        preds.append(int(classify_image(read_rgb(s.path), mpp, model, tta=tta).argmax()))
         if on_image is not None:
             on_image(i + 1, len(ds.samples))
     return classification_report(ds.labels(), np.array(preds), model.class_names)

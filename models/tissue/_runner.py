@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "PatchClassifier",
     "classify_image",
+    "dihedral_views",
     "file_sha256",
     "load_model_dir",
     "tile_origins",
@@ -243,13 +244,29 @@ def iter_patches(
             yield tiles[y : y + patch_px, x : x + patch_px]
 
 
+def dihedral_views(patches: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The 8 symmetries of the square of ``(P, 3, S, S)`` patches, ``(8 P, 3, S, S)``.
+
+    Order: identity, horizontal flip, vertical flip, both, then the same four of the
+    transposed patches.
+    """
+    views = []
+    for transpose in (False, True):
+        base = patches.transpose(0, 1, 3, 2) if transpose else patches
+        for axes in ((), (3,), (2,), (2, 3)):
+            views.append(np.flip(base, axes) if axes else base)
+    return np.ascontiguousarray(np.concatenate(views))
+
+
 def image_patches(
-    image: npt.NDArray[np.uint8], mpp: float | None, spec: ModelSpec
+    image: npt.NDArray[np.uint8], mpp: float | None, spec: ModelSpec, *, tta: bool | None = None
 ) -> npt.NDArray[np.uint8]:
     """The patches ``classify_image`` uses, ``(P, 3, S, S)`` uint8 at the model resolution.
 
     An image whose longer side at the model µm/px is at most 1.5 patch sides is resized whole
     to the patch; a larger one is tiled (patches spread evenly, last one flush with the edge).
+    With test-time augmentation (``tta``; ``None`` follows ``spec.tta``) every patch comes in
+    its 8 dihedral views (:func:`dihedral_views`), ``(8 P, 3, S, S)``.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ConfigError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
@@ -264,11 +281,20 @@ def image_patches(
         patches = [cv2.resize(image, (s, s), interpolation=interp)]
     else:
         patches = list(iter_patches(image, scale, s))
-    return np.ascontiguousarray(np.stack(patches).transpose(0, 3, 1, 2))
+    out: npt.NDArray[np.uint8] = np.ascontiguousarray(
+        np.stack(patches).transpose(0, 3, 1, 2), dtype=np.uint8
+    )
+    if tta if tta is not None else spec.tta == "dihedral":
+        return dihedral_views(out)
+    return out
 
 
 def classify_image(
-    image: npt.NDArray[np.uint8], mpp: float | None, model: PatchClassifier
+    image: npt.NDArray[np.uint8],
+    mpp: float | None,
+    model: PatchClassifier,
+    *,
+    tta: bool | None = None,
 ) -> npt.NDArray[np.float32]:
     """Class probabilities of a whole image (patch probabilities averaged).
 
@@ -280,13 +306,16 @@ def classify_image(
         Its µm/px; ``None`` assumes the spec's ``slidestream.default_input_mpp`` (the training
         data's resolution) or else the model's own.
     model : PatchClassifier
+    tta : bool, optional
+        Average over the 8 dihedral views of every patch (8x the cost); ``None`` follows the
+        model's spec (``slidestream.tta``; on for the shipped models, off for WSInfer models).
 
     Returns
     -------
     ndarray, float32, (K,)
-        Mean softmax probability per class.
+        Mean softmax probability per class (over patches, and views with ``tta``).
     """
-    patches = image_patches(image, mpp, model.spec)
+    patches = image_patches(image, mpp, model.spec, tta=tta)
     probs: npt.NDArray[np.float32] = model.predict_proba(torch.from_numpy(patches)).mean(axis=0)
     return probs.astype(np.float32)
 

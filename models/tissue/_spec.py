@@ -21,9 +21,19 @@ from typing import Any
 
 from slidestream.errors import ConfigError
 
-__all__ = ["KNOWN_TRANSFORMS", "ModelSpec", "TransformStep", "read_spec", "write_spec"]
+__all__ = [
+    "KNOWN_TRANSFORMS",
+    "TTA_MODES",
+    "ModelSpec",
+    "TransformStep",
+    "read_spec",
+    "write_spec",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Test-time augmentation modes of whole-image classification (``slidestream.tta``).
+TTA_MODES = ("none", "dihedral")
 
 #: Transform names the runner applies (WSInfer's vocabulary, torchvision names).
 KNOWN_TRANSFORMS = frozenset({"Resize", "ToTensor", "Normalize", "CenterCrop"})
@@ -118,7 +128,8 @@ class ModelSpec:
         One RGB display colour per class; ``None`` uses a default palette.
     slidestream : dict of str to Any
         Our extra block: ``arch_args`` (network arguments), ``default_input_mpp`` (µm/px assumed
-        for inputs whose resolution is unknown), ``weights_sha256`` and free-form notes.
+        for inputs whose resolution is unknown), ``tta`` (see :attr:`tta`), ``weights_sha256``
+        and free-form notes.
     """
 
     architecture: str
@@ -166,6 +177,18 @@ class ModelSpec:
         """µm/px assumed for inputs of unknown resolution (``None``: the model's own)."""
         val = self.slidestream.get("default_input_mpp")
         return None if val is None else float(val)
+
+    @property
+    def tta(self) -> str:
+        """Test-time augmentation of whole-image classification: ``"none"`` or ``"dihedral"``.
+
+        ``"dihedral"`` averages the probabilities of every patch over the 8 symmetries of the
+        square (flips x transposition); stored as ``slidestream.tta``, ``"none"`` when absent.
+        """
+        val = str(self.slidestream.get("tta", "none"))
+        if val not in TTA_MODES:
+            raise ConfigError(f"slidestream.tta {val!r}: expected one of {list(TTA_MODES)}")
+        return val
 
     @property
     def patch_extent_um(self) -> float:

@@ -111,6 +111,10 @@ class TrainConfig:
     seed : int
     device : str
         ``auto``, ``cpu`` or ``cuda``.
+    tta : bool
+        Whole-image classification averages over the 8 dihedral views of every patch
+        (``slidestream.tta = "dihedral"`` in the written spec); validation and cross-validation
+        classify the same way.
     """
 
     epochs: int = 25
@@ -133,6 +137,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.samples_per_epoch < self.batch_size:
@@ -288,7 +293,7 @@ def _make_spec(
     default_input_mpp: float | None,
     class_colors: Sequence[Sequence[int]] | None,
 ) -> ModelSpec:
-    block: dict[str, Any] = {"arch_args": cfg.arch_args()}
+    block: dict[str, Any] = {"arch_args": cfg.arch_args(), "tta": "dihedral" if cfg.tta else "none"}
     if default_input_mpp is not None:
         block["default_input_mpp"] = default_input_mpp
     if class_colors is None and all(c in _KNOWN_COLORS for c in class_names):

@@ -143,6 +143,46 @@ def test_image_patches_whole_vs_tiled() -> None:
     assert image_patches(big, 1.0, spec).shape == (10 * 7, 3, 64, 64)
 
 
+def test_dihedral_tta_views_and_spec_switch() -> None:
+    spec = _spec()
+    assert spec.tta == "none"  # absent: off (WSInfer models)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    views = image_patches(img, 0.5, spec, tta=True)
+    assert views.shape == (8, 3, 64, 64)
+    base = views[0]
+    expected = [
+        base,
+        base[:, :, ::-1],
+        base[:, ::-1, :],
+        base[:, ::-1, ::-1],
+        base.transpose(0, 2, 1),
+        base.transpose(0, 2, 1)[:, :, ::-1],
+        base.transpose(0, 2, 1)[:, ::-1, :],
+        base.transpose(0, 2, 1)[:, ::-1, ::-1],
+    ]
+    for got, want in zip(views, expected, strict=True):
+        assert np.array_equal(got, want)
+    # the 8 views are distinct and each is a symmetry of the square of the first
+    assert len({v.tobytes() for v in views}) == 8
+    on = ModelSpec.from_json({**spec.to_json(), "slidestream": {"tta": "dihedral"}})
+    assert on.tta == "dihedral" and image_patches(img, 0.5, on).shape == (8, 3, 64, 64)
+    assert image_patches(img, 0.5, on, tta=False).shape == (1, 3, 64, 64)
+    with pytest.raises(ConfigError, match="tta"):
+        _ = ModelSpec.from_json({**spec.to_json(), "slidestream": {"tta": "rot"}}).tta
+
+
+def test_tta_probabilities_are_the_mean_over_views() -> None:
+    model = load_tissue_model("lung-lc25000", "cpu")
+    assert model.spec.tta == "dihedral"
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    views = image_patches(img, 0.75, model.spec)
+    per_view = model.predict_proba(torch.from_numpy(views))
+    assert np.allclose(classify_image(img, 0.75, model), per_view.mean(0), atol=1e-5)
+    assert np.allclose(classify_image(img, 0.75, model, tta=False), per_view[0], atol=1e-5)
+
+
 def test_group_kfold_is_group_disjoint() -> None:
     groups = [f"g{i // 3}" for i in range(30)]
     labels = np.array([i % 2 for i in range(30)], dtype=np.int64)
@@ -182,10 +222,12 @@ def test_training_loop_learns_synthetic_colour_classes(
         cnn_channels=cnn,
         lr=1e-2,
         device="cpu",
+        tta=bool(cnn),  # the written spec carries the setting
     )
     result = train_tissue(tmp_path / "data", tmp_path / "model", mpp=1.0, config=cfg)
     assert result.val_report is not None and result.val_report.accuracy == 1.0
     model = load_model_dir(tmp_path / "model")
+    assert model.spec.tta == ("dihedral" if cnn else "none")
     assert model.class_names == ("pinkish", "purplish")
     probe = np.clip(rng.normal((120, 80, 170), 18, size=(60, 60, 3)), 0, 255).astype(np.uint8)
     assert classify_image(probe, 1.0, model).argmax() == 1
