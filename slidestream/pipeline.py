@@ -326,19 +326,17 @@ def _process_nucleus_tile(
 
     ``core`` is in the tile's pixels at the model's µm/px, ``l0_per_px`` level-0 pixels per tile
     pixel. Post-processing may return labels ``u`` times finer than the maps
-    (``PostprocessConfig.upsample``): the tile frame is then scaled by ``u`` (RGB resampled
-    bilinearly for the measurements) so that outlines and measurements use the finer labels.
+    (``PostprocessConfig.upsample``): the tile frame is then scaled by ``u`` so that outlines and
+    measurements use the finer labels. The RGB is enlarged by pixel replication, so colour and
+    optical-density means are means of the tile's own pixels (interpolated colours would lower
+    the mean OD, which is convex in intensity).
     """
     from slidestream.overlays import extract_tile_nuclei
 
     labels = postprocess(maps)
     u = labels.shape[0] // maps.shape[1]
     if u > 1:
-        import cv2
-
-        rgb = np.ascontiguousarray(
-            cv2.resize(rgb, (labels.shape[1], labels.shape[0]), interpolation=cv2.INTER_LINEAR)
-        )
+        rgb = np.ascontiguousarray(rgb.repeat(u, axis=0).repeat(u, axis=1))
         x0, y0, x1, y1 = core
         core = (x0 * u, y0 * u, x1 * u, y1 * u)
         l0_per_px, mpp = l0_per_px / u, mpp / u
@@ -547,7 +545,12 @@ def _nucleus_tables(
     nmodel = models.nuclei
     grid, loader = stream
     l0_per_px = float(nmodel.mpp) / float(slide.mpp)
-    postprocess = nmodel.postprocess
+    # A refining preset post-processes at most at the slide's own resolution.
+    postprocess = (
+        nmodel.postprocess_for(float(slide.mpp))
+        if hasattr(nmodel, "postprocess_for")
+        else nmodel.postprocess
+    )
     pending: deque[Future[Any] | Any] = deque()
     bar = _Progress(len(grid), "nuclei", show_progress)
     try:

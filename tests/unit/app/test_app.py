@@ -223,5 +223,8 @@ def test_upsampled_post_processing_keeps_nuclei_in_the_same_level0_frame() -> No
     assert np.allclose(area1, area2, rtol=0.12)
     true_total = float((labels > 0).sum()) * 0.5**2  # µm²
     assert abs(area2.sum() / true_total - 1) < 0.1
-    # Measured colour is the nucleus colour at both resolutions.
+    # Colour and optical density are means of the tile's own pixels at both resolutions.
     assert np.allclose(np.asarray(two.measurements["mean_r"]), 90, atol=8)
+    od1 = np.asarray(one.measurements["hematoxylin_od"])[order1]
+    od2 = np.asarray(two.measurements["hematoxylin_od"])[order2]
+    assert np.allclose(od1, od2, rtol=0.02)

@@ -236,6 +236,11 @@ def test_accurate_preset_is_the_fast_network_with_tta() -> None:
     assert accurate.name == "nuclei-unet-accurate" and accurate.tta and not fast.tta
     assert accurate.weights_sha256 == fast.weights_sha256
     assert accurate.postprocess_config.upsample == 2 and fast.postprocess_config.upsample == 1
+    # The watershed is refined at most to the input's own resolution (here 0.5 µm/px model).
+    probe = np.zeros((3, 40, 40), np.float32)
+    assert accurate.postprocess_for(0.25)(probe).shape == (80, 80)  # 40x input: 2x
+    assert accurate.postprocess_for(0.5)(probe).shape == (40, 40)  # 20x input: none
+    assert fast.postprocess_for(0.25)(probe).shape == (40, 40)
     maps = accurate.predict(torch.randint(0, 255, (1, 3, 48, 64), dtype=torch.uint8))
     assert maps.shape == (1, 3, 48, 64)
 
