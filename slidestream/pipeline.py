@@ -334,7 +334,7 @@ def _process_nucleus_tile(
     from slidestream.overlays import extract_tile_nuclei
 
     labels = postprocess(maps)
-    u = labels.shape[0] // maps.shape[1]
+    u = labels.shape[0] // rgb.shape[0]  # (maps are channels-last RGB for the classical model)
     if u > 1:
         rgb = np.ascontiguousarray(rgb.repeat(u, axis=0).repeat(u, axis=1))
         x0, y0, x1, y1 = core

@@ -228,3 +228,20 @@ def test_upsampled_post_processing_keeps_nuclei_in_the_same_level0_frame() -> No
     od1 = np.asarray(one.measurements["hematoxylin_od"])[order1]
     od2 = np.asarray(two.measurements["hematoxylin_od"])[order2]
     assert np.allclose(od1, od2, rtol=0.02)
+
+
+def test_classical_tiles_of_any_shape_keep_their_frame() -> None:
+    from slidestream.models.nuclei import ClassicalSegmenter
+    from slidestream.pipeline import _process_nucleus_tile
+
+    # The classical model's "maps" are the RGB tile itself (channels last), here not square.
+    yy, xx = np.mgrid[:160, :64]  # taller than wide
+    rgb = np.full((160, 64, 3), 235, np.uint8)
+    for cy in (30, 80, 130):
+        rgb[np.hypot(yy - cy, xx - 32) <= 8] = (70, 40, 130)
+    seg = ClassicalSegmenter()
+    table = _process_nucleus_tile(
+        seg.segment_working, rgb, rgb, (0, 0, 64, 160), (0.0, 0.0), 2.0, seg.mpp
+    )
+    assert len(table) == 3
+    assert np.allclose(np.sort(table.centroid_y), [61, 161, 261], atol=3)  # level-0 = 2 x tile
