@@ -92,8 +92,8 @@ def main() -> None:
         t_img = resample_image(rgb, mpp / model.mpp)
         batch = torch.from_numpy(np.ascontiguousarray(t_img.transpose(2, 0, 1)))[None]
         maps = model.predict(batch)[0]
-        # As in ``segment``: no refinement beyond the input's own resolution.
-        u = upsample if mpp < model.mpp else 1
+        # As ``NucleusModel.postprocess_for``: no refinement beyond the input's own resolution.
+        u = min(upsample, max(1, round(model.mpp / mpp)))
         cases.append((key.split("/")[0], maps, true, u))
 
     def floats(text: str) -> list[float]:
