@@ -72,3 +72,13 @@ def test_evaluate_json(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["mean"]["aji"] > 0.8 and data["images"][0]["n_true"] == 3
+
+
+def test_per_image_commands_default_to_the_accurate_preset(tmp_path: Path) -> None:
+    images, masks = _tile(tmp_path)
+    args = ["evaluate", "nuclei", "--images", str(images), "--masks", str(masks), "--mpp", "0.5"]
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["model"] == "nuclei-unet-accurate"
+    fast = CliRunner().invoke(cli, [*args, "--model", "default", "--json"])
+    assert json.loads(fast.output)["model"] == "nuclei-unet-fast"
