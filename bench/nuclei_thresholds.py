@@ -84,16 +84,18 @@ def main() -> None:
     images = _validation_images(read_sidecar(path), data_dirs)
     if not images:
         raise SystemExit(f"no validation images of {path} found in {data_dirs}")
+    if args.upsample is not None:
+        model.postprocess_config = dataclasses.replace(
+            model.postprocess_config, upsample=args.upsample
+        )
     base = model.postprocess_config
-    upsample = base.upsample if args.upsample is None else args.upsample
-    print(f"{model.name}: {len(images)} validation images; watershed at {upsample}x")
+    print(f"{model.name}: {len(images)} validation images; watershed at {base.upsample}x")
     cases = []
     for key, rgb, true, mpp in images:
         t_img = resample_image(rgb, mpp / model.mpp)
         batch = torch.from_numpy(np.ascontiguousarray(t_img.transpose(2, 0, 1)))[None]
         maps = model.predict(batch)[0]
-        # As ``NucleusModel.postprocess_for``: no refinement beyond the input's own resolution.
-        u = min(upsample, max(1, round(model.mpp / mpp)))
+        u = model.upsample_for(mpp)  # as ``segment``: not beyond the input's own resolution
         cases.append((key.split("/")[0], maps, true, u))
 
     def floats(text: str) -> list[float]:

@@ -24,6 +24,14 @@ _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 #: the fast preset); ``slidestream run`` keeps the fast preset (``default``) for whole slides.
 IMAGE_DEFAULT_MODEL = "nuclei-unet-accurate"
 
+_image_model_option = click.option(
+    "--model",
+    default=IMAGE_DEFAULT_MODEL,
+    show_default=True,
+    help="Registry name (nuclei-unet-accurate, nuclei-unet-fast = default, classical) or "
+    ".safetensors path. Per-image tools use the accurate preset unless told otherwise.",
+)
+
 
 def _collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
     files: list[Path] = []
@@ -252,13 +260,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @click.option(
         "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the images."
     )
-    @click.option(
-        "--model",
-        default=IMAGE_DEFAULT_MODEL,
-        show_default=True,
-        help="Registry name (nuclei-unet-accurate, nuclei-unet-fast = default, classical) or "
-        ".safetensors path. Per-image tools use the accurate preset unless told otherwise.",
-    )
+    @_image_model_option
     @click.option("--device", default="cpu", show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def evaluate_nuclei_cmd(
@@ -303,13 +305,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the input images."
     )
     @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-    @click.option(
-        "--model",
-        default=IMAGE_DEFAULT_MODEL,
-        show_default=True,
-        help="Registry name (nuclei-unet-accurate, nuclei-unet-fast = default, classical) or "
-        ".safetensors path. Per-image tools use the accurate preset unless told otherwise.",
-    )
+    @_image_model_option
     @click.option("--device", default="cpu", show_default=True)
     @click.option("--geojson", is_flag=True, help="Also write DIR/<stem>.geojson (QuPath).")
     def segment_cmd(

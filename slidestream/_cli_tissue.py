@@ -37,7 +37,7 @@ _tta_option = click.option(
     "--tta/--no-tta",
     default=None,
     help="Average every patch over its 8 flips/rotations (8x the cost). "
-    "Default: the model's own setting (on for the shipped models).",
+    "Default: the model's own setting (on for lung-lc25000 and tumour-pan).",
 )
 
 

@@ -125,9 +125,9 @@ class LoadedModels:
             "nuclei": str(self.nuclei.weights_sha256),
             "tissue": str(self.tissue.weights_sha256),
         }
-        pp = getattr(self.nuclei, "postprocess_config", None)
-        if pp is not None:
-            out["nuclei_postprocess"] = json.dumps(pp.to_dict(), sort_keys=True)
+        if self.nuclei.postprocess_config is not None:
+            pp = self.nuclei.postprocess_config.to_dict()
+            out["nuclei_postprocess"] = json.dumps(pp, sort_keys=True)
         return out
 
     def provenance(self) -> dict[str, Any]:
@@ -138,9 +138,9 @@ class LoadedModels:
                 "sha256": self.nuclei.weights_sha256,
                 "mpp": float(self.nuclei.mpp),
                 "postprocess": (
-                    pp.to_dict()
-                    if (pp := getattr(self.nuclei, "postprocess_config", None)) is not None
-                    else None
+                    None
+                    if self.nuclei.postprocess_config is None
+                    else self.nuclei.postprocess_config.to_dict()
                 ),
             },
             "tissue": {
@@ -157,8 +157,10 @@ class _ClassicalAsModel:
 
     ``predict`` passes the RGB tiles through as the "maps" (channels-last uint8) and
     ``postprocess`` segments one of them, so the classical path streams, stitches and writes
-    exactly like the trained model.
+    exactly like the trained model. It has no thresholds to record and never refines.
     """
+
+    postprocess_config = None
 
     def __init__(self, segmenter: Any) -> None:
         self.segmenter = segmenter
@@ -169,6 +171,10 @@ class _ClassicalAsModel:
 
     def predict(self, batch: Any) -> npt.NDArray[np.uint8]:
         return np.ascontiguousarray(batch.permute(0, 2, 3, 1).cpu().numpy())
+
+    def postprocess_for(self, input_mpp: float) -> Any:
+        """The same segmentation at any input µm/px."""
+        return self.postprocess
 
 
 def resolve_device(spec: str) -> str:
@@ -546,11 +552,7 @@ def _nucleus_tables(
     grid, loader = stream
     l0_per_px = float(nmodel.mpp) / float(slide.mpp)
     # A refining preset post-processes at most at the slide's own resolution.
-    postprocess = (
-        nmodel.postprocess_for(float(slide.mpp))
-        if hasattr(nmodel, "postprocess_for")
-        else nmodel.postprocess
-    )
+    postprocess = nmodel.postprocess_for(float(slide.mpp))
     pending: deque[Future[Any] | Any] = deque()
     bar = _Progress(len(grid), "nuclei", show_progress)
     try:

@@ -121,23 +121,24 @@ class NucleusModel:
             functools.partial(postprocess_maps, config=postprocess_config)
         )
 
+    def upsample_for(self, input_mpp: float) -> int:
+        """Watershed refinement factor for an input at ``input_mpp`` µm/px.
+
+        The preset's ``PostprocessConfig.upsample``, limited to the input's own resolution: a
+        0.5 µm/px model refines 2x for a 0.25 µm/px (40x) input and not at all for a
+        0.5 µm/px (20x) one, where finer labels would only interpolate between its pixels.
+        """
+        return min(self.postprocess_config.upsample, max(1, round(self.mpp / input_mpp)))
+
     def postprocess_for(
         self, input_mpp: float
     ) -> Callable[[npt.NDArray[np.floating[Any]]], npt.NDArray[np.int32]]:
-        """Post-processing for maps of an input at ``input_mpp`` µm/px.
-
-        The watershed is refined (``PostprocessConfig.upsample``) at most to the input's own
-        resolution: a 0.5 µm/px model refines 2x for a 0.25 µm/px (40x) input and not at all
-        for a 0.5 µm/px (20x) one, where finer labels would only interpolate between the
-        input's pixels.
-        """
-        cfg = self.postprocess_config
-        if cfg.upsample == 1:
+        """Post-processing for maps of an input at ``input_mpp`` µm/px (:meth:`upsample_for`)."""
+        u = self.upsample_for(input_mpp)
+        if u == self.postprocess_config.upsample:
             return self.postprocess
-        u = min(cfg.upsample, max(1, round(self.mpp / input_mpp)))
-        if u == cfg.upsample:
-            return self.postprocess
-        return functools.partial(postprocess_maps, config=dataclasses.replace(cfg, upsample=u))
+        config = dataclasses.replace(self.postprocess_config, upsample=u)
+        return functools.partial(postprocess_maps, config=config)
 
     @property
     def n_parameters(self) -> int:

@@ -159,6 +159,9 @@ class ModelSpec:
             for rgb in self.class_colors:
                 if len(rgb) != 3 or any(not 0 <= c <= 255 for c in rgb):
                     raise ConfigError(f"class colour {rgb!r} is not [r, g, b] in 0..255")
+        tta = str(self.slidestream.get("tta", "none"))
+        if tta not in TTA_MODES:
+            raise ConfigError(f"slidestream.tta {tta!r}: expected one of {list(TTA_MODES)}")
 
     @property
     def num_classes(self) -> int:
@@ -185,10 +188,7 @@ class ModelSpec:
         ``"dihedral"`` averages the probabilities of every patch over the 8 symmetries of the
         square (flips x transposition); stored as ``slidestream.tta``, ``"none"`` when absent.
         """
-        val = str(self.slidestream.get("tta", "none"))
-        if val not in TTA_MODES:
-            raise ConfigError(f"slidestream.tta {val!r}: expected one of {list(TTA_MODES)}")
-        return val
+        return str(self.slidestream.get("tta", "none"))  # checked in __post_init__
 
     @property
     def patch_extent_um(self) -> float:
