@@ -110,6 +110,7 @@ def main() -> None:
                 slide.read_at_mpp((t.l0_x, t.l0_y), (size, size), nmodel.mpp) for t in grid.tiles
             ]
             l0_per_px = nmodel.mpp / slide.mpp
+            postprocess = nmodel.postprocess_for(float(slide.mpp))  # as the pipeline
             tissue_mm2 = mask.tissue_area_mm2
         n = len(tiles)
         core_mp = n * tiling.stride_px**2 / 1e6
@@ -132,7 +133,7 @@ def main() -> None:
                 for i in range(len(batch)):
                     t = grid.tiles[b * args.batch_size + i]
                     job = (  # in the pool, or inline when there is none (as the pipeline)
-                        nmodel.postprocess,
+                        postprocess,
                         maps[i],
                         np.ascontiguousarray(rgb[i]),
                         t.core,
