@@ -11,6 +11,10 @@ Prints, for a generated H&E-like demo slide (default 8192 x 6144 px at 0.25 µm/
 (e) peak resident memory of the main process.
 
 Usage: ``python bench/pipeline.py [--width 8192 --height 6144 --mpp 0.25] [--device cpu]``
+
+``--mosaic N`` writes an N x N mosaic of the rendered demo image instead (``N*width`` x
+``N*height`` px, streamed tile by tile): a large 40x slide for GPU runs without rendering (and
+holding) a gigapixel image. The tissue pattern repeats, which changes nothing for throughput.
 """
 
 from __future__ import annotations
@@ -30,10 +34,25 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--height", type=int, default=6144)
     parser.add_argument("--mpp", type=float, default=0.25)
+    parser.add_argument(
+        "--mosaic", type=int, default=1, help="repeat the demo image N x N times (default 1)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--nuclei-model", default="default")
     parser.add_argument("--tissue-model", default="default")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tile-reading processes (default: the pipeline's choice)",
+    )
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=None,
+        help="reuse this generated slide if it exists, else generate it there and keep it",
+    )
     parser.add_argument(
         "--postprocess-workers",
         type=int,
@@ -64,16 +83,19 @@ def main() -> None:
         tmp = Path(tmp_s)
         t0 = time.perf_counter()
         # Generated in a child process, so (e) measures the analysis, not the slide synthesis.
-        slide_path = tmp / "bench-slide.svs"
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as gen:
-            gen.submit(
-                write_demo_slide,
-                slide_path,
-                DemoSlideSpec(width_px=args.width, height_px=args.height, mpp=args.mpp),
-            ).result()
+        slide_path = args.slide or tmp / "bench-slide.svs"
+        demo = DemoSlideSpec(width_px=args.width, height_px=args.height, mpp=args.mpp)
+        n = max(1, args.mosaic)
+        if not slide_path.is_file():
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as gen:
+                if n > 1:
+                    gen.submit(write_mosaic_slide, slide_path, demo, n).result()
+                else:
+                    gen.submit(write_demo_slide, slide_path, demo).result()
         print(
-            f"slide: {args.width}x{args.height} px at {args.mpp} µm/px, "
-            f"generated in {time.perf_counter() - t0:.1f} s"
+            f"slide: {n * args.width}x{n * args.height} px at {args.mpp} µm/px"
+            + (f" ({n}x{n} mosaic)" if n > 1 else "")
+            + f", ready in {time.perf_counter() - t0:.1f} s"
         )
         config = RunConfig(
             out_dir=tmp / "out",
@@ -82,6 +104,7 @@ def main() -> None:
             nuclei_model=args.nuclei_model,
             tissue_model=args.tissue_model,
             postprocess_workers=args.postprocess_workers,
+            workers=args.workers,
             show_progress=False,
             db_url=None,
         )
@@ -178,6 +201,35 @@ def main() -> None:
         )
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"(e) peak RSS of the main process: {rss_mb:.0f} MB")
+
+
+def write_mosaic_slide(path: Path, spec: Any, n: int) -> None:
+    """Write an ``n`` x ``n`` mosaic of the demo image of ``spec`` as a pyramidal JPEG SVS.
+
+    Level-0 tiles (256 px) are cut from the one rendered image, so the slide is
+    ``(n * width, n * height)`` px without a gigapixel array in memory.
+    """
+    from slidestream.demo_slide import render_demo_image
+    from slidestream.wsi.synthetic import write_pyramidal_tiff
+
+    rgb, _ = render_demo_image(spec)
+    height, width = rgb.shape[:2]
+    if width % 256 or height % 256:
+        raise SystemExit(f"--mosaic needs --width/--height multiples of 256, got {width}x{height}")
+
+    def tile(x: int, y: int, w: int, h: int) -> Any:
+        bx, by = x % width, y % height
+        return rgb[by : by + h, bx : bx + w]
+
+    write_pyramidal_tiff(
+        path,
+        tile,
+        mpp=spec.mpp,
+        tile_size=256,
+        compression="jpeg",
+        vendor_style="aperio",
+        size=(n * width, n * height),
+    )
 
 
 if __name__ == "__main__":
