@@ -198,7 +198,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "cnn_channels",
         default="",
         show_default=True,
-        help="Learned CNN branch widths, e.g. 16,32,64,64 (empty: fixed features).",
+        help="Learned CNN branch widths, e.g. 16,32,64,64 (empty: fixed features); trained end "
+        "to end with augmentation on the training device (best with --device cuda).",
     )
     @click.option(
         "--textons",

@@ -3,12 +3,16 @@
 Public API: :func:`load_tissue_model` -> :class:`PatchClassifier` (``.spec``,
 ``.predict_proba(uint8 (N, 3, H, W)) -> (N, K)``), :func:`classify_image` (whole or tiled image
 -> class probabilities), :func:`train_tissue`, :func:`cross_validate_tissue`,
-:func:`evaluate_tissue`, the :class:`ModelSpec` reader/writer and the model registry.
+:func:`evaluate_tissue`, the fast device-side trainer (:func:`fit_fast`,
+:func:`upload_images`, :func:`augment_batch`), the :class:`ModelSpec` reader/writer and the
+model registry.
 """
 
 from __future__ import annotations
 
 from ._data import LUNG_CLASS_MAP, TissueDataset, discover_dataset
+from ._fast_train import FastTrainConfig, fit_fast
+from ._gpu_augment import AugmentConfig, DeviceImages, augment_batch, upload_images
 from ._metrics import ClassificationReport, classification_report, evaluate_tissue
 from ._network import ARCHITECTURE, TissueNet
 from ._registry import (
@@ -33,9 +37,12 @@ __all__ = [
     "ARCHITECTURE",
     "DEFAULT_TISSUE_MODEL",
     "LUNG_CLASS_MAP",
+    "AugmentConfig",
     "CVResult",
     "ClassificationReport",
     "DataSource",
+    "DeviceImages",
+    "FastTrainConfig",
     "ModelSpec",
     "PatchClassifier",
     "TissueDataset",
@@ -44,11 +51,13 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TransformStep",
+    "augment_batch",
     "classification_report",
     "classify_image",
     "cross_validate_tissue",
     "discover_dataset",
     "evaluate_tissue",
+    "fit_fast",
     "image_patches",
     "list_tissue_models",
     "load_model_dir",
@@ -56,5 +65,6 @@ __all__ = [
     "read_spec",
     "register_tissue_model",
     "train_tissue",
+    "upload_images",
     "write_spec",
 ]

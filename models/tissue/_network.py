@@ -5,7 +5,9 @@ Two branches read the same patch in optical-density (OD) space:
 * a fixed (not trained) colour/texture front end: Ruifrok colour deconvolution into
   haematoxylin / eosin / residual concentrations, soft histograms of H and E, and the energy of
   Gaussian-derivative filters over a 5-level image pyramid (scales ``2**level`` px);
-* a compact learned CNN (MONAI ``Convolution`` blocks, stride 2, global average pooling).
+* a learned CNN (global average pooling): plain MONAI ``Convolution`` stages of stride 2, or,
+  with ``cnn_blocks >= 1``, residual stages of MONAI ``ResidualUnit`` blocks (the first of each
+  stage strided); ``fixed_features=False`` keeps the CNN alone.
 
 The concatenated features are standardised (mean / sd of the training features, stored) and
 pass through optional dropout and a linear (or one-hidden-layer) head. The fixed front
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks.convolutions import Convolution
+from monai.networks.blocks.convolutions import Convolution, ResidualUnit
 from torch import nn
 
 from slidestream.errors import ConfigError
@@ -108,7 +110,17 @@ class TissueNet(nn.Module):
     num_classes : int
         Output logits.
     cnn_channels : tuple of int
-        Widths of the stride-2 CNN stages; empty disables the learned branch.
+        Widths of the CNN stages (each halves the resolution, except a first stage of
+        ``stem_stride`` 1); empty disables the learned branch.
+    cnn_blocks : int
+        0 (default): each stage is one plain conv-BN-ReLU block. ``n >= 1``: each stage is ``n``
+        residual units (two conv-BN-ReLU sub-units and a skip connection; the first unit of a
+        stage is strided and has a projection skip).
+    stem_stride : int
+        Stride of the first CNN stage (2, default, or 1 for full-resolution early features).
+    fixed_features : bool
+        Use the fixed colour/texture front end (default). ``False``: the CNN alone (needs
+        ``cnn_channels``; ``textons``, ``morphology`` and ``lbp`` must be off).
     pyramid_levels : int
         Levels of the texture pyramid (level ``l`` is ``2**l`` times coarser).
     hist_bins : int
@@ -143,10 +155,22 @@ class TissueNet(nn.Module):
         lbp: bool = False,
         hidden: int = 0,
         dropout: float = 0.0,
+        cnn_blocks: int = 0,
+        stem_stride: int = 2,
+        fixed_features: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"TissueNet needs >= 2 classes, got {num_classes}")
+        if cnn_blocks < 0 or stem_stride not in (1, 2):
+            raise ConfigError(
+                f"need cnn_blocks >= 0, stem_stride 1 or 2; got {cnn_blocks}, {stem_stride}"
+            )
+        if not fixed_features and (not cnn_channels or textons or morphology or lbp):
+            raise ConfigError(
+                "fixed_features=False needs cnn_channels and no textons / morphology / lbp"
+            )
+        self.use_fixed = fixed_features
         self.num_classes = num_classes
         self.pyramid_levels = pyramid_levels
         self.hist_bins = hist_bins
@@ -172,24 +196,9 @@ class TissueNet(nn.Module):
         self.texton_scale: torch.Tensor
         self.register_buffer("texton_centers", torch.zeros(textons, _TEXTON_DIM))
         self.register_buffer("texton_scale", torch.ones(_TEXTON_DIM))
-        layers: list[nn.Module] = []
-        in_ch = 4
-        for ch in cnn_channels:
-            layers.append(
-                Convolution(
-                    spatial_dims=2,
-                    in_channels=in_ch,
-                    out_channels=ch,
-                    strides=2,
-                    kernel_size=3,
-                    act="RELU",
-                    norm="BATCH",
-                )
-            )
-            in_ch = ch
-        self.cnn = nn.Sequential(*layers)
+        self.cnn = _cnn(cnn_channels, cnn_blocks, stem_stride)
         self.cnn_features = cnn_channels[-1] if cnn_channels else 0
-        n_fixed = self.fixed_feature_count()
+        n_fixed = self.fixed_feature_count() if fixed_features else 0
         self.norm = FeatureScaler(n_fixed + self.cnn_features)
         self.dropout = nn.Dropout(dropout)
         n_in = n_fixed + self.cnn_features
@@ -323,17 +332,72 @@ class TissueNet(nn.Module):
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
         """Concatenated fixed + CNN features ``(N, F)`` of RGB in [0, 1]."""
-        st = self.stains(rgb.float())
-        fixed = self.fixed_features(rgb.float(), st)
+        # The fixed features and the stain transform stay in float32 under autocast (no-op
+        # without autocast); only the CNN runs in reduced precision.
+        with torch.autocast(device_type=rgb.device.type, enabled=False):
+            st = self.stains(rgb.float())
+            fixed = self.fixed_features(rgb.float(), st) if self.use_fixed else None
         if self.cnn_features:
             learned = self.cnn(st / 2.0 - 0.25).mean(dim=(2, 3)).float()
-            return torch.cat([fixed.float(), learned], dim=1)
+            return learned if fixed is None else torch.cat([fixed.float(), learned], dim=1)
+        assert fixed is not None
         return fixed.float()
+
+    @torch.no_grad()
+    def fit_scaler(self, feats: torch.Tensor) -> None:
+        """Set the feature standardisation from training features ``(M, F)``.
+
+        The fixed features get their training mean / sd. The learned CNN features (the last
+        ``cnn_features`` columns) keep an identity scaling: they are batch-normalised inside the
+        CNN already, and their spread across images at initialisation (the only time this is
+        called) is tiny (~1e-4), so dividing by it would multiply them -- and their gradients --
+        by ~1e4 once training makes them vary (seen: standardised values near 9,400 and
+        probabilities saturated at exactly 0 or 1).
+        """
+        self.norm.fit(feats)
+        if self.cnn_features:
+            self.norm.mean[-self.cnn_features :] = 0.0
+            self.norm.std[-self.cnn_features :] = 1.0
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` of RGB patches in [0, 1] ``(N, 3, H, W)``."""
         out: torch.Tensor = self.head(self.dropout(self.norm(self.features(rgb))))
         return out
+
+
+def _cnn(channels: tuple[int, ...], blocks: int, stem_stride: int) -> nn.Sequential:
+    """The learned branch on the 4 stain channels: plain (``blocks`` 0) or residual stages."""
+    layers: list[nn.Module] = []
+    in_ch = 4
+    for i, ch in enumerate(channels):
+        stride = stem_stride if i == 0 else 2
+        if not blocks:
+            layers.append(
+                Convolution(
+                    spatial_dims=2,
+                    in_channels=in_ch,
+                    out_channels=ch,
+                    strides=stride,
+                    kernel_size=3,
+                    act="RELU",
+                    norm="BATCH",
+                )
+            )
+        for b in range(blocks):
+            layers.append(
+                ResidualUnit(
+                    spatial_dims=2,
+                    in_channels=in_ch if b == 0 else ch,
+                    out_channels=ch,
+                    strides=stride if b == 0 else 1,
+                    kernel_size=3,
+                    subunits=2,
+                    act="RELU",
+                    norm="BATCH",
+                )
+            )
+        in_ch = ch
+    return nn.Sequential(*layers)
 
 
 def build_network(architecture: str, num_classes: int, arch_args: dict[str, Any]) -> TissueNet:

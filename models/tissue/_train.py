@@ -2,10 +2,17 @@
 
 Training crops are random crops at the model's µm/px with ±10 % scale jitter, dihedral
 flips/rotations, HED stain jitter in OD space, brightness jitter and blur; classes are balanced
-by weights that equalise every (source, class) cell (loss weights on the default fixed-feature
-path, a weighted sampler on the end-to-end CNN path). Validation images are classified as at
-inference (:func:`classify_image`: whole or tiled, probabilities averaged) and never share a
-group (patient / source tile) with training images.
+by weights that equalise every (source, class) cell. Two paths:
+
+* fixed features only (no learned CNN branch, the shipped models): the front end is computed
+  once for a bank of CPU-augmented crops per image (:func:`sample_patch`,
+  :func:`augment_patch`) and the normalisation + head are fitted on it, with loss weights;
+* a learned CNN branch: :func:`fit_fast` trains every weight on crops augmented on the training
+  device (CPU or CUDA, :mod:`._gpu_augment`; also a small rotation and contrast jitter),
+  drawn by a weighted sampler.
+
+Validation images are classified as at inference (:func:`classify_image`: whole or tiled,
+probabilities averaged) and never share a group (patient / source tile) with training images.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -35,6 +43,8 @@ from ._data import (
     read_rgb,
     sample_patch,
 )
+from ._fast_train import FastTrainConfig, fit_fast
+from ._gpu_augment import AugmentConfig, DeviceImages, upload_images
 from ._metrics import ClassificationReport, classification_report
 from ._network import ARCHITECTURE, TissueNet, fit_textons
 from ._runner import WEIGHTS_NAME, PatchClassifier, classify_image, file_sha256, image_patches
@@ -94,18 +104,31 @@ class TrainConfig:
     Attributes
     ----------
     epochs, batch_size, samples_per_epoch : int
+        An epoch is ``ceil(samples_per_epoch / batch_size)`` optimiser steps on either path.
     lr, weight_decay, label_smoothing : float
+        AdamW and loss settings; with a learned CNN branch ``lr`` is the peak of a one-cycle
+        schedule.
     patch_size_pixels : int
         Model input side, px.
     spacing_um_px : float
         Model working resolution, µm/px.
+    cnn_blocks, stem_stride, fixed_features : int, int, bool
+        Residual units per CNN stage (0: plain stages), stride of the first stage, and whether
+        the fixed front end is used (see :class:`TissueNet`); stored in the spec only when they
+        differ from these defaults, so older specs are unchanged.
     cnn_channels : tuple of int
         Learned CNN branch widths. Empty (default): fixed features only, then the front end has
         no trainable weights and training computes its features once for ``views_per_image``
         augmented crops per image and fits the normalisation + linear head on them (fast).
+        Otherwise every weight is trained by :func:`fit_fast` on crops augmented on the
+        training device (bfloat16 autocast on CUDA).
     views_per_image : int
         Augmented crops per image in that feature bank.
-    dropout, aug_strength, scale_jitter : float
+    dropout : float
+    aug_strength : float
+        Scales the colour jitter ranges (stain, brightness, contrast, blur; 0: none).
+    scale_jitter : float
+        Crop zoom drawn from ``[1 - j, 1 + j]`` around the image-to-model scale.
     val_fraction : float
         Share of groups held out for model selection (0: train on all, keep the last epoch).
     seed : int
@@ -131,6 +154,9 @@ class TrainConfig:
     morphology: bool = False
     lbp: bool = False
     hidden: int = 0
+    cnn_blocks: int = 0
+    stem_stride: int = 2
+    fixed_features: bool = True
     views_per_image: int = 16
     aug_strength: float = 1.0
     scale_jitter: float = 0.1
@@ -151,10 +177,15 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.patch_size_pixels < 32 or not self.spacing_um_px > 0:
             raise ConfigError("patch_size_pixels must be >= 32 and spacing_um_px > 0")
+        if self.aug_strength < 0 or not 0 <= self.scale_jitter < 1:
+            raise ConfigError(
+                f"need aug_strength >= 0 and scale_jitter in [0, 1); got {self.aug_strength}, "
+                f"{self.scale_jitter}"
+            )
 
     def arch_args(self) -> dict[str, Any]:
         """Network arguments stored in the spec's ``slidestream.arch_args``."""
-        return {
+        args: dict[str, Any] = {
             "cnn_channels": list(self.cnn_channels),
             "dropout": self.dropout,
             "textons": self.textons,
@@ -162,6 +193,13 @@ class TrainConfig:
             "lbp": self.lbp,
             "hidden": self.hidden,
         }
+        if self.cnn_blocks:
+            args["cnn_blocks"] = self.cnn_blocks
+        if self.stem_stride != 2:
+            args["stem_stride"] = self.stem_stride
+        if not self.fixed_features:
+            args["fixed_features"] = False
+        return args
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,11 +423,14 @@ def _bank_predict(
     return np.stack(out).astype(np.float32)
 
 
-def _new_net(pool: _Pool, cfg: TrainConfig, device: torch.device) -> TissueNet:
-    """A fresh network; its texton dictionary is fitted on augmented crops of ``pool``."""
+def _new_net(
+    pool: _Pool, cfg: TrainConfig, device: torch.device, *, fit_dictionary: bool = True
+) -> TissueNet:
+    """A fresh network; its texton dictionary is fitted on augmented crops of ``pool``
+    unless ``fit_dictionary`` is false."""
     torch.manual_seed(cfg.seed)
     net = TissueNet(num_classes=len(pool.class_names), **_net_kwargs(cfg))
-    if cfg.textons:
+    if cfg.textons and fit_dictionary:
         rng = np.random.default_rng(cfg.seed + 2)
         n = min(256, 2 * len(pool.images))
         idx = rng.permutation(np.arange(n) % len(pool.images)).astype(np.int64)
@@ -413,14 +454,15 @@ def _fit(
 ) -> tuple[TissueNet, ClassificationReport | None, int]:
     """Train on ``train``; select the epoch with the best validation balanced accuracy."""
     device = _resolve_device(cfg.device)
-    net = _new_net(train, cfg, device)
+    # With a learned branch, fit_fast fits the textons itself (on device-side crops).
+    net = _new_net(train, cfg, device, fit_dictionary=not cfg.cnn_channels)
     if not cfg.cnn_channels:
         both = train if val is None else _concat(train, val)
         bank = _feature_bank(net, both, cfg, device)
         n_tr = len(train.images)
         va_idx = np.arange(n_tr, len(both.images), dtype=np.int64)
         return _fit_bank(net, bank, both, np.arange(n_tr, dtype=np.int64), va_idx, cfg, on_epoch)
-    return _fit_end_to_end(net, train, val, spec, cfg, on_epoch, device)
+    return _fit_learned(net, train, val, spec, cfg, on_epoch, device)
 
 
 def _concat(a: _Pool, b: _Pool) -> _Pool:
@@ -448,7 +490,7 @@ def _fit_bank(
     dev = next(net.parameters()).device
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    net.norm.fit(bank.views[torch.from_numpy(tr)].flatten(0, 1).to(dev))
+    net.fit_scaler(bank.views[torch.from_numpy(tr)].flatten(0, 1).to(dev))
     opt = torch.optim.AdamW(net.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     # Uniform draws, loss weighted per (source, class) cell: the same balance as a weighted
@@ -492,7 +534,47 @@ def _fit_bank(
     return net, None, cfg.epochs
 
 
-def _fit_end_to_end(
+def _augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """Device-side augmentation equivalent to the CPU crops of the feature bank.
+
+    The colour ranges of :func:`augment_patch` (HED stain scale / shift, brightness, blur
+    probability) scale with ``aug_strength``, plus a contrast jitter of the same relative size;
+    the geometry (scale jitter, dihedral symmetry and a small rotation) does not.
+    """
+    s = cfg.aug_strength
+    return AugmentConfig(
+        patch_px=cfg.patch_size_pixels,
+        scale_jitter=cfg.scale_jitter,
+        stain_scale=0.15 * s,
+        stain_shift=0.04 * s,
+        brightness=0.08 * s,
+        contrast=0.1 * s,
+        blur_p=min(1.0, 0.3 * s),
+    )
+
+
+def _upload(pool: _Pool, cfg: TrainConfig, device: torch.device) -> DeviceImages:
+    """``pool``'s images on ``device`` with their model px per image px.
+
+    Images finer than the model resolution are first area-downsampled on the host to the
+    largest zoom the scale jitter can ask for, so that the device's bilinear crops never
+    shrink them by more than ``1 + scale_jitter`` (no aliasing, less device memory).
+    """
+    images, scales = [], []
+    for im, mpp in zip(pool.images, pool.mpps, strict=True):
+        scale = mpp / cfg.spacing_um_px
+        shrink = scale * (1 + cfg.scale_jitter)
+        if shrink < 1:
+            h, w = im.shape[:2]
+            size = (max(1, round(w * shrink)), max(1, round(h * shrink)))
+            im = np.ascontiguousarray(cv2.resize(im, size, interpolation=cv2.INTER_AREA))
+            scale *= w / size[0]
+        images.append(im)
+        scales.append(scale)
+    return upload_images(images, scales, device)
+
+
+def _fit_learned(
     net: TissueNet,
     train: _Pool,
     val: _Pool | None,
@@ -501,48 +583,42 @@ def _fit_end_to_end(
     on_epoch: EpochCallback | None,
     device: torch.device,
 ) -> tuple[TissueNet, ClassificationReport | None, int]:
-    """Train every weight (learned CNN branch) on freshly augmented crops each step."""
-    rng = np.random.default_rng(cfg.seed)
-    with torch.no_grad():
-        net.eval()
-        idx = rng.choice(len(train.images), size=max(cfg.batch_size, 64))
-        net.norm.fit(net.features(_batch(train, idx, cfg, rng)[0].to(device)))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15
+    """Train every weight (learned CNN branch) with :func:`fit_fast` (device-side crops).
+
+    An epoch is ``ceil(samples_per_epoch / batch_size)`` steps of crops drawn with
+    :meth:`_Pool.weights`; with a validation pool, each epoch ends with :func:`classify_image`
+    on it and the best epoch's weights are kept (later epochs win ties: the schedule has
+    annealed).
+    """
+    fast = FastTrainConfig(
+        augment=_augment_config(cfg),
+        epochs=cfg.epochs,
+        steps_per_epoch=math.ceil(cfg.samples_per_epoch / cfg.batch_size),
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing,
+        seed=cfg.seed,
     )
-    weights = train.weights()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     best_report: ClassificationReport | None = None
-    for epoch in range(1, cfg.epochs + 1):
-        net.train()
-        losses = []
-        for _ in range(steps_per_epoch):
-            idx = rng.choice(len(train.images), size=cfg.batch_size, p=weights)
-            x, y = _batch(train, idx, cfg, rng)
-            logits = net(x.to(device))
-            loss = F.cross_entropy(logits, y.to(device), label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        stats = {"loss": float(np.mean(losses))}
+
+    def epoch_done(epoch: int, epochs: int, fast_stats: Mapping[str, float]) -> None:
+        nonlocal best, best_report
+        stats = {"loss": fast_stats["loss"]}
         if val is not None and val.images:
-            model = PatchClassifier(spec=spec, module=net, device=device)
-            report, _ = _evaluate(model, val)
+            report, _ = _evaluate(PatchClassifier(spec=spec, module=net, device=device), val)
             stats["val_balanced_accuracy"] = report.balanced_accuracy
-            # Later epochs win ties (the schedule has annealed).
             if best is None or report.balanced_accuracy >= best[0]:
                 state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                best = (report.balanced_accuracy, epoch, state)
-                best_report = report
-        logger.info("epoch %d/%d %s", epoch, cfg.epochs, stats)
+                best, best_report = (report.balanced_accuracy, epoch, state), report
+        logger.info("epoch %d/%d %s", epoch, epochs, stats)
         if on_epoch is not None:
-            on_epoch(epoch, cfg.epochs, stats)
-    net.eval()
+            on_epoch(epoch, epochs, stats)
+
+    data = _upload(train, cfg, device)
+    net = fit_fast(net, data, train.labels, train.weights(), fast, on_epoch=epoch_done)
+    del data
     if best is not None:
         net.load_state_dict(best[2])
         return net, best_report, best[1]

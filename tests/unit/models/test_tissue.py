@@ -224,8 +224,19 @@ def test_training_loop_learns_synthetic_colour_classes(
         device="cpu",
         tta=bool(cnn),  # the written spec carries the setting
     )
-    result = train_tissue(tmp_path / "data", tmp_path / "model", mpp=1.0, config=cfg)
+    seen: list[tuple[int, int, dict[str, float]]] = []
+    result = train_tissue(
+        tmp_path / "data",
+        tmp_path / "model",
+        mpp=1.0,
+        config=cfg,
+        on_epoch=lambda e, n, stats: seen.append((e, n, dict(stats))),
+    )
     assert result.val_report is not None and result.val_report.accuracy == 1.0
+    assert [(e, n) for e, n, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert all({"loss", "val_balanced_accuracy"} <= stats.keys() for _, _, stats in seen)
+    best = max(stats["val_balanced_accuracy"] for _, _, stats in seen)
+    assert result.best_epoch == max(e for e, _, s in seen if s["val_balanced_accuracy"] == best)
     model = load_model_dir(tmp_path / "model")
     assert model.spec.tta == ("dihedral" if cnn else "none")
     assert model.class_names == ("pinkish", "purplish")
