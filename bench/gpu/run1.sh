@@ -10,7 +10,7 @@ LOG=/tmp/gpulogs; mkdir -p $LOG /tmp/train
 T0=$(date +%s); LIMIT=${LIMIT:-585}
 el() { echo "[t+$(( $(date +%s) - T0 ))s] $*"; }
 PY=${PY:-python3}
-DEV=cuda; MOS=6; W=8192; H=6144; BENCH_T=(100 45 220)
+DEV=cuda; MOS=6; W=8192; H=6144; BENCH_T=(130 45 220)
 if [ "${DRY:-0}" = 1 ]; then DEV=cpu; MOS=2; W=1024; H=768; BENCH_T=(60 30 120); fi
 el setup
 if [ "${DRY:-0}" != 1 ]; then
