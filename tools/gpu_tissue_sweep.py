@@ -37,7 +37,7 @@ import torch
 
 from slidestream.models.tissue import LUNG_CLASS_MAP, classify_image, load_model_dir
 from slidestream.models.tissue._data import group_kfold
-from slidestream.models.tissue._fast_train import FastTrainConfig, balanced_weights, fit_fast
+from slidestream.models.tissue._fast_train import FastTrainConfig, fit_fast
 from slidestream.models.tissue._gpu_augment import (
     AugmentConfig,
     DeviceImages,
@@ -57,6 +57,7 @@ from slidestream.models.tissue._train import (
     _fit_bank,
     _load_pool,
     _make_spec,
+    _net_kwargs,
     _new_net,
     _Pool,
     _resolve_device,
@@ -129,9 +130,7 @@ def fast_config(c: Candidate, epochs: int, batch: int, seed: int) -> FastTrainCo
 
 
 def new_net(c: Candidate, n_classes: int) -> TissueNet:
-    args = c.train.arch_args()
-    args["cnn_channels"] = tuple(args["cnn_channels"])
-    return TissueNet(num_classes=n_classes, **args)
+    return TissueNet(num_classes=n_classes, **_net_kwargs(c.train))
 
 
 def subset_images(data: DeviceImages, idx: npt.NDArray[np.int64]) -> DeviceImages:
@@ -253,7 +252,7 @@ def run_fast(
             new_net(c, k),
             subset_images(data, tr),
             pool.labels[tr],
-            balanced_weights(pool.labels[tr]),
+            pool.subset(tr).weights(),
             cfg,
             on_epoch=count,
             deadline=deadline,
@@ -505,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             new_net(c, k),
             data,
             pool.labels,
-            balanced_weights(pool.labels),
+            pool.weights(),
             fast_config(c, epochs, args.batch_size, args.seed),
             on_epoch=count,
             deadline=end - 8.0,

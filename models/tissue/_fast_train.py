@@ -32,7 +32,7 @@ from ._gpu_augment import (
 )
 from ._network import TissueNet, fit_textons
 
-__all__ = ["FastTrainConfig", "balanced_weights", "fit_fast"]
+__all__ = ["FastTrainConfig", "fit_fast"]
 
 FastEpochCallback = Callable[[int, int, Mapping[str, float]], None]
 
@@ -213,11 +213,3 @@ def fit_fast(
             break
     net.eval()
     return net
-
-
-def balanced_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    """Sampling probabilities giving every class the same total weight."""
-    counts = np.bincount(labels).astype(np.float64)
-    w = 1.0 / counts[labels]
-    out: npt.NDArray[np.float64] = w / w.sum()
-    return out

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from slidestream.errors import ConfigError
 
+from . import _data
+
 __all__ = [
     "AugmentConfig",
     "AugmentParams",
@@ -37,11 +39,9 @@ __all__ = [
     "upload_images",
 ]
 
-_RGB_FROM_HED = torch.tensor(
-    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64
-)
-_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
-_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+# The stain matrices of the CPU augmentation (augment_patch): unit-length Ruifrok vectors, float64.
+_RGB_FROM_HED = torch.from_numpy(_data._RGB_FROM_HED)
+_HED_FROM_RGB = torch.from_numpy(_data._HED_FROM_RGB)
 _BLUR_RADIUS_PX = 3
 
 
