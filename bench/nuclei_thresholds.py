@@ -95,7 +95,7 @@ def main() -> None:
         t_img = resample_image(rgb, mpp / model.mpp)
         batch = torch.from_numpy(np.ascontiguousarray(t_img.transpose(2, 0, 1)))[None]
         maps = model.predict(batch)[0]
-        u = model.upsample_for(mpp)  # as ``segment``: not beyond the input's own resolution
+        u = model.upsample_for(mpp)  # as ``segment`` does
         cases.append((key.split("/")[0], maps, true, u))
 
     def floats(text: str) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -124,11 +125,15 @@ class NucleusModel:
     def upsample_for(self, input_mpp: float) -> int:
         """Watershed refinement factor for an input at ``input_mpp`` µm/px.
 
-        The preset's ``PostprocessConfig.upsample``, limited to the input's own resolution: a
+        The preset's ``PostprocessConfig.upsample``, limited to the smallest factor that makes
+        the watershed grid at least as fine as the input (``ceil(mpp / input_mpp)``): a
         0.5 µm/px model refines 2x for a 0.25 µm/px (40x) input and not at all for a
-        0.5 µm/px (20x) one, where finer labels would only interpolate between its pixels.
+        0.5 µm/px (20x) one, where finer labels would only interpolate between its pixels; a
+        0.35 µm/px model refines 2x (0.175 µm/px) for a 40x input, whose labels are then
+        resampled to the input's 0.25 µm/px.
         """
-        return min(self.postprocess_config.upsample, max(1, round(self.mpp / input_mpp)))
+        needed = max(1, math.ceil(self.mpp / input_mpp - 1e-6))
+        return min(self.postprocess_config.upsample, needed)
 
     def postprocess_for(
         self, input_mpp: float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pickle
@@ -229,20 +230,32 @@ def test_shipped_weights_load_and_forward_fast() -> None:
     assert sum(row["default"] for row in list_nuclei_models()) == 1
 
 
-def test_accurate_preset_is_the_fast_network_with_tta() -> None:
+def test_accurate_preset_is_the_fine_network_with_tta() -> None:
     fast = load_nuclei_model("fast")
     accurate = load_nuclei_model("nuclei-unet-accurate")
     assert isinstance(fast, NucleusModel) and isinstance(accurate, NucleusModel)
     assert accurate.name == "nuclei-unet-accurate" and accurate.tta and not fast.tta
-    assert accurate.weights_sha256 == fast.weights_sha256
+    fine = SHIPPED_WEIGHTS.with_name("nuclei-unet-fine.safetensors")
+    assert accurate.weights_sha256 == hashlib.sha256(fine.read_bytes()).hexdigest()
+    assert accurate.weights_sha256 != fast.weights_sha256
+    assert accurate.mpp == pytest.approx(0.35) and fast.mpp == pytest.approx(0.5)
     assert accurate.postprocess_config.upsample == 2 and fast.postprocess_config.upsample == 1
-    # The watershed is refined at most to the input's own resolution (here 0.5 µm/px model).
+    # The watershed grid is refined by the smallest factor that makes it at least as fine as
+    # the input, up to the preset's own factor.
     probe = np.zeros((3, 40, 40), np.float32)
-    assert accurate.postprocess_for(0.25)(probe).shape == (80, 80)  # 40x input: 2x
-    assert accurate.postprocess_for(0.5)(probe).shape == (40, 40)  # 20x input: none
+    assert accurate.upsample_for(0.25) == 2  # 0.35 -> 0.175 µm/px for a 40x input
+    assert accurate.postprocess_for(0.25)(probe).shape == (80, 80)
+    assert accurate.upsample_for(0.5) == 1  # 20x input: the 0.35 µm/px grid is finer already
+    assert accurate.postprocess_for(0.5)(probe).shape == (40, 40)
     assert fast.postprocess_for(0.25)(probe).shape == (40, 40)
+    wide = load_nuclei_model(SHIPPED_WEIGHTS.with_name("nuclei-unet-wide.safetensors"))
+    assert isinstance(wide, NucleusModel)  # a 0.5 µm/px network
+    wide.postprocess_config = dataclasses.replace(wide.postprocess_config, upsample=2)
+    assert [wide.upsample_for(m) for m in (0.25, 0.3, 0.5, 1.0)] == [2, 2, 1, 1]
     maps = accurate.predict(torch.randint(0, 255, (1, 3, 48, 64), dtype=torch.uint8))
     assert maps.shape == (1, 3, 48, 64)
+    labels = accurate.segment(np.full((77, 131, 3), 230, np.uint8), 0.25)
+    assert labels.shape == (77, 131) and labels.dtype == np.int32
 
 
 def test_tta_maps_are_equivariant_to_the_symmetries_of_the_square() -> None:
