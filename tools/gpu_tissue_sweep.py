@@ -21,12 +21,12 @@ Example (repository root, GPU machine)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,6 @@ from slidestream.models.tissue._fast_train import FastTrainConfig, fit_fast
 from slidestream.models.tissue._gpu_augment import (
     AugmentConfig,
     DeviceImages,
-    apply_augment,
-    draw_params,
     upload_images,
 )
 from slidestream.models.tissue._metrics import ClassificationReport, classification_report
@@ -52,7 +50,6 @@ from slidestream.models.tissue._spec import ModelSpec
 from slidestream.models.tissue._train import (
     DataSource,
     TrainConfig,
-    _bank_predict,
     _feature_bank,
     _fit_bank,
     _load_pool,
@@ -61,6 +58,7 @@ from slidestream.models.tissue._train import (
     _new_net,
     _Pool,
     _resolve_device,
+    bank_fold_probs,
     save_model,
 )
 
@@ -141,40 +139,22 @@ def subset_images(data: DeviceImages, idx: npt.NDArray[np.int64]) -> DeviceImage
 
 
 def step_seconds(c: Candidate, data: DeviceImages, n_classes: int, batch: int) -> float:
-    """Measured seconds per training step (after warm-up) of candidate ``c``, queued as in
-    :func:`fit_fast` (all draws on the device up front, no host sync between steps)."""
-    dev = data.pixels.device
-    cuda = dev.type == "cuda"
-    net = new_net(c, n_classes).to(dev)
-    cfg = fast_config(c, 1, batch, 0)
-    gen = torch.Generator().manual_seed(0)
-    warm, timed = (3, 5) if cuda else (1, 1)
-    idx = torch.randint(0, len(data), ((warm + timed) * batch,), generator=gen)
-    plan = draw_params(data, idx, cfg.augment, gen).to(dev)
-    with torch.no_grad():
-        net.eval()
-        net.fit_scaler(net.features(apply_augment(data, plan.rows(0, batch), cfg.augment.patch_px)))
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True if cuda else None)
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    net.train()
-    t = 0.0
-    for i in range(warm + timed):
-        if i == warm:
-            sync(data)
-            t = time.perf_counter()
-        p = plan.rows(i * batch, (i + 1) * batch)
-        x = apply_augment(data, p, cfg.augment.patch_px)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), p.idx % n_classes)
-        opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-    sync(data)
-    return (time.perf_counter() - t) / timed
+    """Measured seconds per training step of candidate ``c``: :func:`fit_fast` itself, run for
+    two short epochs (a warm-up, then the timed one; each epoch ends with one host sync)."""
+    cuda = data.pixels.device.type == "cuda"
+    steps = 5 if cuda else 2  # one-cycle needs >= 2 steps per phase
+    ends: list[float] = []
+
+    def on_epoch(_epoch: int, _epochs: int, stats: Mapping[str, float]) -> None:
+        ends.append(stats["seconds"])
+
+    cfg = replace(
+        fast_config(c, 2, batch, 0), steps_per_epoch=steps, norm_crops=batch, warmup_fraction=0.5
+    )
+    labels = torch.randint(0, n_classes, (len(data),), generator=torch.Generator().manual_seed(0))
+    weights = np.full(len(data), 1.0 / len(data))
+    fit_fast(new_net(c, n_classes), data, labels.numpy(), weights, cfg, on_epoch=on_epoch)
+    return (ends[1] - ends[0]) / steps
 
 
 def sync(data: DeviceImages) -> None:
@@ -208,14 +188,9 @@ def run_bank(
 ) -> dict[str, Any]:
     """The shipped fixed-feature path (as ``cross_validate_tissue``), TTA as configured."""
     cfg = replace(c.train, device=device.type)
-    base = _new_net(pool, cfg, device)
-    bank = _feature_bank(base, pool, cfg, device)
     oof = np.zeros((len(pool.images), len(pool.class_names)), dtype=np.float32)
-    for va in folds:
-        tr = np.setdiff1d(np.arange(len(pool.images)), va)
-        net = copy.deepcopy(base)
-        net, _, _ = _fit_bank(net, bank, pool, tr, np.zeros(0, dtype=np.int64), cfg, None)
-        oof[va] = _bank_predict(net, bank, va)
+    for va, probs in zip(folds, bank_fold_probs(pool, folds, cfg, device), strict=True):
+        oof[va] = probs
     return {"oof": {cfg.tta: oof}, "epochs": cfg.epochs}
 
 

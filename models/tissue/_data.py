@@ -252,6 +252,14 @@ def sample_patch(
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+# Colour jitter ranges at strength 1, shared with the device-side augmentation (AugmentConfig):
+# per-stain OD scale 1 ± STAIN_SCALE and shift ± STAIN_SHIFT, brightness 1 ± BRIGHTNESS, and a
+# Gaussian blur with probability BLUR_P and sigma in BLUR_SIGMA (px).
+STAIN_SCALE = 0.15
+STAIN_SHIFT = 0.04
+BRIGHTNESS = 0.08
+BLUR_P = 0.3
+BLUR_SIGMA = (0.3, 1.2)
 
 
 def augment_patch(
@@ -273,14 +281,15 @@ def augment_patch(
     if strength > 0:
         od = -np.log((out.astype(np.float32) + 1.0) / 256.0)
         hed = od @ _HED_FROM_RGB.astype(np.float32)
-        alpha = rng.uniform(1 - 0.15 * strength, 1 + 0.15 * strength, size=3).astype(np.float32)
-        beta = rng.uniform(-0.04 * strength, 0.04 * strength, size=3).astype(np.float32)
+        a, b = STAIN_SCALE * strength, STAIN_SHIFT * strength
+        alpha = rng.uniform(1 - a, 1 + a, size=3).astype(np.float32)
+        beta = rng.uniform(-b, b, size=3).astype(np.float32)
         hed = hed * alpha + beta
         od = np.clip(hed @ _RGB_FROM_HED.astype(np.float32), 0, None)
         rgb = 256.0 * np.exp(-od) - 1.0
-        rgb = rgb * rng.uniform(1 - 0.08 * strength, 1 + 0.08 * strength)
+        rgb = rgb * rng.uniform(1 - BRIGHTNESS * strength, 1 + BRIGHTNESS * strength)
         out = np.clip(rgb, 0, 255).astype(np.uint8)
-        if rng.random() < 0.3 * strength:
-            sigma = float(rng.uniform(0.3, 1.2))
+        if rng.random() < BLUR_P * strength:
+            sigma = float(rng.uniform(*BLUR_SIGMA))
             out = cv2.GaussianBlur(out, (0, 0), sigma)
     return np.ascontiguousarray(out)

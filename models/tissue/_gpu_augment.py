@@ -17,8 +17,8 @@ numbers per crop), so a seed gives the same parameters on every device.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -69,12 +69,12 @@ class AugmentConfig:
     patch_px: int
     scale_jitter: float = 0.1
     rotation_deg: float = 10.0
-    stain_scale: float = 0.15
-    stain_shift: float = 0.04
-    brightness: float = 0.08
+    stain_scale: float = _data.STAIN_SCALE
+    stain_shift: float = _data.STAIN_SHIFT
+    brightness: float = _data.BRIGHTNESS
     contrast: float = 0.1
-    blur_p: float = 0.3
-    blur_sigma: tuple[float, float] = (0.3, 1.2)
+    blur_p: float = _data.BLUR_P
+    blur_sigma: tuple[float, float] = _data.BLUR_SIGMA
 
     def __post_init__(self) -> None:
         if self.patch_px < 8:
@@ -202,29 +202,16 @@ class AugmentParams:
     def __len__(self) -> int:
         return int(self.idx.shape[0])
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AugmentParams:
+        return AugmentParams(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
     def to(self, device: torch.device | str) -> AugmentParams:
         """The same draws on ``device``."""
-        return AugmentParams(
-            idx=self.idx.to(device),
-            theta=self.theta.to(device),
-            alpha=self.alpha.to(device),
-            beta=self.beta.to(device),
-            bright=self.bright.to(device),
-            contrast=self.contrast.to(device),
-            blur=self.blur.to(device),
-        )
+        return self._map(lambda t: t.to(device))
 
     def rows(self, start: int, stop: int) -> AugmentParams:
         """Crops ``start:stop`` (views, no copy)."""
-        return AugmentParams(
-            idx=self.idx[start:stop],
-            theta=self.theta[start:stop],
-            alpha=self.alpha[start:stop],
-            beta=self.beta[start:stop],
-            bright=self.bright[start:stop],
-            contrast=self.contrast[start:stop],
-            blur=self.blur[start:stop],
-        )
+        return self._map(lambda t: t[start:stop])
 
 
 def draw_params(

@@ -21,8 +21,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -542,14 +542,15 @@ def _augment_config(cfg: TrainConfig) -> AugmentConfig:
     the geometry (scale jitter, dihedral symmetry and a small rotation) does not.
     """
     s = cfg.aug_strength
-    return AugmentConfig(
-        patch_px=cfg.patch_size_pixels,
+    base = AugmentConfig(patch_px=cfg.patch_size_pixels)
+    return replace(
+        base,
         scale_jitter=cfg.scale_jitter,
-        stain_scale=0.15 * s,
-        stain_shift=0.04 * s,
-        brightness=0.08 * s,
-        contrast=0.1 * s,
-        blur_p=min(1.0, 0.3 * s),
+        stain_scale=base.stain_scale * s,
+        stain_shift=base.stain_shift * s,
+        brightness=base.brightness * s,
+        contrast=base.contrast * s,
+        blur_p=min(1.0, base.blur_p * s),
     )
 
 
@@ -714,6 +715,25 @@ def save_model(net: TissueNet, spec: ModelSpec, out_dir: Path) -> ModelSpec:
     return spec
 
 
+def bank_fold_probs(
+    pool: _Pool, folds: Sequence[npt.NDArray[np.int64]], cfg: TrainConfig, device: torch.device
+) -> Iterator[npt.NDArray[np.float32]]:
+    """Held-out class probabilities of each fold of a fixed-feature config, fold by fold.
+
+    The fixed front end (incl. the unsupervised texton dictionary, fitted on all images without
+    labels) and its feature bank are computed once, on the first fold; each fold's head is then
+    fitted on the other folds' images. Yields ``(len(va), K)`` probabilities per fold, as
+    :func:`classify_image` gives them.
+    """
+    base = _new_net(pool, cfg, device)
+    bank = _feature_bank(base, pool, cfg, device)
+    for va in folds:
+        tr = np.setdiff1d(np.arange(len(pool.images)), va)
+        net = copy.deepcopy(base)
+        net, _, _ = _fit_bank(net, bank, pool, tr, np.zeros(0, dtype=np.int64), cfg, None)
+        yield _bank_predict(net, bank, va)
+
+
 def cross_validate_tissue(
     sources: Sequence[DataSource],
     *,
@@ -747,21 +767,13 @@ def cross_validate_tissue(
     reports = []
     oof = np.zeros(len(pool.images), dtype=np.int64)
     device = _resolve_device(cfg.device)
-    bank: _Bank | None = None
-    base: TissueNet | None = None
+    bank_probs = None if cfg.cnn_channels else bank_fold_probs(pool, folds, cfg, device)
     for k, va in enumerate(folds):
-        tr = np.setdiff1d(np.arange(len(pool.images)), va)
-        if not cfg.cnn_channels:
-            if base is None or bank is None:
-                # The fixed front end (incl. the unsupervised texton dictionary, fitted on all
-                # images without labels) is shared by the folds; heads are fitted per fold.
-                base = _new_net(pool, cfg, device)
-                bank = _feature_bank(base, pool, cfg, device)
-            net = copy.deepcopy(base)
-            net, _, _ = _fit_bank(net, bank, pool, tr, np.zeros(0, dtype=np.int64), cfg, None)
-            probs = _bank_predict(net, bank, va)
+        if bank_probs is not None:
+            probs = next(bank_probs)
             report = classification_report(pool.labels[va], probs.argmax(1), pool.class_names)
         else:
+            tr = np.setdiff1d(np.arange(len(pool.images)), va)
             net, _, _ = _fit(pool.subset(tr), None, spec, cfg, None)
             model = PatchClassifier(spec=spec, module=net, device=device)
             report, probs = _evaluate(model, pool.subset(va))
