@@ -551,7 +551,7 @@ def _nucleus_tables(
     nmodel = models.nuclei
     grid, loader = stream
     l0_per_px = float(nmodel.mpp) / float(slide.mpp)
-    # A refining preset post-processes at most at the slide's own resolution.
+    # A refining preset refines its watershed only as far as the slide's own resolution needs.
     postprocess = nmodel.postprocess_for(float(slide.mpp))
     pending: deque[Future[Any] | Any] = deque()
     bar = _Progress(len(grid), "nuclei", show_progress)
