@@ -227,8 +227,23 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         show_default=True,
         help="Hidden units of the head (0: linear).",
     )
+    @click.option(
+        "--fixed-features/--no-fixed-features",
+        default=True,
+        show_default=True,
+        help="Use the fixed colour/texture front end; --no-fixed-features trains the --cnn "
+        "branch alone (then --textons 0).",
+    )
     @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
     @click.option("--samples-per-epoch", type=click.IntRange(min=2), default=768, show_default=True)
+    @click.option(
+        "--lr",
+        type=click.FloatRange(min=0, min_open=True),
+        default=3e-3,
+        show_default=True,
+        help="AdamW learning rate (the one-cycle peak with --cnn).",
+    )
+    @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-3, show_default=True)
     @click.option("--patch-size-px", type=click.IntRange(min=32), default=112, show_default=True)
     @click.option(
         "--model-mpp",
@@ -269,8 +284,11 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         morphology: bool,
         lbp: bool,
         hidden: int,
+        fixed_features: bool,
         batch_size: int,
         samples_per_epoch: int,
+        lr: float,
+        weight_decay: float,
         patch_size_px: int,
         model_mpp: float,
         cv_folds: int,
@@ -312,8 +330,11 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             morphology=morphology,
             lbp=lbp,
             hidden=hidden,
+            fixed_features=fixed_features,
             batch_size=batch_size,
             samples_per_epoch=samples_per_epoch,
+            lr=lr,
+            weight_decay=weight_decay,
             patch_size_pixels=patch_size_px,
             spacing_um_px=model_mpp,
             tta=tta,
@@ -450,6 +471,52 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             )
             if r.get("summary"):
                 click.echo(f"        {r['summary']}")
+
+    @models.command("ensemble")
+    @click.argument(
+        "model_dirs",
+        nargs=-1,
+        required=True,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+    )
+    @click.option(
+        "--weights",
+        "weights_text",
+        required=True,
+        help="Comma-separated weight per model folder, e.g. 0.65,0.35 (normalised to sum 1).",
+    )
+    @click.option(
+        "--out",
+        "out_dir",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Model folder to write.",
+    )
+    @click.option("--name", default=None, help="Model name stored in config.json.")
+    @click.option("--display-name", default=None)
+    def ensemble_cmd(
+        model_dirs: tuple[Path, ...],
+        weights_text: str,
+        out_dir: Path,
+        name: str | None,
+        display_name: str | None,
+    ) -> None:
+        """Combine trained model folders into one that averages their probabilities."""
+        from slidestream.models.tissue import combine_models
+
+        try:
+            weights = [float(w) for w in weights_text.split(",") if w.strip()]
+        except ValueError as exc:
+            raise click.BadParameter(f"{weights_text!r}: expected numbers like 0.6,0.4") from exc
+        if len(weights) != len(model_dirs):
+            raise click.BadParameter(
+                f"{len(weights)} weights for {len(model_dirs)} model folders; give one each"
+            )
+        spec = combine_models(model_dirs, weights, out_dir, name=name, display_name=display_name)
+        click.echo(
+            f"wrote {out_dir}: {len(model_dirs)} members, {spec.patch_size_pixels} px at "
+            f"{spec.spacing_um_px} µm/px"
+        )
 
     @models.command("register")
     @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))

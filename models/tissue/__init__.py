@@ -11,6 +11,7 @@ model registry.
 from __future__ import annotations
 
 from ._data import LUNG_CLASS_MAP, TissueDataset, discover_dataset
+from ._ensemble import ENSEMBLE_ARCHITECTURE, TissueEnsemble, combine_models
 from ._fast_train import FastTrainConfig, fit_fast
 from ._gpu_augment import AugmentConfig, DeviceImages, augment_batch, upload_images
 from ._metrics import ClassificationReport, classification_report, evaluate_tissue
@@ -30,12 +31,14 @@ from ._train import (
     TrainConfig,
     TrainResult,
     cross_validate_tissue,
+    out_of_fold_probabilities,
     train_tissue,
 )
 
 __all__ = [
     "ARCHITECTURE",
     "DEFAULT_TISSUE_MODEL",
+    "ENSEMBLE_ARCHITECTURE",
     "LUNG_CLASS_MAP",
     "AugmentConfig",
     "CVResult",
@@ -46,6 +49,7 @@ __all__ = [
     "ModelSpec",
     "PatchClassifier",
     "TissueDataset",
+    "TissueEnsemble",
     "TissueModelInfo",
     "TissueNet",
     "TrainConfig",
@@ -54,6 +58,7 @@ __all__ = [
     "augment_batch",
     "classification_report",
     "classify_image",
+    "combine_models",
     "cross_validate_tissue",
     "discover_dataset",
     "evaluate_tissue",
@@ -62,6 +67,7 @@ __all__ = [
     "list_tissue_models",
     "load_model_dir",
     "load_tissue_model",
+    "out_of_fold_probabilities",
     "read_spec",
     "register_tissue_model",
     "train_tissue",

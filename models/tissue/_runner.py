@@ -24,6 +24,7 @@ from torch import nn
 
 from slidestream.errors import ConfigError, WeightsError
 
+from ._ensemble import ENSEMBLE_ARCHITECTURE
 from ._network import ARCHITECTURE, build_network
 from ._spec import ModelSpec, read_spec
 
@@ -342,7 +343,7 @@ def load_model_dir(
     folder = Path(model_dir)
     spec = read_spec(folder)
     weights = folder / WEIGHTS_NAME
-    if weights.is_file() or spec.architecture == ARCHITECTURE:
+    if weights.is_file() or spec.architecture in (ARCHITECTURE, ENSEMBLE_ARCHITECTURE):
         return _load_safetensors(folder, spec, device)
     for name in TORCHSCRIPT_NAMES:
         ts = folder / name

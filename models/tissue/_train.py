@@ -734,6 +734,58 @@ def bank_fold_probs(
         yield _bank_predict(net, bank, va)
 
 
+def _fold_probs(
+    pool: _Pool, folds: Sequence[npt.NDArray[np.int64]], cfg: TrainConfig, spec: ModelSpec
+) -> Iterator[npt.NDArray[np.float32]]:
+    """Held-out probabilities ``(len(va), K)`` of each fold, for any configuration.
+
+    Fixed-feature configurations go through :func:`bank_fold_probs`; a learned CNN trains one
+    network per fold and classifies the held-out images with :func:`classify_image`.
+    """
+    device = _resolve_device(cfg.device)
+    if not cfg.cnn_channels:
+        yield from bank_fold_probs(pool, folds, cfg, device)
+        return
+    for va in folds:
+        tr = np.setdiff1d(np.arange(len(pool.images)), va)
+        net, _, _ = _fit(pool.subset(tr), None, spec, cfg, None)
+        _, probs = _evaluate(PatchClassifier(spec=spec, module=net, device=device), pool.subset(va))
+        yield probs
+
+
+def out_of_fold_probabilities(
+    sources: Sequence[DataSource],
+    *,
+    n_folds: int = 5,
+    config: TrainConfig | None = None,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], tuple[str, ...]]:
+    """Out-of-fold class probabilities of every image under group-aware k-fold CV.
+
+    The folds depend only on the data and ``seed`` (not on ``config``), so the probabilities
+    of different configurations -- e.g. ensemble members at different µm/px -- can be averaged
+    image by image.
+
+    Returns
+    -------
+    labels : ndarray, int64, (n,)
+    probs : ndarray, float32, (n, K)
+        Each image classified by the model of the fold that held it out, as
+        :func:`classify_image` does (with ``config.tta``).
+    class_names : tuple of str
+    """
+    cfg = config or TrainConfig()
+    pool = _load_pool(sources, class_names, cfg.spacing_um_px)
+    folds = group_kfold(pool.groups, pool.labels, n_folds, seed=seed)
+    spec = _spec_for(cfg, pool.class_names)
+    probs = np.zeros((len(pool.images), len(pool.class_names)), dtype=np.float32)
+    for k, (va, p) in enumerate(zip(folds, _fold_probs(pool, folds, cfg, spec), strict=True)):
+        probs[va] = p
+        logger.info("fold %d/%d done", k + 1, n_folds)
+    return pool.labels, probs, pool.class_names
+
+
 def cross_validate_tissue(
     sources: Sequence[DataSource],
     *,
@@ -756,27 +808,11 @@ def cross_validate_tissue(
     t0 = time.perf_counter()
     pool = _load_pool(sources, class_names, cfg.spacing_um_px)
     folds = group_kfold(pool.groups, pool.labels, n_folds, seed=cfg.seed)
-    spec = _make_spec(
-        cfg,
-        pool.class_names,
-        name=None,
-        display_name=None,
-        default_input_mpp=None,
-        class_colors=None,
-    )
+    spec = _spec_for(cfg, pool.class_names)
     reports = []
     oof = np.zeros(len(pool.images), dtype=np.int64)
-    device = _resolve_device(cfg.device)
-    bank_probs = None if cfg.cnn_channels else bank_fold_probs(pool, folds, cfg, device)
-    for k, va in enumerate(folds):
-        if bank_probs is not None:
-            probs = next(bank_probs)
-            report = classification_report(pool.labels[va], probs.argmax(1), pool.class_names)
-        else:
-            tr = np.setdiff1d(np.arange(len(pool.images)), va)
-            net, _, _ = _fit(pool.subset(tr), None, spec, cfg, None)
-            model = PatchClassifier(spec=spec, module=net, device=device)
-            report, probs = _evaluate(model, pool.subset(va))
+    for k, (va, probs) in enumerate(zip(folds, _fold_probs(pool, folds, cfg, spec), strict=True)):
+        report = classification_report(pool.labels[va], probs.argmax(1), pool.class_names)
         oof[va] = probs.argmax(axis=1)
         reports.append(report)
         logger.info("fold %d/%d: %s", k + 1, n_folds, report.summary_line())
