@@ -232,7 +232,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         default=True,
         show_default=True,
         help="Use the fixed colour/texture front end; --no-fixed-features trains the --cnn "
-        "branch alone (then --textons 0).",
+        "branch alone (--textons is then ignored).",
     )
     @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
     @click.option("--samples-per-epoch", type=click.IntRange(min=2), default=768, show_default=True)
@@ -326,7 +326,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             val_fraction=val_fraction,
             views_per_image=views_per_image,
             cnn_channels=widths,
-            textons=textons,
+            textons=textons if fixed_features else 0,
             morphology=morphology,
             lbp=lbp,
             hidden=hidden,

@@ -159,10 +159,12 @@ def combine_models(
     ------
     ConfigError
         Mismatched classes, resolutions or fields of view; not our architecture.
+    WeightsError
+        A member's weights are missing, corrupt or do not fit its config.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from ._runner import WEIGHTS_NAME, file_sha256
+    from ._runner import WEIGHTS_NAME, file_sha256, load_model_dir
 
     if len(model_dirs) < 2 or len(model_dirs) != len(weights):
         raise ConfigError("give >= 2 model folders and one weight per folder")
@@ -197,10 +199,12 @@ def combine_models(
                 },
             }
         )
-        for key, value in load_file(str(Path(d) / WEIGHTS_NAME)).items():
-            state[f"members.{i}.{key}"] = value.contiguous()
+        # loading checks the member's sha256 and that its weights fit its arch_args
+        member = load_model_dir(d, allow_torchscript=False)
+        for key, value in member.module.state_dict().items():
+            state[f"members.{i}.{key}"] = value.detach().cpu().contiguous()
     ensemble = build_ensemble(base.num_classes, {"members": members})
-    ensemble.load_state_dict(state, strict=True)  # every member's weights fit its arch_args
+    ensemble.load_state_dict(state, strict=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{WEIGHTS_NAME}.tmp"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from slidestream.cli import cli
-from slidestream.errors import ConfigError
+from slidestream.errors import ConfigError, WeightsError
 from slidestream.models.tissue import (
     ENSEMBLE_ARCHITECTURE,
     DataSource,
@@ -135,6 +135,14 @@ def test_ensemble_cli_and_member_checks(members: tuple[Path, Path], tmp_path: Pa
     (bad / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ConfigError, match="--patch-size-px 32"):
         combine_models([fine, bad], [1, 1], tmp_path / "never")
+    # a member with corrupt weights
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((fine / "config.json").read_bytes())
+    raw = (fine / "weights.safetensors").read_bytes()
+    (broken / "weights.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(WeightsError, match="broken"):
+        combine_models([broken, coarse], [1, 1], tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
 
