@@ -1,16 +1,20 @@
-"""Group k-fold CV of the lung-lc25000 ensemble: each member alone and their weighted means.
+"""Group k-fold CV of a lung-lc25000 ensemble candidate: each member alone, their weighted means.
 
 Usage::
 
     python bench/tissue_ensemble_cv.py --data ../shared/data/tissue/lc25000_lung \\
         [--cache DIR] [--folds 5] [--threads 2]
 
-Members are the two configurations the shipped ``lung-lc25000`` model combines (see its card):
+Members (see the lung card, "A CNN alone after the fix"):
 
-* ``features``: fixed colour/texture front end (128 textons) + one-hidden-layer head,
-  224 px at 0.75 µm/px, 12 augmented views per image;
+* ``features``: the recipe of the shipped ``lung-lc25000`` model -- fixed colour/texture front
+  end (128 textons) + one-hidden-layer head, 224 px at 0.75 µm/px, 12 augmented views per image;
 * ``cnn``: a plain 4-stage CNN (16-32-64-128) alone, 112 px at 1.5 µm/px, 300 epochs of 448
   device-side augmented crops (AdamW + one-cycle).
+
+Their average did not beat ``features`` alone (2026-11-27), so the shipped model is not an
+ensemble; this benchmark is how a stronger CNN would be checked before ``slidestream models
+ensemble`` ships it.
 
 Every member is cross-validated on the same group folds (``group_kfold``, seed 0) with
 :func:`out_of_fold_probabilities`: each image is classified with dihedral TTA by the model of
@@ -30,17 +34,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from slidestream.models.tissue import (
     LUNG_CLASS_MAP,
     DataSource,
+    OutOfFold,
     TrainConfig,
     classification_report,
     out_of_fold_probabilities,
 )
-from slidestream.models.tissue._data import group_kfold
 
 MEMBERS: dict[str, TrainConfig] = {
     "features": TrainConfig(
@@ -85,21 +88,22 @@ def _key(cfg: TrainConfig, data: Path, folds: int) -> str:
 
 def _member_probs(
     name: str, cfg: TrainConfig, source: DataSource, folds: int, cache: Path | None
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+) -> OutOfFold:
     key = _key(cfg, source.data_dir, folds)
     path = cache / f"{name}.npz" if cache else None
     if path is not None and path.is_file():
         saved = np.load(path)
         if str(saved["key"]) == key:
             print(f"{name}: cached out-of-fold probabilities ({path})")
-            return saved["labels"], saved["probs"]
+            classes = tuple(str(c) for c in saved["class_names"])
+            return OutOfFold(saved["labels"], saved["probs"], classes, saved["fold"])
     t0 = time.perf_counter()
-    labels, probs, _ = out_of_fold_probabilities([source], n_folds=folds, config=cfg)
+    oof = out_of_fold_probabilities([source], n_folds=folds, config=cfg)
     print(f"{name}: {folds}-fold CV in {time.perf_counter() - t0:.0f} s")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, key=key, labels=labels, probs=probs)
-    return labels, probs
+        np.savez(path, key=key, **oof._asdict())
+    return oof
 
 
 def main() -> None:
@@ -112,19 +116,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     source = DataSource(data_dir=args.data, mpp=args.mpp, class_map=dict(LUNG_CLASS_MAP))
-    probs = {}
-    labels = np.zeros(0, dtype=np.int64)
-    for name, cfg in MEMBERS.items():
-        labels, probs[name] = _member_probs(name, cfg, source, args.folds, args.cache)
-    # the folds again, for per-fold figures (they depend on the data only)
-    from slidestream.models.tissue._train import _load_pool
-
-    pool = _load_pool([source], None, 0.75)
-    fold_idx = group_kfold(pool.groups, pool.labels, args.folds, seed=0)
-    classes = pool.class_names
+    oof = {
+        name: _member_probs(name, cfg, source, args.folds, args.cache)
+        for name, cfg in MEMBERS.items()
+    }
+    labels, _, classes, fold = oof["features"]  # the same for every member
+    fold_idx = [np.flatnonzero(fold == k) for k in range(args.folds)]
     print("\n| cnn weight | pooled balanced acc | fold mean ± sd | per fold |\n|---|---|---|---|")
     for w in CNN_WEIGHTS:
-        p = (1.0 - w) * probs["features"] + w * probs["cnn"]
+        p = (1.0 - w) * oof["features"].probs + w * oof["cnn"].probs
         pooled = classification_report(labels, p.argmax(1), classes).balanced_accuracy
         per = [
             classification_report(labels[va], p[va].argmax(1), classes).balanced_accuracy

@@ -45,7 +45,7 @@ from slidestream.models.tissue._gpu_augment import (
 )
 from slidestream.models.tissue._metrics import ClassificationReport, classification_report
 from slidestream.models.tissue._network import TissueNet
-from slidestream.models.tissue._runner import PatchClassifier
+from slidestream.models.tissue._runner import PatchClassifier, save_model
 from slidestream.models.tissue._spec import ModelSpec
 from slidestream.models.tissue._train import (
     DataSource,
@@ -59,7 +59,6 @@ from slidestream.models.tissue._train import (
     _Pool,
     _resolve_device,
     bank_fold_probs,
-    save_model,
 )
 
 T0 = time.perf_counter()

@@ -28,6 +28,7 @@ from ._spec import ModelSpec, TransformStep, read_spec, write_spec
 from ._train import (
     CVResult,
     DataSource,
+    OutOfFold,
     TrainConfig,
     TrainResult,
     cross_validate_tissue,
@@ -47,6 +48,7 @@ __all__ = [
     "DeviceImages",
     "FastTrainConfig",
     "ModelSpec",
+    "OutOfFold",
     "PatchClassifier",
     "TissueDataset",
     "TissueEnsemble",

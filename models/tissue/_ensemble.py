@@ -26,7 +26,7 @@ from torch import nn
 from slidestream.errors import ConfigError
 
 from ._network import ARCHITECTURE, TissueNet, build_network
-from ._spec import ModelSpec, read_spec, write_spec
+from ._spec import ModelSpec, read_spec
 
 __all__ = ["ENSEMBLE_ARCHITECTURE", "TissueEnsemble", "build_ensemble", "combine_models"]
 
@@ -162,9 +162,7 @@ def combine_models(
     WeightsError
         A member's weights are missing, corrupt or do not fit its config.
     """
-    from safetensors.torch import save_file
-
-    from ._runner import WEIGHTS_NAME, file_sha256, load_model_dir
+    from ._runner import load_model_dir, save_model
 
     if len(model_dirs) < 2 or len(model_dirs) != len(weights):
         raise ConfigError("give >= 2 model folders and one weight per folder")
@@ -179,50 +177,39 @@ def combine_models(
             raise ConfigError(
                 f"{d}: classes {list(s.class_names)} differ from {list(specs[0].class_names)}"
             )
-    base_i = min(range(len(specs)), key=lambda i: specs[i].spacing_um_px)
-    base = specs[base_i]
-    members: list[dict[str, Any]] = []
-    state: dict[str, torch.Tensor] = {}
-    for i, (d, s, w) in enumerate(zip(model_dirs, specs, weights, strict=True)):
-        factor = _downsample_factor(base, s, str(d))
-        members.append(
-            {
-                "architecture": s.architecture,
-                "arch_args": s.slidestream.get("arch_args", {}),
-                "weight": float(w),
-                "downsample": factor,
-                "source": {
-                    "name": s.name or Path(d).name,
-                    "spacing_um_px": s.spacing_um_px,
-                    "patch_size_pixels": s.patch_size_pixels,
-                    "weights_sha256": s.slidestream.get("weights_sha256"),
-                },
-            }
-        )
+    base = min(specs, key=lambda s: s.spacing_um_px)
+    factors = [_downsample_factor(base, s, str(d)) for d, s in zip(model_dirs, specs, strict=True)]
+    nets = []
+    for d in model_dirs:
         # loading checks the member's sha256 and that its weights fit its arch_args
-        member = load_model_dir(d, allow_torchscript=False)
-        for key, value in member.module.state_dict().items():
-            state[f"members.{i}.{key}"] = value.detach().cpu().contiguous()
-    ensemble = build_ensemble(base.num_classes, {"members": members})
-    ensemble.load_state_dict(state, strict=True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(out / WEIGHTS_NAME)
+        net = load_model_dir(d, allow_torchscript=False).module
+        assert isinstance(net, TissueNet)
+        nets.append(net)
+    members = [
+        {
+            "architecture": s.architecture,
+            "arch_args": s.slidestream.get("arch_args", {}),
+            "weight": float(w),
+            "downsample": f,
+            "source": {
+                "name": s.name or Path(d).name,
+                "spacing_um_px": s.spacing_um_px,
+                "patch_size_pixels": s.patch_size_pixels,
+                "weights_sha256": s.slidestream.get("weights_sha256"),
+            },
+        }
+        for d, s, w, f in zip(model_dirs, specs, weights, factors, strict=True)
+    ]
     block = {
         key: value
         for key, value in base.slidestream.items()
         if key not in ("arch_args", "weights_sha256")
     }
     block["arch_args"] = {"members": members}
-    block["weights_sha256"] = file_sha256(out / WEIGHTS_NAME)
     spec = base.replace(
         architecture=ENSEMBLE_ARCHITECTURE,
         name=name or base.name,
         display_name=display_name or base.display_name,
         slidestream=block,
     )
-    write_spec(spec, out)
-    return spec
+    return save_model(TissueEnsemble(nets, weights, factors), spec, Path(out_dir))

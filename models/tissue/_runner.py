@@ -26,7 +26,7 @@ from slidestream.errors import ConfigError, WeightsError
 
 from ._ensemble import ENSEMBLE_ARCHITECTURE
 from ._network import ARCHITECTURE, build_network
-from ._spec import ModelSpec, read_spec
+from ._spec import ModelSpec, read_spec, write_spec
 
 __all__ = [
     "TORCHSCRIPT_NAMES",
@@ -36,6 +36,7 @@ __all__ = [
     "dihedral_views",
     "file_sha256",
     "load_model_dir",
+    "save_model",
     "tile_origins",
 ]
 
@@ -319,6 +320,28 @@ def classify_image(
     patches = image_patches(image, mpp, model.spec, tta=tta)
     probs: npt.NDArray[np.float32] = model.predict_proba(torch.from_numpy(patches)).mean(axis=0)
     return probs.astype(np.float32)
+
+
+def save_model(net: nn.Module, spec: ModelSpec, out_dir: Path) -> ModelSpec:
+    """Write ``weights.safetensors`` then ``config.json`` (with the weights' sha256).
+
+    The inverse of :func:`load_model_dir` for our own networks: ``net``'s state dict goes to
+    safetensors (temporary name, then rename), ``spec`` gets ``slidestream.weights_sha256``.
+    Returns the written spec.
+    """
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+    save_file(state, str(tmp))
+    tmp.chmod(0o644)
+    tmp.replace(out_dir / WEIGHTS_NAME)
+    block = dict(spec.slidestream)
+    block["weights_sha256"] = file_sha256(out_dir / WEIGHTS_NAME)
+    spec = spec.replace(slidestream=block)
+    write_spec(spec, out_dir)
+    return spec
 
 
 def load_model_dir(

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -47,8 +47,8 @@ from ._fast_train import FastTrainConfig, fit_fast
 from ._gpu_augment import AugmentConfig, DeviceImages, upload_images
 from ._metrics import ClassificationReport, classification_report
 from ._network import ARCHITECTURE, TissueNet, fit_textons
-from ._runner import WEIGHTS_NAME, PatchClassifier, classify_image, file_sha256, image_patches
-from ._spec import ModelSpec, default_transform, write_spec
+from ._runner import PatchClassifier, classify_image, image_patches, save_model
+from ._spec import ModelSpec, default_transform
 
 __all__ = [
     "CVResult",
@@ -698,23 +698,6 @@ def train_tissue(
     )
 
 
-def save_model(net: TissueNet, spec: ModelSpec, out_dir: Path) -> ModelSpec:
-    """Write ``weights.safetensors`` then ``config.json`` (with the weights' sha256)."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(out_dir / WEIGHTS_NAME)
-    block = dict(spec.slidestream)
-    block["weights_sha256"] = file_sha256(out_dir / WEIGHTS_NAME)
-    spec = spec.replace(slidestream=block)
-    write_spec(spec, out_dir)
-    return spec
-
-
 def bank_fold_probs(
     pool: _Pool, folds: Sequence[npt.NDArray[np.int64]], cfg: TrainConfig, device: torch.device
 ) -> Iterator[npt.NDArray[np.float32]]:
@@ -753,6 +736,17 @@ def _fold_probs(
         yield probs
 
 
+class OutOfFold(NamedTuple):
+    """Result of :func:`out_of_fold_probabilities`, one row per image."""
+
+    labels: npt.NDArray[np.int64]
+    probs: npt.NDArray[np.float32]
+    """``(n, K)``: each image classified by the model of the fold that held it out."""
+    class_names: tuple[str, ...]
+    fold: npt.NDArray[np.int64]
+    """The fold that held each image out, ``0 .. n_folds - 1``."""
+
+
 def out_of_fold_probabilities(
     sources: Sequence[DataSource],
     *,
@@ -760,30 +754,30 @@ def out_of_fold_probabilities(
     config: TrainConfig | None = None,
     class_names: Sequence[str] | None = None,
     seed: int = 0,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], tuple[str, ...]]:
+) -> OutOfFold:
     """Out-of-fold class probabilities of every image under group-aware k-fold CV.
 
     The folds depend only on the data and ``seed`` (not on ``config``), so the probabilities
     of different configurations -- e.g. ensemble members at different µm/px -- can be averaged
-    image by image.
+    image by image. Images are classified as :func:`classify_image` does (with
+    ``config.tta``).
 
     Returns
     -------
-    labels : ndarray, int64, (n,)
-    probs : ndarray, float32, (n, K)
-        Each image classified by the model of the fold that held it out, as
-        :func:`classify_image` does (with ``config.tta``).
-    class_names : tuple of str
+    OutOfFold
+        ``labels``, ``probs``, ``class_names`` and each image's ``fold``.
     """
     cfg = config or TrainConfig()
     pool = _load_pool(sources, class_names, cfg.spacing_um_px)
     folds = group_kfold(pool.groups, pool.labels, n_folds, seed=seed)
     spec = _spec_for(cfg, pool.class_names)
     probs = np.zeros((len(pool.images), len(pool.class_names)), dtype=np.float32)
+    fold = np.zeros(len(pool.images), dtype=np.int64)
     for k, (va, p) in enumerate(zip(folds, _fold_probs(pool, folds, cfg, spec), strict=True)):
         probs[va] = p
+        fold[va] = k
         logger.info("fold %d/%d done", k + 1, n_folds)
-    return pool.labels, probs, pool.class_names
+    return OutOfFold(pool.labels, probs, pool.class_names, fold)
 
 
 def cross_validate_tissue(

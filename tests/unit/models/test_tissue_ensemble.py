@@ -161,8 +161,9 @@ def test_out_of_fold_probabilities_match_cross_validation(tmp_path: Path) -> Non
         device="cpu",
     )
     source = DataSource(data_dir=tmp_path / "data", mpp=1.0)
-    labels, probs, classes = out_of_fold_probabilities([source], n_folds=4, config=cfg)
+    labels, probs, classes, fold = out_of_fold_probabilities([source], n_folds=4, config=cfg)
     assert classes == ("pinkish", "purplish")
+    assert sorted(np.bincount(fold)) == [4, 4, 4, 4]
     assert probs.shape == (16, 2) and labels.shape == (16,)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     pred = probs.argmax(1)

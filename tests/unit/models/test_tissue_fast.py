@@ -18,13 +18,12 @@ from slidestream.models.tissue._gpu_augment import (
     upload_images,
 )
 from slidestream.models.tissue._network import TissueNet, build_network
-from slidestream.models.tissue._runner import PatchClassifier
+from slidestream.models.tissue._runner import PatchClassifier, save_model
 from slidestream.models.tissue._train import (
     _augment_config,
     _make_spec,
     _Pool,
     _upload,
-    save_model,
 )
 
 RES = {"cnn_channels": (8, 16), "cnn_blocks": 2}
