@@ -76,6 +76,7 @@ def main() -> None:
         postprocess_pool,
         submit_nucleus_tile,
     )
+    from slidestream.tile_ring import TileRing
     from slidestream.tiling import TilingConfig, detect_tissue, plan_tiles
     from slidestream.wsi import open_slide
 
@@ -150,25 +151,21 @@ def main() -> None:
             t0 = time.perf_counter()
             pending: list[Any] = []
             count = 0
+            # In the pool through shared memory, or inline when there is none (as the pipeline).
+            ring = TileRing(4 * post + args.batch_size + 1) if pool is not None else None
             for b, batch in enumerate(batches):
                 maps = nmodel.predict(batch)
                 rgb = batch.permute(0, 2, 3, 1).numpy()
                 for i in range(len(batch)):
                     t = grid.tiles[b * args.batch_size + i]
-                    job = (  # in the pool, or inline when there is none (as the pipeline)
-                        postprocess,
-                        maps[i],
-                        np.ascontiguousarray(rgb[i]),
-                        t.core,
-                        (t.l0_x, t.l0_y),
-                        l0_per_px,
-                        nmodel.mpp,
-                    )
-                    pending.append(submit_nucleus_tile(pool, *job))
+                    job = (postprocess, maps[i], rgb[i], t.core, (t.l0_x, t.l0_y), l0_per_px)
+                    pending.append(submit_nucleus_tile(pool, *job, nmodel.mpp, ring=ring))
                 while len(pending) > 4 * post:
                     count += len(nucleus_tile_result(pending.pop(0)))
             for item in pending:
                 count += len(nucleus_tile_result(item))
+            if ring is not None:
+                ring.close()
             return time.perf_counter() - t0, count
 
         alone_s, count = min(model_alone() for _ in range(2))

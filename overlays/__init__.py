@@ -10,7 +10,7 @@ from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids
 from ._overlay_png import render_overlay_png
 from ._parquet import ParquetStream, write_nuclei_parquet
 from ._stitch import MeasureFn, extract_tile_nuclei
-from ._table import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED, NucleusTable
+from ._table import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED, NucleusTable, rebatch_tables
 from ._tissue_polygons import (
     ClassRaster,
     TissueRegions,
@@ -39,6 +39,7 @@ __all__ = [
     "extract_tile_nuclei",
     "nucleus_ids",
     "raster_to_polygons",
+    "rebatch_tables",
     "render_overlay_png",
     "tissue_class_regions",
     "write_nuclei_geojson",

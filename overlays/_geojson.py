@@ -389,9 +389,10 @@ def write_nuclei_geojson(
         for table in tables:
             for start in range(0, len(table), chunk_size):
                 chunk = table.slice(start, start + chunk_size)
+                id_text = uuid5_text(id_namespace, count, len(chunk))
                 body = _nuclei_chunk_text(
                     chunk,
-                    uuid5_text(id_namespace, count, len(chunk)),
+                    id_text,
                     as_points=as_points,
                     class_colors=colors,
                     class_min_width=class_min_width,
@@ -400,7 +401,7 @@ def write_nuclei_geojson(
                     out.write(pending)
                 pending = body
                 if parquet is not None:
-                    parquet.write(chunk)
+                    parquet.write(chunk, id_text)
                 count += len(chunk)
         if pending:
             out.write(pending[:-2])  # no comma after the last feature

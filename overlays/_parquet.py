@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._atomic import atomic_path
-from ._ids import nucleus_ids
+from ._ids import uuid5_text
 from ._table import UNCLASSIFIED, NucleusTable
 
 __all__ = ["ParquetStream", "write_nuclei_parquet"]
@@ -28,10 +29,25 @@ logger = logging.getLogger(__name__)
 _GEOMETRY_COLUMNS = ("centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 
 
-def _arrow_chunk(table: NucleusTable, start: int, id_namespace: str) -> pa.Table:
+def _id_array(id_text: npt.NDArray[np.uint8]) -> pa.Array:
+    """Arrow strings from a ``(n, 36)`` ASCII matrix of ids (built on its buffer, no Python str)."""
+    n = len(id_text)
+    offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
+    data = np.ascontiguousarray(id_text, dtype=np.uint8)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _arrow_chunk(
+    table: NucleusTable,
+    start: int,
+    id_namespace: str,
+    id_text: npt.NDArray[np.uint8] | None = None,
+) -> pa.Table:
     n = len(table)
+    if id_text is None:
+        id_text = uuid5_text(id_namespace, start, n)
     cols: dict[str, pa.Array] = {
-        "id": pa.array(nucleus_ids(id_namespace, start, n), pa.string()),
+        "id": _id_array(id_text),
         "index": pa.array(np.arange(start, start + n, dtype=np.int64)),
     }
     for name in _GEOMETRY_COLUMNS:
@@ -54,11 +70,15 @@ class ParquetStream:
         self._writer: pq.ParquetWriter | None = None
         self.count = 0
 
-    def write(self, table: NucleusTable) -> None:
-        """Append ``table`` as one row group; its first nucleus gets index ``self.count``."""
+    def write(self, table: NucleusTable, id_text: npt.NDArray[np.uint8] | None = None) -> None:
+        """Append ``table`` as one row group; its first nucleus gets index ``self.count``.
+
+        ``id_text`` are the nuclei's ids as ``uuid5_text`` returns them, when the caller has
+        computed them already (the GeoJSON writer); otherwise they are computed here.
+        """
         if not len(table):
             return
-        chunk = _arrow_chunk(table, self.count, self._ns)
+        chunk = _arrow_chunk(table, self.count, self._ns, id_text)
         if self._writer is None:
             self._writer = pq.ParquetWriter(self._path, chunk.schema, compression=self._compression)
         self._writer.write_table(chunk, row_group_size=len(chunk))

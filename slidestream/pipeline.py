@@ -46,6 +46,7 @@ from slidestream.publish import (
     write_json_atomic,
 )
 from slidestream.statistics import StatisticsAccumulator
+from slidestream.tile_ring import SlotRef, TileRing
 
 __all__ = [
     "LoadedModels",
@@ -69,6 +70,10 @@ _LOADER_CONTEXT = "forkserver"
 _LOADER_PRELOAD = ("torch", "slidestream.tiling", "slidestream.wsi")
 # Batches between two returns of the C heap's free memory to the OS (see _release_free_heap).
 _TRIM_EVERY_BATCHES = 4
+# Nuclei classified, counted and written per block (tile results are concatenated up to this):
+# per-tile blocks of ~60 nuclei spent most of the main process's time on fixed per-call costs,
+# which caps a GPU run (bench/pipeline_host.py).
+_NUCLEI_PER_BLOCK = 4096
 OUTPUT_NAMES = {
     "nuclei_geojson": "nuclei.geojson.gz",
     "tissue_geojson": "tissue.geojson",
@@ -304,19 +309,47 @@ def postprocess_pool(workers: int) -> ProcessPoolExecutor | None:
     )
 
 
-def submit_nucleus_tile(pool: ProcessPoolExecutor | None, *args: Any) -> Future[Any] | Any:
-    """Run :func:`_process_nucleus_tile` on ``args`` in ``pool``, or here when ``pool`` is None.
+def submit_nucleus_tile(
+    pool: ProcessPoolExecutor | None,
+    postprocess: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.int32]],
+    maps: npt.NDArray[np.float32],
+    rgb: npt.NDArray[np.uint8],
+    *rest: Any,
+    ring: TileRing | None = None,
+) -> Future[Any] | Any:
+    """Run :func:`_process_nucleus_tile` on a tile in ``pool``, or here when ``pool`` is None.
+
+    With a ``ring``, the tile's maps and pixels travel through its shared memory (the slot is freed
+    when the Future is done); without one, or when no slot is free, they are pickled. ``rest`` are
+    :func:`_process_nucleus_tile`'s arguments after ``rgb``.
 
     Returns a Future (pool) or the tile's NucleusTable; :func:`nucleus_tile_result` takes either.
     """
     if pool is None:
-        return _process_nucleus_tile(*args)
-    return pool.submit(_process_nucleus_tile, *args)
+        return _process_nucleus_tile(postprocess, maps, np.ascontiguousarray(rgb), *rest)
+    ref = ring.put(maps, rgb) if ring is not None else None
+    if ring is None or ref is None:
+        return pool.submit(
+            _process_nucleus_tile, postprocess, maps, np.ascontiguousarray(rgb), *rest
+        )
+    future = pool.submit(_process_ring_tile, postprocess, ref, *rest)
+    future.add_done_callback(lambda _: ring.release(ref))
+    return future
 
 
 def nucleus_tile_result(item: Future[Any] | Any) -> Any:
     """The NucleusTable of a :func:`submit_nucleus_tile` result (waits for a Future)."""
     return item.result() if isinstance(item, Future) else item
+
+
+def _process_ring_tile(
+    postprocess: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.int32]],
+    ref: SlotRef,
+    *rest: Any,
+) -> Any:
+    """Worker: :func:`_process_nucleus_tile` on a tile read from a :class:`TileRing` slot."""
+    maps, rgb = ref.load()
+    return _process_nucleus_tile(postprocess, maps, rgb, *rest)
 
 
 def _process_nucleus_tile(
@@ -543,10 +576,12 @@ def _nucleus_tables(
     pool: ProcessPoolExecutor | None,
     max_pending: int,
     show_progress: bool,
+    batch_size: int,
 ) -> Iterator[Any]:
     """Stream the nuclei of every tissue tile, in tile order, as NucleusTables (level-0).
 
-    ``stream`` is :func:`_nucleus_stream`'s ``(grid, loader)``.
+    ``stream`` is :func:`_nucleus_stream`'s ``(grid, loader)``; ``batch_size`` is its loader's.
+    Tiles go to ``pool`` through a :class:`~slidestream.tile_ring.TileRing`.
     """
     nmodel = models.nuclei
     grid, loader = stream
@@ -555,22 +590,27 @@ def _nucleus_tables(
     postprocess = nmodel.postprocess_for(float(slide.mpp))
     pending: deque[Future[Any] | Any] = deque()
     bar = _Progress(len(grid), "nuclei", show_progress)
+    # Slots for every tile that can be in flight: max_pending plus one batch.
+    ring = TileRing(max_pending + batch_size + 1) if pool is not None else None
     try:
         for n_batches, batch in enumerate(loader, start=1):
             maps = nmodel.predict(batch.images)
             rgb = batch.images.permute(0, 2, 3, 1).cpu().numpy()
             for i, idx in enumerate(batch.indices.tolist()):
                 tile = grid.tiles[idx]
-                args: tuple[Any, ...] = (
-                    postprocess,
-                    maps[i],
-                    np.ascontiguousarray(rgb[i]),
-                    tile.core,
-                    (float(tile.l0_x), float(tile.l0_y)),
-                    l0_per_px,
-                    float(nmodel.mpp),
+                pending.append(
+                    submit_nucleus_tile(
+                        pool,
+                        postprocess,
+                        maps[i],
+                        rgb[i],
+                        tile.core,
+                        (float(tile.l0_x), float(tile.l0_y)),
+                        l0_per_px,
+                        float(nmodel.mpp),
+                        ring=ring,
+                    )
                 )
-                pending.append(submit_nucleus_tile(pool, *args))
             while len(pending) > max_pending:
                 yield nucleus_tile_result(pending.popleft())
                 bar.update(1)
@@ -583,6 +623,8 @@ def _nucleus_tables(
         for item in pending:
             if isinstance(item, Future):
                 item.cancel()
+        if ring is not None:
+            ring.close()
         bar.close()
 
 
@@ -632,6 +674,7 @@ def analyse_slide(
     """
     from slidestream.overlays import (
         UNCLASSIFIED,
+        rebatch_tables,
         render_overlay_png,
         write_nuclei_geojson,
         write_tissue_geojson,
@@ -695,16 +738,16 @@ def analyse_slide(
 
         def classified() -> Iterator[Any]:
             nonlocal truncated
-            for table in _nucleus_tables(
+            tile_tables = _nucleus_tables(
                 slide,
                 nucleus_stream,
                 models,
                 pool,
                 max_pending=4 * max(1, post_workers),
                 show_progress=config.show_progress,
-            ):
-                if len(table) == 0:
-                    continue
+                batch_size=config.batch_size,
+            )
+            for table in rebatch_tables(tile_tables, _NUCLEI_PER_BLOCK):
                 names, index = regions.assign(table.centroid_x, table.centroid_y)
                 table = table.with_classes(names)
                 stats.add(

@@ -28,6 +28,7 @@ from slidestream.overlays import (
     class_map_to_polygons,
     extract_tile_nuclei,
     nucleus_ids,
+    rebatch_tables,
     render_overlay_png,
     write_nuclei_geojson,
     write_nuclei_parquet,
@@ -330,3 +331,36 @@ def test_one_pass_geojson_and_parquet(tmp_path: Path, tables: list[NucleusTable]
             out / "n.geojson.gz", failing(), id_namespace="fp", parquet_path=out / "n.parquet"
         )
     assert list(out.iterdir()) == []
+
+
+def test_rebatch_tables_keeps_order_and_outputs(tmp_path: Path, tables: list[NucleusTable]) -> None:
+    """Blocks of >= min_nuclei (last may be smaller), empties dropped, same files as per tile."""
+    empty = NucleusTable.empty(tables[0].measurement_names)
+    tiles = [tables[0].slice(0, 3), empty, tables[0].slice(3, None), tables[1], empty]
+    for t in tiles[2:4]:
+        assert len(t) > 3
+    blocks = list(rebatch_tables(tiles, 4))
+    assert [len(b) for b in blocks] == [len(tables[0]), len(tables[1])]
+    whole = NucleusTable.concat(tiles)
+    np.testing.assert_array_equal(NucleusTable.concat(blocks).coords, whole.coords)
+    (one,) = rebatch_tables(tiles, 10**9)
+    assert one.offsets.tolist() == whole.offsets.tolist()
+    assert list(rebatch_tables([empty], 1)) == []
+    with pytest.raises(ConfigError, match="min_nuclei"):
+        list(rebatch_tables(tiles, 0))
+
+    def write(parts: list[NucleusTable], name: str) -> tuple[bytes, Any]:
+        path = tmp_path / f"{name}.geojson"
+        write_nuclei_geojson(
+            path, parts, id_namespace="fp", class_colors=COLORS,
+            parquet_path=tmp_path / f"{name}.parquet",
+        )  # fmt: skip
+        return path.read_bytes(), pq.read_table(tmp_path / f"{name}.parquet")
+
+    per_tile, per_tile_pq = write(tiles, "tiles")
+    batched, batched_pq = write(blocks, "blocks")
+    assert batched == per_tile
+    assert batched_pq.column_names == per_tile_pq.column_names
+    for name in per_tile_pq.column_names:  # NaN-aware (one measurement is NaN)
+        a, b = batched_pq[name].to_numpy(), per_tile_pq[name].to_numpy()
+        np.testing.assert_array_equal(a, b)
