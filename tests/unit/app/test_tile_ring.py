@@ -36,6 +36,7 @@ def test_ring_slots_round_trip_and_run_out() -> None:
         a = ring.put(maps, rgb[:, ::-1])  # a strided view is copied in
         b = ring.put(maps * 0.5, rgb)
         assert a is not None and b is not None and a.offset != b.offset
+        assert not a.rgb_planar and not b.rgb_planar
         assert ring.put(maps, rgb) is None  # both slots in flight: the caller pickles
         got_maps, got_rgb = a.load()
         np.testing.assert_array_equal(got_maps, maps)
@@ -46,11 +47,24 @@ def test_ring_slots_round_trip_and_run_out() -> None:
         assert c is not None and c.offset == a.offset
         np.testing.assert_array_equal(b.load()[0], maps * 0.5)
     assert TileRing(1).put(maps.astype(np.float64), rgb) is None
+    # A channels-last view of channels-first pixels (a permuted batch) is stored planar.
+    planar = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    with TileRing(1) as ring:
+        ref = ring.put(maps, planar.transpose(1, 2, 0))
+        assert ref is not None and ref.rgb_planar
+        got_maps, got_rgb = ref.load()
+        assert got_rgb.flags.c_contiguous and got_rgb.shape == rgb.shape
+        np.testing.assert_array_equal(got_rgb, rgb)
 
 
 def test_pool_results_through_the_ring_equal_inline_results() -> None:
     post = functools.partial(postprocess_maps, config=PostprocessConfig())
     tiles = [_tile(seed) for seed in range(6)]
+    # Half the tiles as channels-last views of planar memory, as the pipeline passes them.
+    tiles = [
+        (m, np.ascontiguousarray(r.transpose(2, 0, 1)).transpose(1, 2, 0) if i % 2 else r)
+        for i, (m, r) in enumerate(tiles)
+    ]
     args = ((8, 8, 88, 88), (1000.0, 2000.0), 2.0, 0.5)
     inline = [submit_nucleus_tile(None, post, m, r, *args) for m, r in tiles]
     ring = TileRing(3)  # fewer slots than tiles: some tiles are pickled, slots are reused
