@@ -71,6 +71,7 @@ class SlotRef:
         maps = np.frombuffer(view, np.float32, n_maps // 4, self.offset)
         rgb_at = self.offset + _aligned(n_maps)
         rgb = np.frombuffer(view, np.uint8, int(np.prod(self.rgb_shape)), rgb_at)
+        pixels: npt.NDArray[np.uint8]
         if self.rgb_planar:
             h, w, c = self.rgb_shape
             pixels = rgb.reshape(c, h, w).transpose(1, 2, 0).copy()
