@@ -3,11 +3,12 @@
 Prints, for a generated H&E-like demo slide (default 8192 x 6144 px at 0.25 µm/px):
 
 (a) nucleus model + post-processing alone on pre-loaded tiles (same batches, same worker pool
-    as the pipeline): tiles/s, megapixels/s at the model's µm/px, mm²/s;
+    as the pipeline): tiles/s, megapixels/s at the model's µm/px, mm²/s; best of two runs;
 (b) the end-to-end nucleus pass of ``slidestream run`` (reading, inference, post-processing,
-    stitching, GeoJSON + parquet writing): tiles/s;
+    stitching, GeoJSON + parquet writing): tiles/s; best of ``--e2e-runs`` (default 2) runs;
 (c) pipeline efficiency = (b) / (a)   (target >= 0.9);
-(d) end-to-end mm² of tissue per second with both analyses (target >= 0.15 on 2 CPU cores);
+(d) end-to-end mm² of tissue per second with both analyses, in the run of (b)
+    (target >= 0.15 on 2 CPU cores);
 (e) peak resident memory of the main process.
 
 Usage: ``python bench/pipeline.py [--width 8192 --height 6144 --mpp 0.25] [--device cpu]``
@@ -38,6 +39,9 @@ def main() -> None:
         "--mosaic", type=int, default=1, help="repeat the demo image N x N times (default 1)"
     )
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--e2e-runs", type=int, default=2, help="end-to-end runs; (b) is the best (default 2)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--nuclei-model", default="default")
     parser.add_argument("--tissue-model", default="default")
@@ -108,6 +112,7 @@ def main() -> None:
             workers=args.workers,
             show_progress=False,
             db_url=None,
+            force=True,  # every end-to-end run redoes the slide
         )
         models = load_models(config)
         readers, post = _worker_counts(config, models)
@@ -177,18 +182,25 @@ def main() -> None:
             f"{count} nuclei"
         )
 
-        # (b) end to end
-        t0 = time.perf_counter()
-        outcome = analyse_slide(slide_path, config, models, pool=pool)
-        total_s = time.perf_counter() - t0
+        # (b) end to end, best of --e2e-runs (as (a) is best of two: a shared machine's noise
+        # then biases neither side of the ratio)
+        runs: list[tuple[float, float, dict[str, Any]]] = []  # (nucleus pass s, total s, summary)
+        for _ in range(max(1, args.e2e_runs)):
+            t0 = time.perf_counter()
+            outcome = analyse_slide(slide_path, config, models, pool=pool)
+            assert outcome.summary is not None
+            nuclei_s = float(outcome.summary["provenance"]["timings_s"]["nuclei"])
+            runs.append((nuclei_s, time.perf_counter() - t0, outcome.summary))
         if pool is not None:
             pool.shutdown()
-        assert outcome.summary is not None
-        timings = outcome.summary["provenance"]["timings_s"]
+        _, total_s, summary = min(runs, key=lambda r: r[0])
+        timings = summary["provenance"]["timings_s"]
         e2e_tps = n / timings["nuclei"]
         print(
             f"(b) end-to-end nucleus pass: {timings['nuclei']:.1f} s = {e2e_tps:.2f} tiles/s "
-            f"({outcome.summary['statistics']['nucleus_count']} nuclei)"
+            f"({summary['statistics']['nucleus_count']} nuclei); best of "
+            + ", ".join(f"{r[0]:.1f}" for r in runs)
+            + " s"
         )
         print(f"(c) pipeline efficiency (b)/(a): {e2e_tps / alone_tps:.3f}  (target >= 0.9)")
         print(
