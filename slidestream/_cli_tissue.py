@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,22 @@ def _collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
         else:
             files.append(p)
     return files
+
+
+def _model_folder_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--out`` (the model folder to write), ``--name`` and ``--display-name`` of a command that
+    writes a tissue model (``train tissue``, ``models ensemble``)."""
+    command = click.option("--display-name", default=None)(command)
+    command = click.option("--name", default=None, help="Model name stored in config.json.")(
+        command
+    )
+    return click.option(
+        "--out",
+        "out_dir",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Model folder to write.",
+    )(command)
 
 
 def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> None:
@@ -154,13 +171,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         type=click.Path(exists=True, file_okay=False, path_type=Path),
         help="Training folder (class sub-folders or labels.csv); repeat for several.",
     )
-    @click.option(
-        "--out",
-        "out_dir",
-        required=True,
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Model folder to write.",
-    )
+    @_model_folder_options
     @click.option(
         "--mpp",
         "mpps",
@@ -259,8 +270,6 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         show_default=True,
         help="Run group-aware k-fold CV first and write cv.json (0: skip).",
     )
-    @click.option("--name", default=None, help="Model name stored in config.json.")
-    @click.option("--display-name", default=None)
     @click.option("--progress/--no-progress", default=True, show_default=True)
     @click.option(
         "--tta/--no-tta",
@@ -485,15 +494,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         required=True,
         help="Comma-separated weight per model folder, e.g. 0.65,0.35 (normalised to sum 1).",
     )
-    @click.option(
-        "--out",
-        "out_dir",
-        required=True,
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Model folder to write.",
-    )
-    @click.option("--name", default=None, help="Model name stored in config.json.")
-    @click.option("--display-name", default=None)
+    @_model_folder_options
     def ensemble_cmd(
         model_dirs: tuple[Path, ...],
         weights_text: str,
