@@ -14,13 +14,17 @@ process (from ``/proc/stat``: run it on an otherwise idle machine), and the proj
 ``min(1 / main process, (cores - 1) / others)`` mm²/s for hosts with ``--project-cores`` cores
 (16 on the H100/H200 device machines). #5's GPU target is >= 4 mm²/s end to end.
 
-Usage: ``python bench/pipeline_host.py [--width 16384 --height 12288] [--postprocess-workers 1]``
+Usage: ``python bench/pipeline_host.py [--width 16384 --height 12288] [--postprocess-workers 1]
+[--profile host.prof]`` (``--profile``: cProfile of the main thread; it slows that thread, so
+its CPU figures are then not comparable).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import multiprocessing as mp
+import pstats
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -62,6 +66,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="tile-reading processes")
     parser.add_argument("--postprocess-workers", type=int, default=1)
     parser.add_argument("--project-cores", type=int, default=16)
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write a cProfile of the measured main thread"
+    )
     args = parser.parse_args()
 
     from slidestream.config import RunConfig
@@ -91,8 +98,13 @@ def main() -> None:
         try:
             analyse_slide(slide, config, models, pool=pool)  # fills the caches, warms up
             busy0, cpu0, thread0 = _busy_cpu_s(), time.process_time(), time.thread_time()
+            profiler = cProfile.Profile() if args.profile else None
             t0 = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             outcome = analyse_slide(slide, config, models, pool=pool)
+            if profiler is not None:
+                profiler.disable()
             wall = time.perf_counter() - t0
             thread_s = time.thread_time() - thread0
             main_s = time.process_time() - cpu0
@@ -100,6 +112,9 @@ def main() -> None:
         finally:
             if pool is not None:
                 pool.shutdown()
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
+        pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(25)
     assert outcome.summary is not None
     stats = outcome.summary["statistics"]
     mm2 = float(stats["tissue_area_mm2"])
