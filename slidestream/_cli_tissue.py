@@ -272,6 +272,14 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     )
     @click.option("--progress/--no-progress", default=True, show_default=True)
     @click.option(
+        "--stain-norm/--no-stain-norm",
+        default=False,
+        show_default=True,
+        help="Rescale each patch's haematoxylin and eosin intensities to a reference fitted on "
+        "the training crops before any feature (robustness to staining differences between "
+        "patients and labs; stored in config.json).",
+    )
+    @click.option(
         "--tta/--no-tta",
         default=False,
         show_default=True,
@@ -304,6 +312,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         name: str | None,
         display_name: str | None,
         progress: bool,
+        stain_norm: bool,
         tta: bool,
     ) -> None:
         """Train a tissue patch classifier on labelled images."""
@@ -347,6 +356,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             patch_size_pixels=patch_size_px,
             spacing_um_px=model_mpp,
             tta=tta,
+            stain_norm=stain_norm,
         )
         with logging_redirect_tqdm():
             if cv_folds:

@@ -138,6 +138,10 @@ class TrainConfig:
         Whole-image classification averages over the 8 dihedral views of every patch
         (``slidestream.tta = "dihedral"`` in the written spec); validation and cross-validation
         classify the same way.
+    stain_norm : bool
+        Per-patch H&E intensity normalisation in the network (``TissueNet(stain_norm=True)``;
+        the reference is fitted on augmented training crops, without labels); stored in the
+        spec only when on.
     """
 
     epochs: int = 25
@@ -164,6 +168,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     tta: bool = False
+    stain_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.samples_per_epoch < self.batch_size:
@@ -199,6 +204,8 @@ class TrainConfig:
             args["stem_stride"] = self.stem_stride
         if not self.fixed_features:
             args["fixed_features"] = False
+        if self.stain_norm:
+            args["stain_norm"] = True
         return args
 
 
@@ -426,15 +433,16 @@ def _bank_predict(
 def _new_net(
     pool: _Pool, cfg: TrainConfig, device: torch.device, *, fit_dictionary: bool = True
 ) -> TissueNet:
-    """A fresh network; its texton dictionary is fitted on augmented crops of ``pool``
-    unless ``fit_dictionary`` is false."""
+    """A fresh network; its stain reference and texton dictionary (where used) are fitted on
+    augmented crops of ``pool`` unless ``fit_dictionary`` is false."""
     torch.manual_seed(cfg.seed)
     net = TissueNet(num_classes=len(pool.class_names), **_net_kwargs(cfg))
-    if cfg.textons and fit_dictionary:
+    if (cfg.textons or cfg.stain_norm) and fit_dictionary:
         rng = np.random.default_rng(cfg.seed + 2)
         n = min(256, 2 * len(pool.images))
         idx = rng.permutation(np.arange(n) % len(pool.images)).astype(np.int64)
         x, _ = _batch(pool, idx, cfg, rng)
+        net.fit_stain_reference(x)
         fit_textons(net, x, seed=cfg.seed)
     return net.to(device)
 
@@ -454,7 +462,8 @@ def _fit(
 ) -> tuple[TissueNet, ClassificationReport | None, int]:
     """Train on ``train``; select the epoch with the best validation balanced accuracy."""
     device = _resolve_device(cfg.device)
-    # With a learned branch, fit_fast fits the textons itself (on device-side crops).
+    # With a learned branch, fit_fast fits the stain reference and textons itself (on
+    # device-side crops).
     net = _new_net(train, cfg, device, fit_dictionary=not cfg.cnn_channels)
     if not cfg.cnn_channels:
         both = train if val is None else _concat(train, val)
