@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,19 +22,31 @@ _RGB_FROM_HED_UNIT = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED_UNIT)
 
 
+def _nuclei_od(
+    rng: np.random.Generator, size: int, n: int, radii: tuple[float, float]
+) -> npt.NDArray[np.float64]:
+    """Haematoxylin OD ``(size, size)``: ``n`` round Gaussian 'nuclei' on a faint background."""
+    yy, xx = np.mgrid[:size, :size]
+    h = np.full((size, size), 0.05)
+    for _ in range(n):
+        cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(*radii)
+        h += 0.9 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+    return h
+
+
+def _rgb_of(h: npt.NDArray[np.float64], e: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+    """uint8 RGB ``(H, W, 3)`` of H and E concentrations (Ruifrok vectors, no residual)."""
+    od = np.stack([h, e, np.zeros_like(h)], axis=-1) @ _RGB_FROM_HED_UNIT.double().numpy()
+    return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).round().astype(np.uint8)
+
+
 def _he_patch(seed: int, h_gain: float = 1.0, e_gain: float = 1.0, size: int = 64) -> torch.Tensor:
     """Synthetic H&E patch ``(1, 3, size, size)`` in [0, 1]: round 'nuclei' (H) on an eosin
     background, with both stain concentrations multiplied by the given gains."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    h = np.full((size, size), 0.05)
-    for _ in range(12):
-        cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(3, 6)
-        h += 0.9 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+    h = _nuclei_od(rng, size, 12, (3.0, 6.0))
     e = 0.35 + 0.15 * rng.random((size, size))
-    hed = np.stack([h * h_gain, e * e_gain, np.zeros_like(h)], axis=-1)
-    od = hed @ _RGB_FROM_HED_UNIT.double().numpy()
-    rgb = np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).round() / 255.0
+    rgb = _rgb_of(h * h_gain, e * e_gain) / 255.0
     return torch.from_numpy(rgb.transpose(2, 0, 1)[None].copy()).float()
 
 
@@ -87,17 +100,9 @@ def _synthetic_he(root: Path, rng: np.random.Generator) -> None:
     for cls, radius in (("small_nuclei", 2.5), ("large_nuclei", 6.0)):
         (root / cls).mkdir(parents=True)
         for i in range(8):
-            size = 56
-            yy, xx = np.mgrid[:size, :size]
-            h = np.full((size, size), 0.05)
-            for _ in range(10):
-                cy, cx = rng.uniform(0, size, 2)
-                h += 0.9 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
-            e = np.full((size, size), 0.35)
+            h = _nuclei_od(rng, 56, 10, (radius, radius))
             gain = rng.uniform(0.6, 1.6)
-            hed = np.stack([h * gain, e * gain, np.zeros_like(h)], axis=-1)
-            od = hed @ _RGB_FROM_HED_UNIT.double().numpy()
-            rgb = np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).astype(np.uint8)
+            rgb = _rgb_of(h * gain, np.full_like(h, 0.35 * gain))
             Image.fromarray(rgb).save(root / cls / f"{i}.png")
 
 
