@@ -275,9 +275,10 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--stain-norm/--no-stain-norm",
         default=False,
         show_default=True,
-        help="Rescale each patch's haematoxylin and eosin intensities to a reference fitted on "
-        "the training crops before any feature (robustness to staining differences between "
-        "patients and labs; stored in config.json).",
+        help="Bring each image's (whole-slide analysis: each slide's) haematoxylin and eosin "
+        "intensity to a reference fitted on the training images, one gain per image "
+        "(robustness to staining differences between patients and labs; stored in "
+        "config.json).",
     )
     @click.option(
         "--tta/--no-tta",

@@ -476,10 +476,11 @@ def _tissue_pass(
     )
     n_classes = len(spec.class_names)
     probs = np.full((grid.n_rows, grid.n_cols, n_classes), np.nan, dtype=np.float32)
+    gains = _slide_stain_gains(slide, grid, tiling, models, config)
     bar = _Progress(len(grid), "tissue", config.show_progress)
     try:
         for n_batches, batch in enumerate(loader, start=1):
-            p = models.tissue.predict_proba(batch.images)
+            p = models.tissue.predict_proba(batch.images, stain_gains=gains)
             for i, idx in enumerate(batch.indices.tolist()):
                 tile = grid.tiles[idx]
                 probs[tile.row, tile.col] = p[i]
@@ -499,6 +500,44 @@ def _tissue_pass(
         min_island_area_um2=config.min_class_island_um2,
     )
     return regions, _class_areas_on_mask(regions, mask, tuple(spec.class_names))
+
+
+#: Tissue patches sampled (evenly over the tile grid) for a slide's stain gains.
+_STAIN_SAMPLE_TILES = 64
+
+
+def _slide_stain_gains(
+    slide: Any, grid: Any, tiling: Any, models: LoadedModels, config: RunConfig
+) -> Any:
+    """One pair of H and E gains for the whole slide, or None (the tissue model has no
+    image-level stain normalisation): levels pooled over up to 64 tissue patches spread evenly
+    over the grid, read at the model's µm/px in this process."""
+    if models.tissue.stain_reference is None or not len(grid):
+        return None
+    from slidestream.tiling import TileDataset
+
+    picks = np.unique(np.linspace(0, len(grid) - 1, min(len(grid), _STAIN_SAMPLE_TILES)).round())
+    dataset = TileDataset(
+        slide.path,
+        [grid.tiles[int(i)] for i in picks],
+        tile_mpp=tiling.tile_mpp,
+        tile_size_px=tiling.tile_size_px,
+        slide_mpp=config.mpp_override,
+    )
+    try:
+        patches = np.stack([dataset.read_tile(k) for k in range(len(dataset))])
+    finally:
+        dataset.close()
+    gains = models.tissue.stain_gains(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)))
+    if gains is not None:
+        logger.info(
+            "%s: tissue-model stain gains H %.2f, E %.2f (%d patches)",
+            slide.path,
+            float(gains[0]),
+            float(gains[1]),
+            len(picks),
+        )
+    return gains
 
 
 def _clip_to_tissue(class_polygons: dict[str, Any], mask: Any) -> dict[str, Any]:

@@ -177,6 +177,13 @@ def combine_models(
             raise ConfigError(
                 f"{d}: classes {list(s.class_names)} differ from {list(specs[0].class_names)}"
             )
+        # the ensemble normalises its input once, so every member must expect the same
+        if s.slidestream.get("stain_norm") != specs[0].slidestream.get("stain_norm"):
+            raise ConfigError(
+                f"{d}: stain normalisation {s.slidestream.get('stain_norm')!r} differs from "
+                f"{specs[0].slidestream.get('stain_norm')!r} of {model_dirs[0]}; combine models "
+                "trained with the same --stain-norm setting on the same data"
+            )
     base = min(specs, key=lambda s: s.spacing_um_px)
     factors = [_downsample_factor(base, s, str(d)) for d, s in zip(model_dirs, specs, strict=True)]
     nets = []

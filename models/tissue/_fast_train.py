@@ -106,14 +106,12 @@ def _chunks(n: int, size: int) -> list[torch.Tensor]:
 def _prepare(
     net: TissueNet, data: DeviceImages, cfg: FastTrainConfig, gen: torch.Generator
 ) -> None:
-    """Fit the stain reference and textons (if used) and the feature standardisation on
-    augmented crops."""
+    """Fit the textons (if any) and the feature standardisation on augmented crops."""
     n = cfg.norm_crops
     idx = torch.randint(0, len(data), (n,), generator=gen)
     net.eval()
-    if net.textons or net.stain_norm:
+    if net.textons:
         crops = torch.cat([augment_batch(data, idx[c], cfg.augment, gen) for c in _chunks(n, 64)])
-        net.fit_stain_reference(crops)
         fit_textons(net, crops, seed=cfg.seed)
         del crops
     feats = [net.features(augment_batch(data, idx[c], cfg.augment, gen)) for c in _chunks(n, 64)]
@@ -135,8 +133,8 @@ def fit_fast(
     Parameters
     ----------
     net : TissueNet
-        A fresh network; moved to ``data``'s device. Its stain reference and textons (where
-        used) and its feature standardisation are fitted here, without labels.
+        A fresh network; moved to ``data``'s device. Its textons (if any) and feature
+        standardisation are fitted here, without labels.
     data : DeviceImages
         Training images on the training device.
     labels : ndarray, int64, (N,)

@@ -26,16 +26,14 @@ from torch import nn
 
 from slidestream.errors import ConfigError
 
-from ._stain_norm import he_percentiles, normalise_he
+from ._stain_norm import RGB_FROM_HED
 
 __all__ = ["ARCHITECTURE", "TissueNet", "build_network", "fit_textons"]
 
 ARCHITECTURE = "slidestream-tissuenet"
 
 # Ruifrok & Johnston H&E-DAB stain vectors (rows: H, E, DAB) in OD space.
-_RGB_FROM_HED = torch.tensor(
-    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
-)
+_RGB_FROM_HED = RGB_FROM_HED
 _OD_MAX = math.log(256.0)
 _TEXTON_DIM = 30
 _GRANULOMETRY_PX = (3, 5, 7, 11)
@@ -138,10 +136,6 @@ class TissueNet(nn.Module):
         Hidden units of the head (0: linear head).
     dropout : float
         Dropout on the standardised features.
-    stain_norm : bool
-        Rescale every patch's H and E concentrations to a stored reference before any feature
-        (:mod:`~slidestream.models.tissue._stain_norm`; the reference is set by
-        :meth:`fit_stain_reference`). Off by default, so older specs load unchanged.
 
     Notes
     -----
@@ -164,7 +158,6 @@ class TissueNet(nn.Module):
         cnn_blocks: int = 0,
         stem_stride: int = 2,
         fixed_features: bool = True,
-        stain_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -189,12 +182,6 @@ class TissueNet(nn.Module):
         self.register_buffer("bank", _gaussian_derivative_bank(), persistent=False)
         centers = torch.linspace(0.0, 2.0, hist_bins)
         self.register_buffer("hist_centers", centers, persistent=False)
-        # Only a stain-normalising network stores a reference, so older weight files still load
-        # strictly.
-        self.stain_norm = stain_norm
-        self.stain_reference: torch.Tensor
-        if stain_norm:
-            self.register_buffer("stain_reference", torch.ones(2))
         self.hist_width = float(centers[1] - centers[0]) if hist_bins > 1 else 1.0
         # Texton dictionary (unsupervised k-means over pixel descriptors, see fit_textons);
         # persistent, so it ships in the safetensors file.
@@ -308,21 +295,6 @@ class TissueNet(nn.Module):
         counts = F.one_hot(nearest, self.textons).float().mean(dim=1)
         return counts.sqrt()
 
-    def normalise_stains(self, rgb: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1] ``(N, 3, H, W)`` with H and E rescaled to the stored reference
-        (unchanged without ``stain_norm``)."""
-        if not self.stain_norm:
-            return rgb
-        return normalise_he(rgb.float(), self.hed_from_rgb, self.stain_reference)
-
-    @torch.no_grad()
-    def fit_stain_reference(self, patches: torch.Tensor) -> None:
-        """Set the stain reference to the median H and E percentiles of RGB ``patches`` in
-        [0, 1] (training crops; labels unused). No-op without ``stain_norm``."""
-        if self.stain_norm:
-            level = he_percentiles(patches.float(), self.hed_from_rgb).median(dim=0).values
-            self.stain_reference.copy_(level)
-
     def stains(self, rgb: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] ``(N, 3, H, W)`` -> ``(N, 4, H, W)``: H, E, residual, total OD."""
         od = -torch.log((rgb * 255.0 + 1.0) / 256.0)
@@ -363,9 +335,8 @@ class TissueNet(nn.Module):
         # The fixed features and the stain transform stay in float32 under autocast (no-op
         # without autocast); only the CNN runs in reduced precision.
         with torch.autocast(device_type=rgb.device.type, enabled=False):
-            rgb = self.normalise_stains(rgb.float())
-            st = self.stains(rgb)
-            fixed = self.fixed_features(rgb, st) if self.use_fixed else None
+            st = self.stains(rgb.float())
+            fixed = self.fixed_features(rgb.float(), st) if self.use_fixed else None
         if self.cnn_features:
             learned = self.cnn(st / 2.0 - 0.25).mean(dim=(2, 3)).float()
             return learned if fixed is None else torch.cat([fixed.float(), learned], dim=1)
@@ -470,15 +441,13 @@ def fit_textons(
     """Fit ``net``'s texton dictionary by k-means on pixel descriptors of RGB patches in [0, 1].
 
     Unsupervised (labels unused). Sets ``texton_scale`` (per-dimension RMS) and
-    ``texton_centers`` in place. A stain-normalising network's reference must be fitted first
-    (:meth:`TissueNet.fit_stain_reference`): the descriptors are computed on normalised patches.
+    ``texton_centers`` in place.
     """
     if not net.textons:
         return
     gen = torch.Generator().manual_seed(seed)
     net.texton_scale.fill_(1.0)
-    stains = net.stains(net.normalise_stains(patches))
-    d = net.pixel_descriptors(stains).permute(0, 2, 3, 1).reshape(-1, _TEXTON_DIM)
+    d = net.pixel_descriptors(net.stains(patches)).permute(0, 2, 3, 1).reshape(-1, _TEXTON_DIM)
     d = d[torch.randperm(d.shape[0], generator=gen)[:max_pixels]]
     scale = d.pow(2).mean(dim=0).sqrt().clamp_min(1e-6)
     d = d / scale

@@ -27,6 +27,7 @@ from slidestream.errors import ConfigError, WeightsError
 from ._ensemble import ENSEMBLE_ARCHITECTURE
 from ._network import ARCHITECTURE, build_network
 from ._spec import ModelSpec, read_spec, write_spec
+from ._stain_norm import he_gains, image_stain_reference, pooled_he_levels, rescale_he
 
 __all__ = [
     "TORCHSCRIPT_NAMES",
@@ -160,9 +161,27 @@ class PatchClassifier:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    @property
+    def stain_reference(self) -> torch.Tensor | None:
+        """The image-level H&E reference ``(2,)`` of the spec, or None (no image-level
+        normalisation; see :mod:`~slidestream.models.tissue._stain_norm`)."""
+        return image_stain_reference(self.spec.slidestream)
+
+    def stain_gains(self, patches: torch.Tensor | npt.NDArray[np.uint8]) -> torch.Tensor | None:
+        """H and E gains ``(2,)`` for an image or slide from uint8 ``(P, 3, S, S)`` patches of
+        it at the model's µm/px; None when the model has no image-level normalisation."""
+        reference = self.stain_reference
+        if reference is None:
+            return None
+        return he_gains(pooled_he_levels(patches), reference)
+
     @torch.inference_mode()
     def predict_proba(
-        self, batch: torch.Tensor | npt.NDArray[np.uint8], *, batch_size: int | None = None
+        self,
+        batch: torch.Tensor | npt.NDArray[np.uint8],
+        *,
+        batch_size: int | None = None,
+        stain_gains: torch.Tensor | None = None,
     ) -> npt.NDArray[np.float32]:
         """Class probabilities of patches.
 
@@ -172,6 +191,9 @@ class PatchClassifier:
             RGB patches at the model's µm/px; resized to ``patch_size_pixels`` if needed.
         batch_size : int, optional
             Split into chunks of this many patches (default 64).
+        stain_gains : Tensor, optional
+            H and E gains ``(2,)`` of the image or slide the patches come from
+            (:meth:`stain_gains`), applied to every patch before the transform.
 
         Returns
         -------
@@ -184,7 +206,10 @@ class PatchClassifier:
         chunk = batch_size or self.options.batch_size
         outs: list[npt.NDArray[np.float32]] = []
         for start in range(0, t.shape[0], chunk):
-            x = self.preprocess(t[start : start + chunk])
+            part = t[start : start + chunk]
+            if stain_gains is not None:
+                part = rescale_he(part.to(self.device), stain_gains)
+            x = self.preprocess(part)
             with self._autocast():
                 logits = self.module(x)
             outs.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32))
@@ -316,9 +341,19 @@ def classify_image(
     -------
     ndarray, float32, (K,)
         Mean softmax probability per class (over patches, and views with ``tta``).
+
+    Notes
+    -----
+    A model with image-level stain normalisation rescales H and E of all patches by gains
+    from the image's pooled tissue pixels (:meth:`PatchClassifier.stain_gains`).
     """
-    patches = image_patches(image, mpp, model.spec, tta=tta)
-    probs: npt.NDArray[np.float32] = model.predict_proba(torch.from_numpy(patches)).mean(axis=0)
+    patches = image_patches(image, mpp, model.spec, tta=False)
+    gains = model.stain_gains(patches)
+    use_tta = model.spec.tta == "dihedral" if tta is None else tta
+    if use_tta:
+        patches = dihedral_views(patches)
+    batch = torch.from_numpy(patches)
+    probs: npt.NDArray[np.float32] = model.predict_proba(batch, stain_gains=gains).mean(axis=0)
     return probs.astype(np.float32)
 
 

@@ -49,6 +49,7 @@ from ._metrics import ClassificationReport, classification_report
 from ._network import ARCHITECTURE, TissueNet, fit_textons
 from ._runner import PatchClassifier, classify_image, image_patches, save_model
 from ._spec import ModelSpec, default_transform
+from ._stain_norm import he_gains, pooled_he_levels, rescale_he
 
 __all__ = [
     "CVResult",
@@ -139,9 +140,10 @@ class TrainConfig:
         (``slidestream.tta = "dihedral"`` in the written spec); validation and cross-validation
         classify the same way.
     stain_norm : bool
-        Per-patch H&E intensity normalisation in the network (``TissueNet(stain_norm=True)``;
-        the reference is fitted on augmented training crops, without labels); stored in the
-        spec only when on.
+        H&E intensity normalisation per image (per slide in whole-slide analysis; see
+        :mod:`~slidestream.models.tissue._stain_norm`): the training images are normalised once
+        at load to the median of their levels (fitted without labels), which the spec stores
+        (``slidestream.stain_norm``).
     """
 
     epochs: int = 25
@@ -204,8 +206,6 @@ class TrainConfig:
             args["stem_stride"] = self.stem_stride
         if not self.fixed_features:
             args["fixed_features"] = False
-        if self.stain_norm:
-            args["stain_norm"] = True
         return args
 
 
@@ -337,10 +337,13 @@ def _make_spec(
     display_name: str | None,
     default_input_mpp: float | None,
     class_colors: Sequence[Sequence[int]] | None,
+    stain_reference: Sequence[float] | None = None,
 ) -> ModelSpec:
     block: dict[str, Any] = {"arch_args": cfg.arch_args(), "tta": "dihedral" if cfg.tta else "none"}
     if default_input_mpp is not None:
         block["default_input_mpp"] = default_input_mpp
+    if stain_reference is not None:
+        block["stain_norm"] = {"scope": "image", "reference": [float(v) for v in stain_reference]}
     if class_colors is None and all(c in _KNOWN_COLORS for c in class_names):
         class_colors = [_KNOWN_COLORS[c] for c in class_names]
     colors = (
@@ -407,10 +410,40 @@ def _feature_bank(net: TissueNet, pool: _Pool, cfg: TrainConfig, device: torch.d
     return _Bank(views=torch.stack(views), test=test)
 
 
-def _spec_for(cfg: TrainConfig, class_names: tuple[str, ...]) -> ModelSpec:
+def _spec_for(
+    cfg: TrainConfig, class_names: tuple[str, ...], stain_reference: Sequence[float] | None = None
+) -> ModelSpec:
     return _make_spec(
-        cfg, class_names, name=None, display_name=None, default_input_mpp=None, class_colors=None
+        cfg,
+        class_names,
+        name=None,
+        display_name=None,
+        default_input_mpp=None,
+        class_colors=None,
+        stain_reference=stain_reference,
     )
+
+
+def _normalise_pool(pool: _Pool, cfg: TrainConfig) -> list[float] | None:
+    """Image-level stain normalisation of the training images, in place (``cfg.stain_norm``);
+    returns the reference ``[h, e]`` (median of the images' levels), else None.
+
+    Each image's levels come from its patches at the model's µm/px (as :func:`classify_image`
+    computes them); its gains are applied to the image at its own resolution.
+    """
+    if not cfg.stain_norm:
+        return None
+    spec = _spec_for(cfg, pool.class_names)
+    levels = [
+        pooled_he_levels(image_patches(im, m, spec, tta=False))
+        for im, m in zip(pool.images, pool.mpps, strict=True)
+    ]
+    reference = torch.stack(levels).median(dim=0).values
+    for i, level in enumerate(levels):
+        x = torch.from_numpy(np.ascontiguousarray(pool.images[i].transpose(2, 0, 1)))[None]
+        out = rescale_he(x, he_gains(level, reference))[0].permute(1, 2, 0)
+        pool.images[i] = np.ascontiguousarray(out.numpy())
+    return [float(v) for v in reference]
 
 
 def _head_logits(net: TissueNet, feats: torch.Tensor) -> torch.Tensor:
@@ -433,16 +466,15 @@ def _bank_predict(
 def _new_net(
     pool: _Pool, cfg: TrainConfig, device: torch.device, *, fit_dictionary: bool = True
 ) -> TissueNet:
-    """A fresh network; its stain reference and texton dictionary (where used) are fitted on
-    augmented crops of ``pool`` unless ``fit_dictionary`` is false."""
+    """A fresh network; its texton dictionary is fitted on augmented crops of ``pool``
+    unless ``fit_dictionary`` is false."""
     torch.manual_seed(cfg.seed)
     net = TissueNet(num_classes=len(pool.class_names), **_net_kwargs(cfg))
-    if (cfg.textons or cfg.stain_norm) and fit_dictionary:
+    if cfg.textons and fit_dictionary:
         rng = np.random.default_rng(cfg.seed + 2)
         n = min(256, 2 * len(pool.images))
         idx = rng.permutation(np.arange(n) % len(pool.images)).astype(np.int64)
         x, _ = _batch(pool, idx, cfg, rng)
-        net.fit_stain_reference(x)
         fit_textons(net, x, seed=cfg.seed)
     return net.to(device)
 
@@ -462,8 +494,7 @@ def _fit(
 ) -> tuple[TissueNet, ClassificationReport | None, int]:
     """Train on ``train``; select the epoch with the best validation balanced accuracy."""
     device = _resolve_device(cfg.device)
-    # With a learned branch, fit_fast fits the stain reference and textons itself (on
-    # device-side crops).
+    # With a learned branch, fit_fast fits the textons itself (on device-side crops).
     net = _new_net(train, cfg, device, fit_dictionary=not cfg.cnn_channels)
     if not cfg.cnn_channels:
         both = train if val is None else _concat(train, val)
@@ -683,6 +714,7 @@ def train_tissue(
     else:
         sources = list(data_dir)
     pool = _load_pool(sources, class_names, cfg.spacing_um_px)
+    reference = _normalise_pool(pool, cfg)
     in_mpps = [s.mpp for s in sources if s.mpp is not None]
     spec = _make_spec(
         cfg,
@@ -691,6 +723,7 @@ def train_tissue(
         display_name=display_name,
         default_input_mpp=float(np.median(in_mpps)) if in_mpps else None,
         class_colors=class_colors,
+        stain_reference=reference,
     )
     tr_idx, va_idx = group_split(pool.groups, pool.labels, cfg.val_fraction, seed=cfg.seed)
     val = pool.subset(va_idx) if len(va_idx) else None
@@ -778,8 +811,9 @@ def out_of_fold_probabilities(
     """
     cfg = config or TrainConfig()
     pool = _load_pool(sources, class_names, cfg.spacing_um_px)
+    reference = _normalise_pool(pool, cfg)
     folds = group_kfold(pool.groups, pool.labels, n_folds, seed=seed)
-    spec = _spec_for(cfg, pool.class_names)
+    spec = _spec_for(cfg, pool.class_names, reference)
     probs = np.zeros((len(pool.images), len(pool.class_names)), dtype=np.float32)
     fold = np.zeros(len(pool.images), dtype=np.int64)
     for k, (va, p) in enumerate(zip(folds, _fold_probs(pool, folds, cfg, spec), strict=True)):
@@ -810,8 +844,9 @@ def cross_validate_tissue(
     cfg = config or TrainConfig()
     t0 = time.perf_counter()
     pool = _load_pool(sources, class_names, cfg.spacing_um_px)
+    reference = _normalise_pool(pool, cfg)
     folds = group_kfold(pool.groups, pool.labels, n_folds, seed=cfg.seed)
-    spec = _spec_for(cfg, pool.class_names)
+    spec = _spec_for(cfg, pool.class_names, reference)
     reports = []
     oof = np.zeros(len(pool.images), dtype=np.int64)
     for k, (va, probs) in enumerate(zip(folds, _fold_probs(pool, folds, cfg, spec), strict=True)):

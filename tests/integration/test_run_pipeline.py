@@ -224,6 +224,40 @@ def test_run_records_statistics_in_database(small_slide: Path, tmp_path: Path) -
     assert rows[0]["nucleus_count"] > 0
 
 
+def test_stain_normalised_tissue_model_gets_one_gain_pair_per_slide(
+    small_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slidestream.models.tissue import PatchClassifier
+    from slidestream.models.tissue._stain_norm import GAIN_RANGE
+    from slidestream.pipeline import run_batch
+
+    seen: list[Any] = []
+    real = PatchClassifier.predict_proba
+
+    def spy(self: PatchClassifier, batch: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("stain_gains"))
+        return real(self, batch, **kwargs)
+
+    monkeypatch.setattr(PatchClassifier, "predict_proba", spy)
+    config = RunConfig(
+        out_dir=tmp_path,
+        workers=0,
+        postprocess_workers=0,
+        nuclei_model="classical",
+        tissue_model="tumour-pan-sn",
+        show_progress=False,
+        db_url=None,
+    )
+    (outcome,) = run_batch([small_slide], config)
+    assert outcome.status == "succeeded", outcome.error
+    assert seen and all(g is not None for g in seen)
+    assert all(bool((g == seen[0]).all()) for g in seen)  # one pair for the whole slide
+    assert GAIN_RANGE[0] <= float(seen[0].min()) and float(seen[0].max()) <= GAIN_RANGE[1]
+    assert outcome.summary is not None
+    classes = outcome.summary["statistics"]["classes"]
+    assert {"tumour", "non_tumour"} <= set(classes)
+
+
 @pytest.mark.realdata
 def test_real_cmu_small_region_runs_through(shared_data: Path, tmp_path: Path) -> None:
     from slidestream.pipeline import run_batch

@@ -286,6 +286,8 @@ def test_corrupt_weights_raise_weights_error(tmp_path: Path) -> None:
         ("lung-lc25000", "tissue/lc25000_lung/lung_n", "lung_benign"),
         ("colon-glas", "tissue/glas/malignant", "malignant"),
         ("default", "tissue/lc25000_lung/lung_aca", "tumour"),
+        ("tumour-pan-sn", "tissue/glas/malignant", "tumour"),
+        ("colon-glas", "tissue/glas/benign", "benign"),
     ],
 )
 def test_shipped_models_classify_real_tiles(

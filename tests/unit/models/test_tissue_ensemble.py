@@ -128,8 +128,14 @@ def test_ensemble_cli_and_member_checks(members: tuple[Path, Path], tmp_path: Pa
     (bad / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ConfigError, match="differ from"):
         combine_models([fine, bad], [1, 1], tmp_path / "never")
-    # a member whose patch does not cover the same field of view
+    # members must expect the same stain normalisation
     conf["class_names"] = ["pinkish", "purplish"]
+    conf["slidestream"]["stain_norm"] = {"scope": "image", "reference": [1.0, 1.0]}
+    (bad / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="same --stain-norm"):
+        combine_models([fine, bad], [1, 1], tmp_path / "never")
+    del conf["slidestream"]["stain_norm"]
+    # a member whose patch does not cover the same field of view
     conf["patch_size_pixels"] = 30
     conf["transform"][0]["arguments"]["size"] = 30
     (bad / "config.json").write_text(json.dumps(conf))

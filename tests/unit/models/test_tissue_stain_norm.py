@@ -1,9 +1,8 @@
-"""Per-patch H&E intensity normalisation: stain invariance, storage, training and the CLI."""
+"""Image-level H&E intensity normalisation: stain invariance, the spec entry, training, the CLI."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,85 +13,92 @@ from click.testing import CliRunner
 from PIL import Image
 
 from slidestream.cli import cli
+from slidestream.errors import ConfigError
 from slidestream.models.tissue import TrainConfig, classify_image, load_model_dir, train_tissue
-from slidestream.models.tissue._network import _RGB_FROM_HED, TissueNet
-from slidestream.models.tissue._stain_norm import PERCENTILE, he_percentiles, normalise_he
+from slidestream.models.tissue._runner import image_patches
+from slidestream.models.tissue._stain_norm import (
+    GAIN_RANGE,
+    RGB_FROM_HED,
+    he_gains,
+    image_stain_reference,
+    pooled_he_levels,
+    rescale_he,
+)
 
-_RGB_FROM_HED_UNIT = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
-_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED_UNIT)
+_RGB_FROM_HED_UNIT = (RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)).double().numpy()
 
 
 def _nuclei_od(
     rng: np.random.Generator, size: int, n: int, radii: tuple[float, float]
 ) -> npt.NDArray[np.float64]:
-    """Haematoxylin OD ``(size, size)``: ``n`` round Gaussian 'nuclei' on a faint background."""
+    """Haematoxylin OD ``(size, size)``: ``n`` round Gaussian 'nuclei' (peak <= 1) on a faint
+    background."""
     yy, xx = np.mgrid[:size, :size]
     h = np.full((size, size), 0.05)
     for _ in range(n):
         cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(*radii)
         h += 0.9 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
-    return h
+    return np.minimum(h, 1.0)  # overlapping nuclei do not stack up
 
 
 def _rgb_of(h: npt.NDArray[np.float64], e: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
     """uint8 RGB ``(H, W, 3)`` of H and E concentrations (Ruifrok vectors, no residual)."""
-    od = np.stack([h, e, np.zeros_like(h)], axis=-1) @ _RGB_FROM_HED_UNIT.double().numpy()
+    od = np.stack([h, e, np.zeros_like(h)], axis=-1) @ _RGB_FROM_HED_UNIT
     return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255).round().astype(np.uint8)
 
 
-def _he_patch(seed: int, h_gain: float = 1.0, e_gain: float = 1.0, size: int = 64) -> torch.Tensor:
-    """Synthetic H&E patch ``(1, 3, size, size)`` in [0, 1]: round 'nuclei' (H) on an eosin
-    background, with both stain concentrations multiplied by the given gains."""
+def _he_patches(seed: int, h_gain: float = 1.0, e_gain: float = 1.0, n: int = 3) -> torch.Tensor:
+    """``n`` synthetic H&E patches ``(n, 3, 64, 64)`` uint8 of one 'image': round nuclei (H) on
+    an eosin background, both stain concentrations multiplied by the given gains."""
     rng = np.random.default_rng(seed)
-    h = _nuclei_od(rng, size, 12, (3.0, 6.0))
-    e = 0.35 + 0.15 * rng.random((size, size))
-    rgb = _rgb_of(h * h_gain, e * e_gain) / 255.0
-    return torch.from_numpy(rgb.transpose(2, 0, 1)[None].copy()).float()
+    out = []
+    for _ in range(n):
+        h = _nuclei_od(rng, 64, 12, (3.0, 6.0))
+        e = 0.35 + 0.15 * rng.random((64, 64))
+        out.append(_rgb_of(h * h_gain, e * e_gain).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out))
 
 
-def test_normalised_patches_match_the_reference_whatever_the_staining_strength() -> None:
+def test_one_gain_per_image_brings_differently_stained_copies_together() -> None:
     reference = torch.tensor([0.8, 0.4])
-    patches = torch.cat([_he_patch(0), _he_patch(0, 1.6, 0.7), _he_patch(0, 0.6, 1.3)])
-    before = he_percentiles(patches, _HED_FROM_RGB)
-    assert before[:, 0].max() / before[:, 0].min() > 2.0  # H differs 2.7x between the copies
-    out = normalise_he(patches, _HED_FROM_RGB, reference)
-    assert out.shape == patches.shape and out.dtype == torch.float32
-    after = he_percentiles(out, _HED_FROM_RGB)
+    copies = [_he_patches(0), _he_patches(0, 1.6, 0.7), _he_patches(0, 0.6, 1.3)]
+    levels = torch.stack([pooled_he_levels(c) for c in copies])
+    assert levels[:, 0].max() / levels[:, 0].min() > 2.0  # H differs 2.7x between the copies
+    out = [rescale_he(c, he_gains(lv, reference)) for c, lv in zip(copies, levels, strict=True)]
+    assert all(o.dtype == torch.uint8 and o.shape == copies[0].shape for o in out)
+    after = torch.stack([pooled_he_levels(o) for o in out])
     torch.testing.assert_close(after, reference.expand(3, 2), atol=0.03, rtol=0.0)
-    # the three differently stained copies become (nearly) the same image
-    assert (out[1] - out[0]).abs().mean() < 0.01 and (out[2] - out[0]).abs().mean() < 0.01
-    assert (patches[1] - patches[0]).abs().mean() > 0.05
+    for o in out[1:]:  # the three differently stained copies become (nearly) the same image
+        assert (o.float() - out[0].float()).abs().mean() < 3.0
+    assert (copies[1].float() - copies[0].float()).abs().mean() > 12.0
+    # every patch of an image gets the same gains: a nucleus-free patch is not brightened alone
+    pale = copies[0].clone()
+    nucleus_free = _rgb_of(np.full((64, 64), 0.05), np.full((64, 64), 0.4))
+    pale[0] = torch.from_numpy(nucleus_free.transpose(2, 0, 1).copy())
+    gains = he_gains(pooled_he_levels(pale), reference)
+    rescaled = rescale_he(pale[:1], gains)
+    assert pooled_he_levels(rescaled)[0] < 0.5 * reference[0]
 
 
-def test_percentile_uses_tissue_pixels_and_gains_are_bounded() -> None:
-    patch = _he_patch(1)
-    blank = patch.clone()
-    blank[..., :32] = 1.0  # half the patch is white background
+def test_levels_use_tissue_pixels_and_gains_are_bounded() -> None:
+    patch = _he_patches(1, n=1)
+    with_background = patch.clone()
+    with_background[..., :32] = 255  # half the patch is white background
     torch.testing.assert_close(
-        he_percentiles(blank, _HED_FROM_RGB), he_percentiles(patch[..., 32:], _HED_FROM_RGB)
+        pooled_he_levels(with_background), pooled_he_levels(patch[..., 32:]), atol=0.02, rtol=0.0
     )
-    pale = _he_patch(1, 0.01, 0.01)  # almost no stain: gains stop at the upper bound (4)
-    out = normalise_he(pale, _HED_FROM_RGB, torch.tensor([5.0, 5.0]))
-    ratio = he_percentiles(out, _HED_FROM_RGB) / he_percentiles(pale, _HED_FROM_RGB)
-    torch.testing.assert_close(ratio, torch.full((1, 2), 4.0), atol=0.2, rtol=0.0)
-    assert 0.5 < PERCENTILE < 1.0
+    gains = he_gains(torch.tensor([0.01, 10.0]), torch.tensor([5.0, 0.1]))
+    torch.testing.assert_close(gains, torch.tensor([GAIN_RANGE[1], GAIN_RANGE[0]]))
 
 
-def test_stain_norm_network_is_stain_invariant_and_stores_its_reference() -> None:
-    torch.manual_seed(0)
-    plain = TissueNet(num_classes=2, cnn_channels=(), textons=0)
-    normed = TissueNet(num_classes=2, cnn_channels=(), textons=0, stain_norm=True)
-    assert "stain_reference" not in plain.state_dict()  # older weight files load strictly
-    crops = torch.cat([_he_patch(s) for s in range(4)])
-    normed.fit_stain_reference(crops)
-    torch.testing.assert_close(
-        normed.stain_reference, he_percentiles(crops, _HED_FROM_RGB).median(dim=0).values
-    )
-    a, b = _he_patch(7), _he_patch(7, 1.5, 0.75)
-    gap_plain = (plain.features(a) - plain.features(b)).abs().sum()
-    gap_normed = (normed.features(a) - normed.features(b)).abs().sum()
-    assert gap_normed < 0.1 * gap_plain
-    torch.testing.assert_close(plain.normalise_stains(a), a)  # off: the identity
+def test_spec_entry_is_validated() -> None:
+    assert image_stain_reference({}) is None
+    ref = image_stain_reference({"stain_norm": {"scope": "image", "reference": [1.2, 0.9]}})
+    assert ref is not None
+    torch.testing.assert_close(ref, torch.tensor([1.2, 0.9]))
+    for bad in ({"scope": "patch", "reference": [1, 1]}, {"scope": "image"}, [1.0, 1.0]):
+        with pytest.raises(ConfigError, match=r"stain_norm.*fix or remove"):
+            image_stain_reference({"stain_norm": bad})
 
 
 def _synthetic_he(root: Path, rng: np.random.Generator) -> None:
@@ -107,7 +113,9 @@ def _synthetic_he(root: Path, rng: np.random.Generator) -> None:
 
 
 @pytest.mark.parametrize("cnn", [(), (8, 8)])  # feature-bank path and end-to-end (fit_fast) path
-def test_trained_stain_norm_model_round_trips(tmp_path: Path, cnn: tuple[int, ...]) -> None:
+def test_trained_stain_norm_model_normalises_every_image(
+    tmp_path: Path, cnn: tuple[int, ...]
+) -> None:
     torch.set_num_threads(1)
     _synthetic_he(tmp_path / "data", np.random.default_rng(0))
     cfg = TrainConfig(
@@ -124,18 +132,25 @@ def test_trained_stain_norm_model_round_trips(tmp_path: Path, cnn: tuple[int, ..
         stain_norm=True,
     )
     result = train_tissue(tmp_path / "data", tmp_path / "m", mpp=1.0, config=cfg)
-    assert result.spec.slidestream["arch_args"]["stain_norm"] is True
+    entry = result.spec.slidestream["stain_norm"]
+    assert entry["scope"] == "image" and all(v > 0 for v in entry["reference"])
     model = load_model_dir(tmp_path / "m")
-    net = model.module
-    assert isinstance(net, TissueNet) and net.stain_norm
-    ref = net.stain_reference
-    assert bool(torch.isfinite(ref).all()) and bool((ref > 0).all())
-    assert not torch.equal(ref, torch.ones(2))  # fitted, not the initial value
+    reference = model.stain_reference
+    assert reference is not None
     image = np.asarray(Image.open(tmp_path / "data" / "large_nuclei" / "0.png"))
-    p1 = classify_image(image, 1.0, model)
-    p2 = classify_image(image, 1.0, load_model_dir(tmp_path / "m"))
-    np.testing.assert_array_equal(p1, p2)
-    assert "stain_norm" not in replace(cfg, stain_norm=False).arch_args()  # off: not stored
+    patches = image_patches(image, 1.0, model.spec, tta=False)
+    gains = model.stain_gains(patches)
+    assert gains is not None
+    torch.testing.assert_close(gains, he_gains(pooled_he_levels(patches), reference))
+    # classify_image = the mean over the image's patches, all rescaled with the image's gains
+    expected = model.predict_proba(rescale_he(torch.from_numpy(patches), gains)).mean(axis=0)
+    np.testing.assert_allclose(classify_image(image, 1.0, model, tta=False), expected, atol=1e-6)
+    # the same image stained twice as dark is classified (almost) the same
+    hed = -np.log((image.astype(np.float64) + 1.0) / 256.0) @ np.linalg.inv(_RGB_FROM_HED_UNIT)
+    darker = _rgb_of(2.0 * hed[..., 0], 2.0 * hed[..., 1])
+    np.testing.assert_allclose(
+        classify_image(darker, 1.0, model), classify_image(image, 1.0, model), atol=0.05
+    )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -151,4 +166,4 @@ def test_train_cli_stain_norm_option(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["slidestream"]["arch_args"]["stain_norm"] is True
+    assert config["slidestream"]["stain_norm"]["scope"] == "image"
