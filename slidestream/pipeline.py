@@ -453,8 +453,9 @@ def _tile_stream(
 
 def _tissue_pass(
     slide: Any, mask: Any, models: LoadedModels, config: RunConfig, readers: int
-) -> tuple[Any, dict[str, float]]:
-    """Classify tissue patches; return the class regions and per-class areas (mm²)."""
+) -> tuple[Any, dict[str, float], list[float] | None]:
+    """Classify tissue patches; return the class regions, per-class areas (mm²) and the slide's
+    H and E stain gains (None when the tissue model does not normalise stains)."""
     from slidestream.overlays import tissue_class_regions
     from slidestream.tiling import TilingConfig
 
@@ -499,7 +500,8 @@ def _tissue_pass(
         smoothing_sigma_cells=config.tissue_smoothing_cells,
         min_island_area_um2=config.min_class_island_um2,
     )
-    return regions, _class_areas_on_mask(regions, mask, tuple(spec.class_names))
+    areas = _class_areas_on_mask(regions, mask, tuple(spec.class_names))
+    return regions, areas, None if gains is None else [round(float(g), 4) for g in gains]
 
 
 #: Tissue patches sampled (evenly over the tile grid) for a slide's stain gains.
@@ -757,7 +759,7 @@ def analyse_slide(
         nucleus_stream = _nucleus_stream(slide, mask, models, config, readers)
         nucleus_stream[1].start()
         t0 = time.perf_counter()
-        regions, class_area_mm2 = _tissue_pass(slide, mask, models, config, readers)
+        regions, class_area_mm2, stain_gains = _tissue_pass(slide, mask, models, config, readers)
         timings["tissue_classification"] = time.perf_counter() - t0
         class_names = tuple(models.tissue.spec.class_names)
         class_polygons = _clip_to_tissue(regions.polygons(), mask)
@@ -856,6 +858,7 @@ def analyse_slide(
                 "workers": {"readers": readers, "postprocess": post_workers},
                 "timings_s": timings,
                 "tissue_mask_mpp": float(mask.mpp),
+                "tissue_stain_gains": stain_gains,
                 "truncated_nuclei": truncated,
                 "started_at": started_at,
                 "finished_at": datetime.now(UTC).isoformat(),

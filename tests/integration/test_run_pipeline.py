@@ -256,6 +256,8 @@ def test_stain_normalised_tissue_model_gets_one_gain_pair_per_slide(
     assert outcome.summary is not None
     classes = outcome.summary["statistics"]["classes"]
     assert {"tumour", "non_tumour"} <= set(classes)
+    recorded = outcome.summary["provenance"]["tissue_stain_gains"]
+    np.testing.assert_allclose(recorded, seen[0].tolist(), atol=1e-4)
 
 
 @pytest.mark.realdata
