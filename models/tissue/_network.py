@@ -26,14 +26,12 @@ from torch import nn
 
 from slidestream.errors import ConfigError
 
-from ._stain_norm import RGB_FROM_HED
+from ._stain_norm import HED_FROM_RGB, od_and_hed
 
 __all__ = ["ARCHITECTURE", "TissueNet", "build_network", "fit_textons"]
 
 ARCHITECTURE = "slidestream-tissuenet"
 
-# Ruifrok & Johnston H&E-DAB stain vectors (rows: H, E, DAB) in OD space.
-_RGB_FROM_HED = RGB_FROM_HED
 _OD_MAX = math.log(256.0)
 _TEXTON_DIM = 30
 _GRANULOMETRY_PX = (3, 5, 7, 11)
@@ -174,7 +172,7 @@ class TissueNet(nn.Module):
         self.num_classes = num_classes
         self.pyramid_levels = pyramid_levels
         self.hist_bins = hist_bins
-        hed_from_rgb = torch.linalg.inv(_RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True))
+        hed_from_rgb = HED_FROM_RGB.clone()  # Ruifrok & Johnston unit stain vectors, inverted
         self.hed_from_rgb: torch.Tensor
         self.bank: torch.Tensor
         self.hist_centers: torch.Tensor
@@ -297,8 +295,7 @@ class TissueNet(nn.Module):
 
     def stains(self, rgb: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] ``(N, 3, H, W)`` -> ``(N, 4, H, W)``: H, E, residual, total OD."""
-        od = -torch.log((rgb * 255.0 + 1.0) / 256.0)
-        hed = F.conv2d(od, self.hed_from_rgb.T[:, :, None, None])
+        od, hed = od_and_hed(rgb, self.hed_from_rgb)
         total = od.mean(dim=1, keepdim=True)
         return torch.cat([hed, total], dim=1)
 

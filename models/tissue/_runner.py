@@ -311,8 +311,12 @@ def image_patches(
     out: npt.NDArray[np.uint8] = np.ascontiguousarray(
         np.stack(patches).transpose(0, 3, 1, 2), dtype=np.uint8
     )
-    use_tta = spec.tta == "dihedral" if tta is None else tta
-    return dihedral_views(out) if use_tta else out
+    return dihedral_views(out) if _use_tta(spec, tta) else out
+
+
+def _use_tta(spec: ModelSpec, tta: bool | None) -> bool:
+    """Whether to classify over the 8 dihedral views: ``tta``, or the spec's setting if None."""
+    return spec.tta == "dihedral" if tta is None else tta
 
 
 def classify_image(
@@ -349,8 +353,7 @@ def classify_image(
     """
     patches = image_patches(image, mpp, model.spec, tta=False)
     gains = model.stain_gains(patches)
-    use_tta = model.spec.tta == "dihedral" if tta is None else tta
-    if use_tta:
+    if _use_tta(model.spec, tta):
         patches = dihedral_views(patches)
     batch = torch.from_numpy(patches)
     probs: npt.NDArray[np.float32] = model.predict_proba(batch, stain_gains=gains).mean(axis=0)

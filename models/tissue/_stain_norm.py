@@ -43,6 +43,7 @@ __all__ = [
     "TISSUE_OD",
     "he_gains",
     "image_stain_reference",
+    "od_and_hed",
     "pooled_he_levels",
     "rescale_he",
 ]
@@ -53,6 +54,8 @@ RGB_FROM_HED = torch.tensor(
 )
 #: Row-vector deconvolution matrix of the unit stain vectors: ``hed = od @ HED_FROM_RGB``.
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True))
+#: Its inverse, back from concentrations to OD: ``od = hed @ _OD_FROM_HED``.
+_OD_FROM_HED = torch.linalg.inv(HED_FROM_RGB)
 
 #: Percentile (as a fraction) of the H and E concentrations that is matched to the reference.
 PERCENTILE = 0.99
@@ -66,8 +69,10 @@ GAIN_RANGE = (0.25, 4.0)
 _MAX_POOLED_PIXELS = 1 << 22
 
 
-def _od_and_hed(rgb: torch.Tensor, hed_from_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    od = -torch.log((rgb.float() * 255.0 + 1.0) / 256.0)
+def od_and_hed(rgb: torch.Tensor, hed_from_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optical density and Ruifrok H, E, residual concentrations, both ``(N, 3, H, W)``, of RGB
+    in [0, 1] ``(N, 3, H, W)`` (``hed_from_rgb``: :data:`HED_FROM_RGB` on ``rgb``'s device)."""
+    od = -torch.log((rgb * 255.0 + 1.0) / 256.0)
     hed = F.conv2d(od, hed_from_rgb.T[:, :, None, None])
     return od, hed
 
@@ -81,7 +86,7 @@ def pooled_he_levels(patches: torch.Tensor | npt.NDArray[np.uint8]) -> torch.Ten
         RGB patches of one image or slide at the model's µm/px.
     """
     rgb = torch.as_tensor(patches).float() / 255.0
-    od, hed = _od_and_hed(rgb, HED_FROM_RGB.to(rgb.device))
+    od, hed = od_and_hed(rgb, HED_FROM_RGB.to(rgb.device))
     tissue = od.mean(dim=1) > TISSUE_OD
     if tissue.sum() < MIN_TISSUE_FRACTION * tissue.numel():
         tissue = torch.ones_like(tissue)
@@ -101,11 +106,11 @@ def he_gains(levels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def rescale_he(patches: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """uint8 RGB patches ``(N, 3, H, W)`` with H and E multiplied by ``gains`` ``(2,)``, uint8."""
     rgb = patches.float() / 255.0
-    matrix = HED_FROM_RGB.to(rgb.device)
-    _, hed = _od_and_hed(rgb, matrix)
+    _, hed = od_and_hed(rgb, HED_FROM_RGB.to(rgb.device))
     scale = torch.ones(3, device=rgb.device)
     scale[:2] = gains.to(rgb.device).float()
-    od = F.conv2d(hed * scale[None, :, None, None], torch.linalg.inv(matrix).T[:, :, None, None])
+    back = _OD_FROM_HED.to(rgb.device).T[:, :, None, None]
+    od = F.conv2d(hed * scale[None, :, None, None], back)
     out = (256.0 * torch.exp(-od.clamp_min(0.0)) - 1.0).round().clamp(0.0, 255.0)
     return out.to(torch.uint8)
 
