@@ -7,6 +7,12 @@ is written atomically (``<name>.tmp`` beside the target, fsync, rename).
 from ._atomic import atomic_open, atomic_path
 from ._geojson import RGB, write_nuclei_geojson, write_tissue_geojson
 from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids
+from ._nucleus_types import (
+    NUCLEUS_TYPE_CLASSES,
+    NUCLEUS_TYPE_COLORS,
+    type_classification,
+    type_probability_key,
+)
 from ._overlay_png import render_overlay_png
 from ._parquet import ParquetStream, write_nuclei_parquet
 from ._stitch import MeasureFn, extract_tile_nuclei
@@ -24,6 +30,8 @@ from ._tissue_polygons import (
 __all__ = [
     "MEASUREMENT_DISPLAY_NAMES",
     "NUCLEUS_ID_NAMESPACE",
+    "NUCLEUS_TYPE_CLASSES",
+    "NUCLEUS_TYPE_COLORS",
     "RGB",
     "UNCLASSIFIED",
     "ClassRaster",
@@ -42,6 +50,8 @@ __all__ = [
     "rebatch_tables",
     "render_overlay_png",
     "tissue_class_regions",
+    "type_classification",
+    "type_probability_key",
     "write_nuclei_geojson",
     "write_nuclei_parquet",
     "write_tissue_geojson",

@@ -49,6 +49,10 @@ MEASUREMENT_DISPLAY_NAMES: Final[Mapping[str, str]] = {
     "mean_b": "Blue: Mean",
     "hematoxylin_od": "Hematoxylin OD: Mean",
     "eosin_od": "Eosin OD: Mean",
+    "p_other": "Type probability: Other",
+    "p_inflammatory": "Type probability: Inflammatory",
+    "p_epithelial": "Type probability: Epithelial",
+    "p_spindle": "Type probability: Spindle",
 }
 """QuPath-style measurement names (unit after the quantity, ``µm^2`` as QuPath writes it)."""
 

@@ -5,6 +5,7 @@ Heavy libraries (torch, MONAI, the model code) are imported inside the command b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -73,9 +74,43 @@ def _write_mask(path: Path, labels: Any) -> None:
     tmp.replace(path)
 
 
-def _write_geojson(path: Path, image_path: Path, labels: Any, rgb: Any, mpp: float) -> int:
+def _write_types_csv(path: Path, types: Any, labels: Any) -> int:
+    """``<stem>.types.csv``: ``id,type,p_<type>...`` for each instance id present in ``labels``."""
+    import csv
+
+    import numpy as np
+
+    from slidestream.overlays import atomic_path, type_probability_key
+
+    present = set(np.unique(labels).tolist()) - {0}
+    rows = 0
+    with atomic_path(path) as tmp, Path(tmp).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "type", *(type_probability_key(n) for n in types.names)])
+        for k, label in enumerate(types.ids.tolist()):
+            if label not in present:
+                continue
+            probs = types.probabilities[k]
+            writer.writerow(
+                [label, types.names[int(types.index[k])], *(f"{float(p):.4f}" for p in probs)]
+            )
+            rows += 1
+    return rows
+
+
+def _write_geojson(
+    path: Path, image_path: Path, labels: Any, rgb: Any, mpp: float, types: Any = None
+) -> int:
+    import numpy as np
+
     from slidestream.models import measure_nuclei
-    from slidestream.overlays import extract_tile_nuclei, write_nuclei_geojson
+    from slidestream.overlays import (
+        NUCLEUS_TYPE_COLORS,
+        extract_tile_nuclei,
+        type_classification,
+        type_probability_key,
+        write_nuclei_geojson,
+    )
 
     h, w = labels.shape
     # A whole image is one tile without halo: nuclei on its edge are expected, so the stitcher's
@@ -95,8 +130,87 @@ def _write_geojson(path: Path, image_path: Path, labels: Any, rgb: Any, mpp: flo
         )
     finally:
         stitch_logger.setLevel(level)
+    if types is not None and len(table):
+        # The table's rows are the label ids present, ascending (measure_nuclei's order).
+        ids = np.unique(labels)
+        ids = ids[ids != 0]
+        row = np.searchsorted(types.ids, ids)
+        found = (row < len(types.ids)) & (types.ids[np.minimum(row, len(types.ids) - 1)] == ids)
+        index = np.where(found, types.index[np.minimum(row, len(types.ids) - 1)], -1)
+        names = np.array(
+            [type_classification(types.names[i]) if i >= 0 else "" for i in index.tolist()]
+        )
+        probs = np.where(
+            found[:, None], types.probabilities[np.minimum(row, len(types.ids) - 1)], np.nan
+        )
+        measurements = dict(table.measurements)
+        for t, name in enumerate(types.names):
+            measurements[type_probability_key(name)] = probs[:, t].astype(np.float64)
+        table = dataclasses.replace(table, measurements=measurements).with_classes(names)
     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
-    return write_nuclei_geojson(path, [table], id_namespace=digest)
+    return write_nuclei_geojson(
+        path, [table], id_namespace=digest, class_colors=dict(NUCLEUS_TYPE_COLORS)
+    )
+
+
+def _read_typed_truth(path: Path) -> dict[str, Any]:
+    """Typed ground-truth centroids per image stem from a types.csv or points.csv."""
+    import csv
+
+    import numpy as np
+
+    from slidestream.errors import ConfigError
+    from slidestream.models.nuclei._data import POINT_TYPE_ALIASES
+    from slidestream.models.nuclei._network import TYPE_NAMES
+    from slidestream.models.nuclei._type_metrics import TypedPoints
+
+    per: dict[str, tuple[list[tuple[float, float]], list[int]]] = {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = set(reader.fieldnames or ())
+            if {"centroid_x", "centroid_y", "type_name"} <= fields:
+                xk, yk, tk = "centroid_x", "centroid_y", "type_name"
+            elif {"x", "y", "type"} <= fields:
+                xk, yk, tk = "x", "y", "type"
+            else:
+                raise ConfigError(
+                    f"{path}: expected columns image,centroid_x,centroid_y,type_name (types.csv) "
+                    "or image,x,y,type (points.csv)"
+                )
+            for line, row in enumerate(reader, start=2):
+                name = POINT_TYPE_ALIASES.get(str(row[tk]).strip().lower())
+                if name is None:
+                    raise ConfigError(
+                        f"{path}:{line}: unknown nucleus type {row[tk]!r}; expected one of "
+                        f"{sorted(POINT_TYPE_ALIASES)}"
+                    )
+                xy, ts = per.setdefault(str(row["image"]), ([], []))
+                xy.append((float(row[xk]), float(row[yk])))
+                ts.append(TYPE_NAMES.index(name))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: unreadable typed ground truth ({exc})") from exc
+    return {
+        k: TypedPoints(xy=np.asarray(xy, np.float64).reshape(-1, 2), types=np.asarray(ts, np.int64))
+        for k, (xy, ts) in per.items()
+    }
+
+
+def _typed_centroids(labels: Any, types: Any) -> Any:
+    """TypedPoints of the predicted instances present in ``labels`` (pixel-centre frame)."""
+    import numpy as np
+
+    from slidestream.models.nuclei._type_metrics import TypedPoints
+
+    yy, xx = np.nonzero(labels)
+    ids = labels[yy, xx]
+    n = int(labels.max(initial=0))
+    cnt = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(cnt, 1)
+    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(cnt, 1)
+    keep = types.ids[(types.ids <= n) & (cnt[np.minimum(types.ids, n)] > 0)]
+    index = types.index[np.isin(types.ids, keep)]
+    return TypedPoints(xy=np.stack([cx[keep], cy[keep]], axis=1), types=index.astype(np.int64))
 
 
 def _train_progress() -> Any:
@@ -149,11 +263,47 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
     )
     @click.option(
-        "--mpp",
+        "--working-mpp",
         type=click.FloatRange(min=0.05),
         default=0.5,
         show_default=True,
-        help="Working µm/px of the model.",
+        help="µm/px the model works at (every dataset is resampled to it). Not an input's "
+        "µm/px: those come with --data DIR:MPP.",
+    )
+    @click.option(
+        "--steps",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Total optimiser steps (the LR schedule's length); overrides --epochs.",
+    )
+    @click.option(
+        "--types/--no-types",
+        default=False,
+        show_default=True,
+        help="Add the nucleus-type head (other, inflammatory, epithelial, spindle); typed data "
+        "(CoNSeP types/, CRCHisto points.csv) trains it.",
+    )
+    @click.option(
+        "--split",
+        type=click.Choice(["v1", "v2"]),
+        default="v1",
+        show_default=True,
+        help="Default validation/test images: v1 = the 9 validation images of the first "
+        "presets, no test images; v2 = nuclei-v2's protocol (those 9 images, 4 CoNSeP tiles "
+        "and 10 CRCHisto images are test images, never trained on nor used for a choice).",
+    )
+    @click.option(
+        "--checkpoint",
+        type=click.Choice(["last", "best"]),
+        default="best",
+        show_default=True,
+        help="Keep the last step's weights (validation then only picks thresholds) or the best "
+        "validation AJI's.",
+    )
+    @click.option(
+        "--resume",
+        is_flag=True,
+        help="Continue an interrupted run from OUT's .resume.pt checkpoint (same options).",
     )
     @click.option("--crop-px", type=click.IntRange(min=32), default=160, show_default=True)
     @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -170,7 +320,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "init",
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         default=None,
-        help="Continue training from these .safetensors (same architecture).",
+        help="Start from these .safetensors (same architecture, or the same without the type "
+        "head, which then starts untrained).",
     )
     @click.option(
         "--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True
@@ -202,7 +353,12 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         minutes: float | None,
         seed: int,
         device: str,
-        mpp: float,
+        working_mpp: float,
+        steps: int | None,
+        types: bool,
+        split: str,
+        checkpoint: str,
+        resume: bool,
         crop_px: int,
         batch_size: int,
         val_every_steps: int,
@@ -213,9 +369,18 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         features: str,
         colour_strength: float,
     ) -> None:
-        """Train the nucleus U-Net (from scratch or --init weights) on common-format folders."""
+        """Train the nucleus U-Net (from scratch or --init weights) on common-format folders.
+
+        Checkpoints its whole state every --val-every-steps; rerun with --resume after an
+        interruption.
+        """
         from slidestream.models.nuclei import TrainConfig, train_nuclei
         from slidestream.models.nuclei._network import NetworkConfig
+        from slidestream.models.nuclei._train import (
+            DEFAULT_TEST_KEYS,
+            DEFAULT_V2_VAL_KEYS,
+            DEFAULT_VAL_KEYS,
+        )
 
         try:
             widths = [int(f) for f in features.split(",")]
@@ -224,10 +389,18 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         if len(widths) != 6:
             raise click.BadParameter(f"{features!r}: expected six comma-separated widths")
         config = TrainConfig(
-            network=NetworkConfig(features=(*widths,)),  # type: ignore[arg-type]
+            network=NetworkConfig(
+                features=(*widths,),  # type: ignore[arg-type]
+                n_types=4 if types else 0,
+            ),
             workers=workers,
             colour_strength=colour_strength,
-            mpp=mpp,
+            mpp=working_mpp,
+            steps=steps,
+            val_keys=DEFAULT_V2_VAL_KEYS if split == "v2" else DEFAULT_VAL_KEYS,
+            test_keys=DEFAULT_TEST_KEYS if split == "v2" else (),
+            checkpoint=checkpoint,  # type: ignore[arg-type]
+            resume=resume,
             # With a time budget the budget alone decides (a GPU run once stopped at the
             # 300-epoch cap after half its minutes).
             epochs=epochs if epochs is not None else (10**6 if minutes is not None else 300),
@@ -254,50 +427,142 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @click.option(
         "--masks",
         type=click.Path(exists=True, file_okay=False, path_type=Path),
-        required=True,
-        help="uint16 instance PNGs named like the images.",
+        default=None,
+        help="uint16 instance PNGs named like the images (AJI, PQ, Dice).",
+    )
+    @click.option(
+        "--types",
+        "types_csv",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Typed ground truth per nucleus: types.csv (image,instance,type_name,centroid_x,"
+        "centroid_y; CoNSeP's layout) or points.csv (image,x,y,type; CRCHisto's). Adds detection "
+        "F1 and per-type F1 (HoVer-Net's definitions).",
     )
     @click.option(
         "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the images."
+    )
+    @click.option(
+        "--pair-radius-um",
+        type=click.FloatRange(min=0, min_open=True),
+        default=3.0,
+        show_default=True,
+        help="Centroid pairing radius for detection/type F1 (HoVer-Net: 12 px at 0.25 µm/px).",
+    )
+    @click.option(
+        "--pair-radius-px",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="The pairing radius in image px instead (e.g. 6 for CRCHisto at 20x).",
     )
     @_image_model_option
     @click.option("--device", default="cpu", show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def evaluate_nuclei_cmd(
-        images: Path, masks: Path, mpp: float, model: str, device: str, as_json: bool
+        images: Path,
+        masks: Path | None,
+        types_csv: Path | None,
+        mpp: float,
+        pair_radius_um: float,
+        pair_radius_px: float | None,
+        model: str,
+        device: str,
+        as_json: bool,
     ) -> None:
-        """Score a nucleus model: AJI, PQ (DQ, SQ), object F1 at IoU 0.5 and Dice."""
+        """Score a nucleus model: AJI, PQ (DQ, SQ), object F1 at IoU 0.5 and Dice against
+        --masks; detection and per-type F1 against --types."""
         import numpy as np
         from PIL import Image
 
         from slidestream.models.nuclei import load_nuclei_model, score_instances
+        from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
 
+        if masks is None and types_csv is None:
+            raise click.UsageError("give --masks, --types or both")
         seg = load_nuclei_model(model, device)
+        type_names: tuple[str, ...] = tuple(getattr(seg, "type_names", ()))
+        truth = _read_typed_truth(types_csv) if types_csv is not None else None
+        if truth is not None and not type_names:
+            raise click.UsageError(
+                f"--types: model {seg.name} has no type head; use a typing model "
+                "(nuclei-unet-fast, nuclei-unet-accurate)"
+            )
+        radius = pair_radius_px if pair_radius_px is not None else pair_radius_um / mpp
+        counts = TypedCounts(names=type_names) if truth is not None else None
         rows: list[dict[str, Any]] = []
         for img_path in _collect_inputs((images,)):
-            mask_path = masks / (img_path.stem + ".png")
-            if not mask_path.is_file():
-                logger.warning("%s: no mask %s; skipped", img_path, mask_path)
+            true = None
+            if masks is not None:
+                mask_path = masks / (img_path.stem + ".png")
+                if not mask_path.is_file():
+                    logger.warning("%s: no mask %s; skipped", img_path, mask_path)
+                    continue
+                with Image.open(mask_path) as im:
+                    true = np.asarray(im, dtype=np.int32)
+            if truth is not None and img_path.stem not in truth and true is None:
+                logger.warning("%s: no typed nuclei in %s; skipped", img_path, types_csv)
                 continue
-            with Image.open(mask_path) as im:
-                true = np.asarray(im, dtype=np.int32)
-            pred = seg.segment(_read_rgb(img_path), mpp)
-            rows.append({"image": img_path.stem, **score_instances(true, pred).to_dict()})
+            rgb = _read_rgb(img_path)
+            if type_names:
+                pred, pred_types = seg.segment_typed(rgb, mpp)  # type: ignore[union-attr]
+            else:
+                pred, pred_types = seg.segment(rgb, mpp), None
+            row: dict[str, Any] = {"image": img_path.stem}
+            if true is not None:
+                row.update(score_instances(true, pred).to_dict())
+            if truth is not None and counts is not None and pred_types is not None:
+                gt = truth.get(
+                    img_path.stem, TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
+                )
+                one = TypedCounts(names=type_names)
+                pp = _typed_centroids(pred, pred_types)
+                one.add(gt, pp, radius)
+                counts.add(gt, pp, radius)
+                sc = one.scores()
+                row.update(det_f1=sc["det_f1"], type_accuracy=sc["type_accuracy"])
+            rows.append(row)
         if not rows:
-            raise click.UsageError(f"no image/mask pairs in {images} and {masks}")
-        keys = ("aji", "pq", "dq", "sq", "f1", "dice")
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+            raise click.UsageError(f"no images with ground truth in {images}")
+        seg_keys = ("aji", "pq", "dq", "sq", "f1", "dice") if masks is not None else ()
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in seg_keys}
+        typed = counts.scores() if counts is not None else {}
         if as_json:
-            click.echo(json.dumps({"model": seg.name, "images": rows, "mean": mean}, indent=2))
-            return
-        click.echo(f"{'image':40s} " + " ".join(f"{k:>6s}" for k in keys) + "  n_true n_pred")
-        for r in rows:
             click.echo(
-                f"{r['image'][:40]:40s} "
-                + " ".join(f"{r[k]:6.3f}" for k in keys)
-                + f"  {r['n_true']:6d} {r['n_pred']:6d}"
+                json.dumps(
+                    {
+                        "model": seg.name,
+                        "images": rows,
+                        "mean": mean,
+                        "types": typed,
+                        "pair_radius_px": radius if counts is not None else None,
+                    },
+                    indent=2,
+                )
             )
-        click.echo(f"{'MEAN (' + seg.name + ')':40s} " + " ".join(f"{mean[k]:6.3f}" for k in keys))
+            return
+        if seg_keys:
+            click.echo(
+                f"{'image':40s} " + " ".join(f"{k:>6s}" for k in seg_keys) + "  n_true n_pred"
+            )
+            for r in rows:
+                click.echo(
+                    f"{r['image'][:40]:40s} "
+                    + " ".join(f"{r[k]:6.3f}" for k in seg_keys)
+                    + f"  {r['n_true']:6d} {r['n_pred']:6d}"
+                )
+            click.echo(
+                f"{'MEAN (' + seg.name + ')':40s} " + " ".join(f"{mean[k]:6.3f}" for k in seg_keys)
+            )
+        if typed:
+            click.echo(
+                f"typed nuclei (all images pooled, pairing within {radius:.1f} px): "
+                + ", ".join(
+                    f"{k} {v:.3f}"
+                    if isinstance(v, float) and k.startswith(("det", "f1", "type"))
+                    else f"{k} {int(v)}"
+                    for k, v in typed.items()
+                )
+            )
 
     @cli.command("segment")
     @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
@@ -307,11 +572,20 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
     @_image_model_option
     @click.option("--device", default="cpu", show_default=True)
-    @click.option("--geojson", is_flag=True, help="Also write DIR/<stem>.geojson (QuPath).")
+    @click.option(
+        "--geojson",
+        is_flag=True,
+        help="Also write DIR/<stem>.geojson (QuPath detections; classified by nucleus type "
+        "with a fixed colour per type when the model types nuclei).",
+    )
     def segment_cmd(
         inputs: tuple[Path, ...], mpp: float, out: Path, model: str, device: str, geojson: bool
     ) -> None:
-        """Segment nuclei in images; write DIR/<stem>.png uint16 instance masks."""
+        """Segment nuclei in images; write DIR/<stem>.png uint16 instance masks.
+
+        A model with a type head also writes DIR/<stem>.types.csv
+        (id,type,p_other,p_inflammatory,p_epithelial,p_spindle; id = the label in the PNG).
+        """
         from tqdm import tqdm
 
         from slidestream.models.nuclei import load_nuclei_model
@@ -319,10 +593,17 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         files = _collect_inputs(inputs)
         out.mkdir(parents=True, exist_ok=True)
         seg = load_nuclei_model(model, device)
+        typed = hasattr(seg, "segment_typed") and getattr(seg, "n_types", 0) > 0
         for path in tqdm(files, desc="segment", unit="image", disable=len(files) < 2):
             rgb = _read_rgb(path)
-            labels = seg.segment(rgb, mpp)
+            types = None
+            if typed:
+                labels, types = seg.segment_typed(rgb, mpp)  # type: ignore[union-attr]
+            else:
+                labels = seg.segment(rgb, mpp)
             _write_mask(out / f"{path.stem}.png", labels)
+            if types is not None:
+                _write_types_csv(out / f"{path.stem}.types.csv", types, labels)
             if geojson:
-                n = _write_geojson(out / f"{path.stem}.geojson", path, labels, rgb, mpp)
+                n = _write_geojson(out / f"{path.stem}.geojson", path, labels, rgb, mpp, types)
                 logger.info("%s: %d nuclei", path, n)

@@ -46,8 +46,8 @@ NDATA="--data .gpu/nuclei/monuseg_kumar --data .gpu/nuclei/cpm15 --data .gpu/nuc
 # The accurate preset's recipe (0.35 µm/px, the data pre-resampled to it by prepare.sh): a wide
 # network from scratch, and the shipped fine network continued with many more steps.
 WIDE="--features 32,32,64,128,256,32"; FINE="--features 16,16,32,64,128,16"
-COMMON="--device $DEV --mpp 0.35 --batch-size 16 --crop-px 288 --colour-strength 1.0 --val-every-steps 400 --seed 0 --minutes $mins"
-[ "${DRY:-0}" = 1 ] && COMMON="--device cpu --mpp 0.35 --batch-size 2 --crop-px 96 --val-every-steps 5 --seed 0 --minutes $mins"
+COMMON="--device $DEV --working-mpp 0.35 --batch-size 16 --crop-px 288 --colour-strength 1.0 --val-every-steps 400 --seed 0 --minutes $mins"
+[ "${DRY:-0}" = 1 ] && COMMON="--device cpu --working-mpp 0.35 --batch-size 2 --crop-px 96 --val-every-steps 5 --seed 0 --minutes $mins"
 if [ -d .gpu/nuclei/gbm40_emory ]; then
 setsid nohup $PY -m slidestream -v train nuclei $NDATA --out /tmp/train/wide-scratch.safetensors --workers 6 --lr 2e-3 $WIDE $COMMON > $LOG/train_scratch.log 2>&1 < /dev/null &
 setsid nohup $PY -m slidestream -v train nuclei $NDATA --out /tmp/train/fine-cont.safetensors --workers 6 --lr 1e-3 --init models/weights/nuclei-unet-fine.safetensors $FINE $COMMON > $LOG/train_cont.log 2>&1 < /dev/null &

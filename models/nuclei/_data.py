@@ -1,12 +1,17 @@
 """Nucleus training data: folders in the common format, resampling, targets and augmentation.
 
 Common format: ``<dir>/images/<id>.png`` (RGB) and ``<dir>/masks/<id>.png`` (uint16 instance
-ids, 0 background). Every image is resampled once to the model's working µm/px; targets
-(foreground, boundary, normalised distance) are computed per augmented crop from the label map.
+ids, 0 background), optionally ``<dir>/types/<id>.png`` (uint8 nucleus type per pixel, 1..4 =
+``TYPE_NAMES``, 0 background; CoNSeP's layout). A points dataset has ``images/`` and a
+``points.csv`` (``image,x,y,type``, CRCHisto's layout) and no masks: it supervises only the type
+head, through a small disc around each point. Every image is resampled once to the model's
+working µm/px; targets (foreground, boundary, normalised distance, type, and where the
+segmentation targets are valid) are computed per augmented crop.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,15 +24,19 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 
 from slidestream.errors import ConfigError
+from slidestream.models.nuclei._network import TYPE_NAMES
 
 __all__ = [
     "KNOWN_DATASET_MPP",
+    "N_TARGETS",
+    "POINT_TYPE_ALIASES",
     "DataSource",
     "LabelledImage",
     "augment_colour",
     "load_sources",
     "make_targets",
     "parse_data_arg",
+    "point_type_map",
     "resample_image",
     "resample_labels",
     "sample_batch",
@@ -41,7 +50,28 @@ KNOWN_DATASET_MPP: Mapping[str, Mapping[str, float]] = {
     "cpm15": {"*": 0.25, **{f"image{i:02d}": 0.5 for i in range(1, 8)}},
     "gbm40_emory": {"*": 0.25},
     "cryonuseg_partial": {"*": 0.25},
+    "consep_train": {"*": 0.25},
+    # CRCHistoPhenotypes: 500 x 500 px tiles at 20x, 0.55 µm/px per Sirinukunwattana et al. 2016
+    # (not stated in the files; see their README).
+    "crchisto": {"*": 0.55},
 }
+
+POINT_TYPE_ALIASES: Mapping[str, str] = {
+    **{name: name for name in TYPE_NAMES},
+    "fibroblast": "spindle",
+    "others": "other",
+    "miscellaneous": "other",
+    "lymphocyte": "inflammatory",
+}
+"""Class names of typed-point datasets (CRCHisto's and ours) -> :data:`TYPE_NAMES`."""
+
+N_TARGETS = 5
+"""Target channels: foreground, boundary, distance, type (0 unknown, k = TYPE_NAMES[k-1]) and
+segmentation validity (1 where the first three are supervised)."""
+
+_POINT_DISC_UM = 2.0
+"""Radius (µm) of the type-supervision disc drawn around each typed point: inside even a small
+lymphocyte nucleus (about 6 µm across)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,15 +150,21 @@ class LabelledImage:
     rgb : ndarray, uint8, shape (H, W, 3)
         Image at the working µm/px.
     labels : ndarray, int32, shape (H, W)
-        Instance ids at the working µm/px.
+        Instance ids at the working µm/px (all 0 for a points dataset).
     source_mpp : float
         µm/px of the original file.
+    types : ndarray, uint8, shape (H, W), or None
+        Nucleus type per pixel (0 unknown, ``k`` = ``TYPE_NAMES[k - 1]``), or None (no types).
+    has_masks : bool
+        Whether ``labels`` are instance masks (False: points only, no segmentation targets).
     """
 
     key: str
     rgb: npt.NDArray[np.uint8]
     labels: npt.NDArray[np.int32]
     source_mpp: float
+    types: npt.NDArray[np.uint8] | None = None
+    has_masks: bool = True
 
 
 def resample_image(rgb: npt.NDArray[np.uint8], scale: float) -> npt.NDArray[np.uint8]:
@@ -165,14 +201,85 @@ def _read_labels(path: Path) -> npt.NDArray[np.int32]:
         return np.asarray(im, dtype=np.int32)
 
 
+def _read_points(path: Path) -> dict[str, list[tuple[float, float, int]]]:
+    """``points.csv`` (``image,x,y,type``) -> image id -> [(x, y, type index 1..4)]."""
+    out: dict[str, list[tuple[float, float, int]]] = {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"image", "x", "y", "type"} - set(reader.fieldnames or ())
+            if missing:
+                raise ConfigError(
+                    f"{path}: missing column(s) {sorted(missing)}; expected image,x,y,type"
+                )
+            for line, row in enumerate(reader, start=2):
+                name = POINT_TYPE_ALIASES.get(str(row["type"]).strip().lower())
+                if name is None:
+                    raise ConfigError(
+                        f"{path}:{line}: unknown nucleus type {row['type']!r}; expected one of "
+                        f"{sorted(POINT_TYPE_ALIASES)}"
+                    )
+                try:
+                    x, y = float(row["x"]), float(row["y"])
+                except ValueError as exc:
+                    raise ConfigError(f"{path}:{line}: x/y are not numbers ({exc})") from exc
+                out.setdefault(str(row["image"]), []).append((x, y, TYPE_NAMES.index(name) + 1))
+    except OSError as exc:
+        raise ConfigError(f"{path}: unreadable points file ({exc})") from exc
+    return out
+
+
+def point_type_map(
+    shape: tuple[int, int], points: Sequence[tuple[float, float, int]], radius_px: float
+) -> npt.NDArray[np.uint8]:
+    """A type map (0 unknown) with a disc of ``radius_px`` around each ``(x, y, type)`` point."""
+    out = np.zeros(shape, np.uint8)
+    r = max(1, round(radius_px))
+    for x, y, t in points:
+        cv2.circle(out, (round(x), round(y)), r, int(t), thickness=-1)
+    return out
+
+
 def load_sources(sources: Sequence[DataSource], mpp: float) -> list[LabelledImage]:
-    """Read every image/mask pair of ``sources`` and resample it to ``mpp`` µm/px."""
+    """Read every image of ``sources`` with its labels and resample it to ``mpp`` µm/px.
+
+    A folder with ``masks/`` gives instance labels (and types from ``types/`` when present); a
+    folder with ``points.csv`` and no ``masks/`` gives typed points only.
+    """
     out: list[LabelledImage] = []
     for src in sources:
-        img_dir, mask_dir = src.path / "images", src.path / "masks"
-        if not img_dir.is_dir() or not mask_dir.is_dir():
-            raise ConfigError(f"{src.path}: expected images/ and masks/ folders (common format)")
+        img_dir, mask_dir, type_dir = src.path / "images", src.path / "masks", src.path / "types"
+        points_csv = src.path / "points.csv"
+        points = None
+        if not mask_dir.is_dir() and points_csv.is_file():
+            points = _read_points(points_csv)
+        if not img_dir.is_dir() or (points is None and not mask_dir.is_dir()):
+            raise ConfigError(
+                f"{src.path}: expected images/ and masks/ folders (common format) or images/ "
+                "and points.csv (typed points)"
+            )
         for img_path in sorted(img_dir.glob("*.png")):
+            src_mpp = src.mpp_of(img_path.stem)
+            scale = src_mpp / mpp
+            if points is not None:
+                pts = points.get(img_path.stem)
+                if not pts:
+                    continue
+                t_rgb = resample_image(_read_rgb(img_path), scale)
+                shape = (t_rgb.shape[0], t_rgb.shape[1])
+                # Point (x, y) is a pixel centre: it maps to (x + 0.5) * scale - 0.5.
+                t_pts = [((x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5, t) for x, y, t in pts]
+                out.append(
+                    LabelledImage(
+                        key=f"{src.path.name}/{img_path.stem}",
+                        rgb=t_rgb,
+                        labels=np.zeros(shape, np.int32),
+                        source_mpp=src_mpp,
+                        types=point_type_map(shape, t_pts, _POINT_DISC_UM / mpp),
+                        has_masks=False,
+                    )
+                )
+                continue
             mask_path = mask_dir / img_path.name
             if not mask_path.is_file():
                 continue
@@ -180,19 +287,30 @@ def load_sources(sources: Sequence[DataSource], mpp: float) -> list[LabelledImag
             lab = _read_labels(mask_path)
             if lab.shape != rgb.shape[:2]:
                 raise ConfigError(f"{mask_path}: mask {lab.shape} != image {rgb.shape[:2]}")
-            src_mpp = src.mpp_of(img_path.stem)
-            t_rgb = resample_image(rgb, src_mpp / mpp)
-            t_lab = resample_labels(lab, (t_rgb.shape[1], t_rgb.shape[0]))
+            t_rgb = resample_image(rgb, scale)
+            size = (t_rgb.shape[1], t_rgb.shape[0])
+            t_lab = resample_labels(lab, size)
+            t_types: npt.NDArray[np.uint8] | None = None
+            type_path = type_dir / img_path.name
+            if type_path.is_file():
+                types = _read_labels(type_path)
+                if types.shape != lab.shape or types.max() > len(TYPE_NAMES) or types.min() < 0:
+                    raise ConfigError(
+                        f"{type_path}: type map {types.shape} with values {types.min()}.."
+                        f"{types.max()}: expected {lab.shape} with 0..{len(TYPE_NAMES)}"
+                    )
+                t_types = resample_labels(types, size).astype(np.uint8)
             out.append(
                 LabelledImage(
                     key=f"{src.path.name}/{img_path.stem}",
                     rgb=t_rgb,
                     labels=t_lab,
                     source_mpp=src_mpp,
+                    types=t_types,
                 )
             )
     if not out:
-        raise ConfigError(f"no image/mask pairs found in {[str(s.path) for s in sources]}")
+        raise ConfigError(f"no labelled images found in {[str(s.path) for s in sources]}")
     return out
 
 
@@ -277,7 +395,7 @@ def augment_colour(
 
 def _random_crop(
     item: LabelledImage, crop_px: int, rng: np.random.Generator, scale_range: tuple[float, float]
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int32]]:
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int32], npt.NDArray[np.uint8]]:
     h, w = item.labels.shape
     lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
     scale = float(np.exp(rng.uniform(lo, hi)))  # >1 zooms in
@@ -287,15 +405,21 @@ def _random_crop(
     x0 = int(rng.integers(0, w - src + 1))
     rgb = item.rgb[y0 : y0 + src, x0 : x0 + src]
     lab = item.labels[y0 : y0 + src, x0 : x0 + src]
+    types = (
+        item.types[y0 : y0 + src, x0 : x0 + src]
+        if item.types is not None
+        else np.zeros((src, src), np.uint8)
+    )
     if src != crop_px:
         interp = cv2.INTER_AREA if src > crop_px else cv2.INTER_LINEAR
         rgb = np.asarray(cv2.resize(rgb, (crop_px, crop_px), interpolation=interp), np.uint8)
         lab = resample_labels(lab, (crop_px, crop_px))
+        types = resample_labels(types, (crop_px, crop_px)).astype(np.uint8)
     k = int(rng.integers(0, 4))
-    rgb, lab = np.rot90(rgb, k), np.rot90(lab, k)
+    rgb, lab, types = np.rot90(rgb, k), np.rot90(lab, k), np.rot90(types, k)
     if rng.random() < 0.5:
-        rgb, lab = rgb[:, ::-1], lab[:, ::-1]
-    return np.ascontiguousarray(rgb), np.ascontiguousarray(lab)
+        rgb, lab, types = rgb[:, ::-1], lab[:, ::-1], types[:, ::-1]
+    return np.ascontiguousarray(rgb), np.ascontiguousarray(lab), np.ascontiguousarray(types)
 
 
 def sample_batch(
@@ -313,15 +437,19 @@ def sample_batch(
     Returns
     -------
     images : ndarray, uint8, shape (N, 3, crop_px, crop_px)
-    targets : ndarray, float32, shape (N, 3, crop_px, crop_px)
-        See :func:`make_targets`.
+    targets : ndarray, float32, shape (N, N_TARGETS, crop_px, crop_px)
+        Foreground, boundary and distance (:func:`make_targets`), the type index (0 unknown) and
+        the segmentation validity (0 for crops of points-only images).
     """
     imgs = np.empty((batch_size, 3, crop_px, crop_px), np.uint8)
-    tgts = np.empty((batch_size, 3, crop_px, crop_px), np.float32)
+    tgts = np.empty((batch_size, N_TARGETS, crop_px, crop_px), np.float32)
     picks = rng.choice(len(items), size=batch_size, p=weights)
     for b, idx in enumerate(picks):
-        rgb, lab = _random_crop(items[int(idx)], crop_px, rng, scale_range)
+        item = items[int(idx)]
+        rgb, lab, types = _random_crop(item, crop_px, rng, scale_range)
         rgb = augment_colour(rgb, rng, strength=colour_strength)
         imgs[b] = rgb.transpose(2, 0, 1)
-        tgts[b] = make_targets(lab)
+        tgts[b, :3] = make_targets(lab)
+        tgts[b, 3] = types
+        tgts[b, 4] = 1.0 if item.has_masks else 0.0
     return imgs, tgts

@@ -16,8 +16,15 @@ import torch.nn.functional as F
 
 from slidestream.errors import ConfigError
 from slidestream.models.nuclei._data import resample_image, resample_labels
-from slidestream.models.nuclei._network import PAD_MULTIPLE, NucleusNet, fold_batchnorm
+from slidestream.models.nuclei._network import (
+    N_OUTPUTS,
+    PAD_MULTIPLE,
+    TYPE_NAMES,
+    NucleusNet,
+    fold_batchnorm,
+)
 from slidestream.models.nuclei._postprocess import PostprocessConfig, postprocess_maps
+from slidestream.models.nuclei._types import InstanceTypes, instance_types
 
 __all__ = ["NucleusModel", "Precision", "pad_to_multiple"]
 
@@ -146,6 +153,21 @@ class NucleusModel:
         return functools.partial(postprocess_maps, config=config)
 
     @property
+    def n_types(self) -> int:
+        """Nucleus types of the type head (0 without one)."""
+        return int(self.net.config.n_types)
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        """Names of the type channels (empty without a type head)."""
+        return TYPE_NAMES[: self.n_types]
+
+    @property
+    def n_outputs(self) -> int:
+        """Channels of :meth:`predict`'s maps."""
+        return N_OUTPUTS + self.n_types
+
+    @property
     def n_parameters(self) -> int:
         """Number of parameters of the network as trained (before BatchNorm folding)."""
         return self._n_parameters
@@ -164,7 +186,12 @@ class NucleusModel:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             out = self.net(x) if not self.tta else self._dihedral_mean(x)
-        return torch.sigmoid(out.float()[..., :h, :w])
+        out = out.float()[..., :h, :w]
+        if self.n_types == 0:
+            return torch.sigmoid(out)
+        return torch.cat(
+            [torch.sigmoid(out[:, :N_OUTPUTS]), torch.softmax(out[:, N_OUTPUTS:], dim=1)], dim=1
+        )
 
     def _dihedral_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean logits over the 8 symmetries of the square (flips x transposition).
@@ -195,8 +222,10 @@ class NucleusModel:
 
         Returns
         -------
-        ndarray, float32, shape (N, 3, H, W)
-            Foreground, boundary and normalised-distance probabilities, same pixel frame.
+        ndarray, float32, shape (N, C, H, W)
+            Foreground, boundary and normalised-distance probabilities, same pixel frame; with a
+            type head (``C = 3 + n_types``) then the type probabilities (softmax over
+            :attr:`type_names`, summing to 1 at every pixel).
         """
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ConfigError(f"batch of shape {tuple(batch.shape)}: expected (N, 3, H, W) uint8")
@@ -206,12 +235,12 @@ class NucleusModel:
             if self.device.type == "cpu" and n > 1:
                 # One tile at a time on a CPU: a 512² tile's activations stay in cache, which
                 # gave 1.4-1.9x the throughput of batches of 8 on a 2-core CPU.
-                out = np.empty((n, 3, h, w), np.float32)
+                out = np.empty((n, self.n_outputs, h, w), np.float32)
                 for i in range(n):
                     out[i] = self._forward(x[i : i + 1])[0].numpy()
                 return out
             return self._forward(x).cpu().numpy().astype(np.float32, copy=False)
-        out = np.zeros((n, 3, h, w), np.float32)
+        out = np.zeros((n, self.n_outputs, h, w), np.float32)
         step = _MAX_TILE_PX - 2 * _TILE_MARGIN_PX
         for y0 in range(0, h, step):
             for x0 in range(0, w, step):
@@ -246,3 +275,36 @@ class NucleusModel:
         maps = self.predict(batch)[0]
         t_labels = self.postprocess_for(mpp)(maps)
         return resample_labels(t_labels, (image.shape[1], image.shape[0]))
+
+    def segment_typed(
+        self, image: npt.NDArray[np.uint8], mpp: float
+    ) -> tuple[npt.NDArray[np.int32], InstanceTypes | None]:
+        """Segment the nuclei of one RGB image and type each of them.
+
+        Parameters
+        ----------
+        image : ndarray, uint8, shape (H, W, 3)
+            RGB image.
+        mpp : float
+            µm/px of ``image``.
+
+        Returns
+        -------
+        labels : ndarray, int32, shape (H, W)
+            Instance ids ``1..n`` in the input's pixel frame (0 background).
+        types : InstanceTypes or None
+            Per-instance type and mean type probabilities (``None`` without a type head). An
+            instance that vanished in the resampling to the input frame keeps no row.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ConfigError(f"image {image.shape} {image.dtype}: expected (H, W, 3) uint8 RGB")
+        if not mpp > 0:
+            raise ConfigError(f"input µm/px {mpp}: must be > 0; pass --mpp")
+        t_img = resample_image(image, mpp / self.mpp)
+        batch = torch.from_numpy(np.ascontiguousarray(t_img.transpose(2, 0, 1)))[None]
+        maps = self.predict(batch)[0]
+        t_labels = self.postprocess_for(mpp)(maps)
+        labels = resample_labels(t_labels, (image.shape[1], image.shape[0]))
+        if self.n_types == 0:
+            return labels, None
+        return labels, instance_types(t_labels, maps[N_OUTPUTS:], self.type_names)

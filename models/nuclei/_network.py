@@ -4,7 +4,14 @@ Output channels (logits, at the model's working µm/px, same height/width as the
 
 0. nucleus foreground,
 1. nucleus boundary (a one-pixel inner contour of every instance, DCAN-style),
-2. normalised distance to the instance border (1 at the instance's deepest point, 0 at its edge).
+2. normalised distance to the instance border (1 at the instance's deepest point, 0 at its edge),
+3. ``3 + n_types - 1``: with a type head (``NetworkConfig.n_types > 0``), one logit per nucleus
+   type of :data:`TYPE_NAMES` (softmax over these channels; meaningful on nucleus pixels).
+
+The type head is a small branch (3x3 convolution, batch norm, ReLU, 1x1 convolution) on the last
+decoder features, beside the 1x1 convolution of the three segmentation maps: the shared decoder
+stays as it was, so a segmentation-only network can be extended with a type head by copying its
+weights (:func:`load_segmentation_weights`).
 """
 
 from __future__ import annotations
@@ -20,14 +27,20 @@ from slidestream.errors import ConfigError
 __all__ = [
     "N_OUTPUTS",
     "PAD_MULTIPLE",
+    "TYPE_NAMES",
     "NetworkConfig",
     "NucleusNet",
     "build_network",
     "fold_batchnorm",
+    "load_segmentation_weights",
 ]
 
 N_OUTPUTS = 3
-"""Foreground, boundary, distance."""
+"""Segmentation maps: foreground, boundary, distance (type channels follow them)."""
+
+TYPE_NAMES: tuple[str, ...] = ("other", "inflammatory", "epithelial", "spindle")
+"""Nucleus types of the type head, in channel order (HoVer-Net's 4-class CoNSeP merge:
+CoNSeP type ``k`` is ``TYPE_NAMES[k - 1]``)."""
 
 PAD_MULTIPLE = 16
 """Height and width of the network input must be multiples of this (four 2x poolings)."""
@@ -43,10 +56,16 @@ class NetworkConfig:
         Six channel widths of MONAI ``BasicUNet`` (four encoder levels, bottleneck, last decoder).
     norm : str
         Normalisation layer name passed to MONAI (``"batch"`` or ``"instance"``).
+    n_types : int
+        Nucleus types predicted by the type head (0: no type head; 4: :data:`TYPE_NAMES`).
+    type_head_width : int
+        Channels of the type head's hidden 3x3 convolution.
     """
 
     features: tuple[int, int, int, int, int, int] = (16, 16, 32, 64, 128, 16)
     norm: str = "batch"
+    n_types: int = 0
+    type_head_width: int = 32
 
     def __post_init__(self) -> None:
         if len(self.features) != 6 or any(int(f) < 1 for f in self.features):
@@ -55,10 +74,25 @@ class NetworkConfig:
             )
         if self.norm not in ("batch", "instance"):
             raise ConfigError(f"network norm {self.norm!r}: expected 'batch' or 'instance'")
+        if self.n_types not in (0, len(TYPE_NAMES)):
+            raise ConfigError(
+                f"network n_types={self.n_types}: expected 0 (no type head) or {len(TYPE_NAMES)}"
+            )
+        if self.type_head_width < 1:
+            raise ConfigError(f"network type_head_width={self.type_head_width}: expected >= 1")
+
+    @property
+    def n_outputs(self) -> int:
+        """Output channels: the 3 segmentation maps plus ``n_types`` type logits."""
+        return N_OUTPUTS + self.n_types
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-serialisable arguments."""
-        return {"features": list(self.features), "norm": self.norm}
+        out: dict[str, Any] = {"features": list(self.features), "norm": self.norm}
+        if self.n_types:
+            out["n_types"] = self.n_types
+            out["type_head_width"] = self.type_head_width
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
@@ -69,11 +103,30 @@ class NetworkConfig:
         return cls(
             features=(feats[0], feats[1], feats[2], feats[3], feats[4], feats[5]),
             norm=str(data.get("norm", "batch")),
+            n_types=int(data.get("n_types", 0)),
+            type_head_width=int(data.get("type_head_width", 32)),
         )
 
 
+class _Heads(nn.Module):
+    """Segmentation maps (1x1 convolution) and type logits (3x3 conv, BN, ReLU, 1x1 conv)."""
+
+    def __init__(self, in_channels: int, n_types: int, width: int) -> None:
+        super().__init__()
+        self.seg = nn.Conv2d(in_channels, N_OUTPUTS, kernel_size=1)
+        self.types = nn.Sequential(
+            nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, n_types, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.seg(x), self.types(x)], dim=1)
+
+
 class NucleusNet(nn.Module):
-    """BasicUNet wrapper taking uint8-range RGB and returning three logit maps.
+    """BasicUNet wrapper taking uint8-range RGB and returning 3 (+ ``n_types``) logit maps.
 
     Parameters
     ----------
@@ -94,6 +147,10 @@ class NucleusNet(nn.Module):
             norm=config.norm,
             act="relu",
         )
+        if config.n_types:
+            self.unet.final_conv = _Heads(
+                config.features[5], config.n_types, config.type_head_width
+            )
         # Inputs are padded to multiples of PAD_MULTIPLE, so the decoder never needs MONAI's
         # replicate-padding of upsampled features; skipping it saves a full copy per level.
         for module in self.unet.modules():
@@ -101,7 +158,8 @@ class NucleusNet(nn.Module):
                 setattr(module, "is_pad", False)  # noqa: B010
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map RGB in [0, 255] (N, 3, H, W), H and W multiples of 16, to logits (N, 3, H, W)."""
+        """Map RGB in [0, 255] (N, 3, H, W), H and W multiples of 16, to logits (N, C, H, W),
+        ``C = config.n_outputs``."""
         out: torch.Tensor = self.unet(x * (1.0 / 127.5) - 1.0)
         return out
 
@@ -109,6 +167,40 @@ class NucleusNet(nn.Module):
 def build_network(config: NetworkConfig) -> NucleusNet:
     """Create an untrained :class:`NucleusNet`."""
     return NucleusNet(config)
+
+
+def load_segmentation_weights(net: NucleusNet, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load a segmentation-only state dict into ``net``, which may have a type head.
+
+    The encoder, decoder and segmentation 1x1 convolution take the given weights (the
+    segmentation-only network's ``unet.final_conv`` becomes ``unet.final_conv.seg``); the type
+    head keeps its initialisation.
+
+    Returns
+    -------
+    list of str
+        Keys of ``net`` that were not in ``state`` (the type head's).
+
+    Raises
+    ------
+    ConfigError
+        A key of ``state`` has no counterpart in ``net`` or a different shape.
+    """
+    own = net.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        target = key
+        if net.config.n_types and key.startswith("unet.final_conv.") and ".seg." not in key:
+            target = key.replace("unet.final_conv.", "unet.final_conv.seg.", 1)
+        if target not in own or own[target].shape != value.shape:
+            raise ConfigError(
+                f"initial weights key {key} {tuple(value.shape)} does not fit the network "
+                f"{net.config.to_dict()}; use weights of the same architecture"
+            )
+        mapped[target] = value
+    missing = [k for k in own if k not in mapped]
+    net.load_state_dict({**own, **mapped}, strict=True)
+    return missing
 
 
 def fold_batchnorm(module: nn.Module) -> int:
@@ -135,6 +227,11 @@ def fold_batchnorm(module: nn.Module) -> int:
 def _fold(module: nn.Module, fuse: Any) -> int:
     folded = 0
     for child in module.children():
+        if isinstance(child, _Heads) and isinstance(child.types[1], nn.BatchNorm2d):
+            child.types[0] = fuse(child.types[0], child.types[1])
+            child.types[1] = nn.Identity().eval()
+            folded += 1
+            continue
         conv = getattr(child, "conv", None)
         adn = getattr(child, "adn", None)
         norm = getattr(adn, "N", None)

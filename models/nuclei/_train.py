@@ -2,14 +2,25 @@
 
 Random augmented crops (flips/rot90, scale jitter, HED stain jitter, blur) from every image
 resampled to the working µm/px; losses: foreground BCE + soft Dice, boundary weighted BCE + soft
-Dice, distance BCE (soft target). Fixed validation split of whole images; the best checkpoint
-(validation AJI) is kept; at the end the post-processing thresholds are tuned on validation.
-The library reports progress through a callback and never prints.
+Dice, distance BCE (soft target), and with a type head a class-weighted cross-entropy on the
+pixels whose type is known (CoNSeP's typed masks, discs around CRCHisto's typed points). Images
+without masks (points) supervise only the type head; images without types only the segmentation.
+
+Splits: ``test_keys`` are never loaded for training nor looked at (reporting only, with
+``slidestream evaluate nuclei``); ``val_keys`` choose the post-processing thresholds (and the
+checkpoint with ``checkpoint="best"``). The default ``checkpoint="last"`` keeps the weights of
+the last step, so that validation chooses nothing but the thresholds.
+
+A run checkpoints its whole state (weights, optimiser, step, random streams, time used) to
+``<out stem>.resume.pt`` at every validation and resumes from it with ``resume=True`` after any
+interruption. The library reports progress through a callback and never prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
 import math
 import multiprocessing
@@ -35,11 +46,27 @@ from slidestream.models.nuclei._data import (
 )
 from slidestream.models.nuclei._metrics import score_instances
 from slidestream.models.nuclei._model import _cpu_bf16_fast, pad_to_multiple
-from slidestream.models.nuclei._network import NetworkConfig, NucleusNet, build_network
+from slidestream.models.nuclei._network import (
+    N_OUTPUTS,
+    TYPE_NAMES,
+    NetworkConfig,
+    NucleusNet,
+    build_network,
+    load_segmentation_weights,
+)
 from slidestream.models.nuclei._postprocess import PostprocessConfig, postprocess_maps
+from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+from slidestream.models.nuclei._types import instance_types
 from slidestream.models.nuclei._weights import save_weights
 
-__all__ = ["DEFAULT_VAL_KEYS", "TrainConfig", "TrainResult", "train_nuclei"]
+__all__ = [
+    "DEFAULT_TEST_KEYS",
+    "DEFAULT_VAL_KEYS",
+    "TrainConfig",
+    "TrainResult",
+    "train_nuclei",
+    "truth_points",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +81,32 @@ DEFAULT_VAL_KEYS: tuple[str, ...] = (
     "gbm40_emory/GBM40_39",
     "gbm40_emory/GBM40_40",
 )
-"""Whole images held out for validation (organ- and source-diverse; MoNuSeg 'val' images)."""
+"""Whole images held out for validation (organ- and source-diverse; MoNuSeg 'val' images).
+
+These were the validation images of the segmentation-only presets (they chose those presets'
+checkpoints and thresholds, never trained them). Since nuclei v2 they are test images
+(:data:`DEFAULT_TEST_KEYS`): the shipped segmentation weights never trained on them.
+"""
+
+DEFAULT_TEST_KEYS: tuple[str, ...] = (
+    *DEFAULT_VAL_KEYS,
+    *(f"consep_train/train_{i}" for i in (24, 25, 26, 27)),
+    # CRCHisto: the source repository's 10 "validation" images.
+    *(f"crchisto/img{i}" for i in (4, 7, 8, 16, 25, 43, 60, 61, 86, 87)),
+)
+"""Images kept out of nuclei-v2 training and of every choice (reporting only): the 9 former
+validation images, 4 CoNSeP tiles, and 10 CRCHisto images (see the model card for the protocol)."""
+
+DEFAULT_V2_VAL_KEYS: tuple[str, ...] = (
+    "consep_train/train_21",
+    "consep_train/train_22",
+    "consep_train/train_23",
+    "monuseg_kumar/Liver_TCGA-18-5592-01Z-00-DX1",
+    "cpm15/image12",
+    "gbm40_emory/GBM40_33",
+    *(f"crchisto/img{i}" for i in (1, 12, 30, 50, 70, 91)),
+)
+"""Nuclei-v2 validation images: they choose the post-processing thresholds only."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +149,18 @@ class TrainConfig:
         own stream seeded ``(seed, i)``, so a run is reproducible for a given worker count.
     colour_strength : float
         Strength of the HED stain / brightness jitter (see ``augment_colour``).
+    steps : int or None
+        Total optimiser steps (the LR schedule's length); overrides ``epochs``.
+    test_keys : tuple of str
+        ``<dataset folder>/<image id>`` never trained on nor used for any choice.
+    checkpoint : {"last", "best"}
+        Keep the last step's weights (validation then chooses only the thresholds) or the best
+        validation AJI's.
+    resume : bool
+        Continue from ``<out stem>.resume.pt`` when it exists (same data, architecture and
+        schedule; otherwise an error).
+    type_loss_weight : float
+        Weight of the type cross-entropy relative to the segmentation losses.
     """
 
     mpp: float = 0.5
@@ -115,6 +179,11 @@ class TrainConfig:
     init_weights: Path | None = None
     workers: int = 0
     colour_strength: float = 1.0
+    steps: int | None = None
+    test_keys: tuple[str, ...] = ()
+    checkpoint: Literal["last", "best"] = "best"
+    resume: bool = False
+    type_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:
@@ -129,6 +198,17 @@ class TrainConfig:
             raise ConfigError("train workers and colour_strength: expected >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train device={self.device!r}: expected auto, cpu or cuda")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"train steps={self.steps}: expected >= 1")
+        if self.checkpoint not in ("last", "best"):
+            raise ConfigError(f"train checkpoint={self.checkpoint!r}: expected last or best")
+        if not self.type_loss_weight >= 0:
+            raise ConfigError(f"train type_loss_weight={self.type_loss_weight}: expected >= 0")
+        overlap = set(self.val_keys) & set(self.test_keys)
+        if overlap:
+            raise ConfigError(
+                f"train: image(s) {sorted(overlap)} are both validation and test; keep them apart"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +256,60 @@ def _split(
     if not train:
         raise ConfigError("no training images left after the validation split; add data")
     return train, val
+
+
+def truth_points(item: LabelledImage) -> TypedPoints | None:
+    """The typed nucleus centroids of a labelled image (working frame), or None (no types).
+
+    Instance masks with a type map give each instance's centroid and majority type; a points
+    image gives the centre of each type disc (the points it was drawn from).
+    """
+    if item.types is None:
+        return None
+    lab = item.labels if item.has_masks else _disc_labels(item.types)
+    n = int(lab.max())
+    if n == 0:
+        return TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
+    yy, xx = np.nonzero(lab)
+    ids = lab[yy, xx]
+    count = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(count, 1)
+    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(count, 1)
+    votes = np.zeros((n + 1, len(TYPE_NAMES) + 1), np.int64)
+    np.add.at(votes, (ids, item.types[yy, xx].astype(np.int64)), 1)
+    votes[:, 0] = 0  # unknown-type pixels do not vote
+    keep = (count > 0) & (votes.sum(axis=1) > 0)
+    keep[0] = False
+    return TypedPoints(
+        xy=np.stack([cx[keep], cy[keep]], axis=1),
+        types=votes[keep].argmax(axis=1).astype(np.int64) - 1,
+    )
+
+
+def _disc_labels(types: npt.NDArray[np.uint8]) -> npt.NDArray[np.int32]:
+    import cv2
+
+    _, lab = cv2.connectedComponents((types > 0).astype(np.uint8), connectivity=8)
+    return np.asarray(lab, np.int32)
+
+
+def type_class_weights(items: Sequence[LabelledImage]) -> npt.NDArray[np.float32]:
+    """Cross-entropy weights of the nucleus types: ``freq^-0.5``, normalised to a pixel mean of 1.
+
+    Frequencies are the typed pixels of the training images; "other" is 2-5 % of nuclei, and
+    the inverse square root lifts it without letting a handful of pixels dominate.
+    """
+    counts = np.zeros(len(TYPE_NAMES), np.float64)
+    for it in items:
+        if it.types is not None:
+            counts += np.bincount(it.types.ravel(), minlength=len(TYPE_NAMES) + 1)[1:]
+    if counts.sum() == 0:
+        return np.ones(len(TYPE_NAMES), np.float32)
+    freq = np.maximum(counts / counts.sum(), 1e-4)
+    w = freq**-0.5
+    w /= float((w * freq).sum())
+    out: npt.NDArray[np.float32] = w.astype(np.float32)
+    return out
 
 
 class _BatchStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -258,33 +392,60 @@ def _batches(
     yield from loader
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    type_weights: torch.Tensor | None = None,
+    type_loss_weight: float = 1.0,
+) -> torch.Tensor:
+    """Segmentation losses on the crops with masks plus the type loss on typed pixels.
+
+    ``target`` is :func:`~slidestream.models.nuclei._data.sample_batch`'s (N, 5, H, W):
+    foreground, boundary, distance, type index (0 unknown) and segmentation validity.
+    """
     logits = logits.float()
     fg_t, b_t, d_t = target[:, 0], target[:, 1], target[:, 2]
     fg_l, b_l, d_l = logits[:, 0], logits[:, 1], logits[:, 2]
+    valid = target[:, 4] if target.shape[1] > 4 else torch.ones_like(fg_t)
+    n_valid = valid.sum()
+    loss = logits.new_zeros(())
+    if float(n_valid) > 0:
 
-    def soft_dice(lg: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(lg)
-        inter = (p * t).sum()
-        return 1.0 - (2.0 * inter + 1.0) / (p.sum() + t.sum() + 1.0)
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * valid).sum() / n_valid
 
-    loss_fg = F.binary_cross_entropy_with_logits(fg_l, fg_t) + soft_dice(fg_l, fg_t)
-    pos_w = torch.tensor(3.0, device=logits.device)
-    loss_b = F.binary_cross_entropy_with_logits(b_l, b_t, pos_weight=pos_w) + soft_dice(b_l, b_t)
-    loss_d = F.binary_cross_entropy_with_logits(d_l, d_t) + 2.0 * F.mse_loss(
-        torch.sigmoid(d_l), d_t
-    )
-    return loss_fg + loss_b + loss_d
+        def soft_dice(lg: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            p = torch.sigmoid(lg) * valid
+            inter = (p * t).sum()
+            return 1.0 - (2.0 * inter + 1.0) / (p.sum() + (t * valid).sum() + 1.0)
+
+        bce = F.binary_cross_entropy_with_logits
+        loss_fg = mean(bce(fg_l, fg_t, reduction="none")) + soft_dice(fg_l, fg_t)
+        pos_w = torch.tensor(3.0, device=logits.device)
+        loss_b = mean(bce(b_l, b_t, pos_weight=pos_w, reduction="none")) + soft_dice(b_l, b_t)
+        loss_d = mean(bce(d_l, d_t, reduction="none")) + 2.0 * mean((torch.sigmoid(d_l) - d_t) ** 2)
+        loss = loss_fg + loss_b + loss_d
+    if logits.shape[1] > N_OUTPUTS and target.shape[1] > 3 and type_loss_weight > 0:
+        t_idx = target[:, 3].long() - 1  # -1: unknown, ignored
+        if bool((t_idx >= 0).any()):
+            loss = loss + type_loss_weight * F.cross_entropy(
+                logits[:, N_OUTPUTS:], t_idx, weight=type_weights, ignore_index=-1
+            )
+    return loss
 
 
 @torch.inference_mode()
 def predict_maps(
     net: NucleusNet, rgb: npt.NDArray[np.uint8], device: torch.device
 ) -> npt.NDArray[np.float32]:
-    """Probability maps (3, H, W) of one image at the working µm/px (fp32, no TTA)."""
+    """Probability maps (C, H, W) of one image at the working µm/px (fp32, no TTA): the 3
+    segmentation maps (sigmoid), then the type probabilities (softmax) with a type head."""
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].float().to(device)
     x, h, w = pad_to_multiple(x)
-    out = torch.sigmoid(net(x).float())[0, :, :h, :w]
+    logits = net(x).float()[0, :, :h, :w]
+    out = torch.sigmoid(logits[:N_OUTPUTS])
+    if logits.shape[0] > N_OUTPUTS:
+        out = torch.cat([out, torch.softmax(logits[N_OUTPUTS:], dim=0)])
     return out.cpu().numpy().astype(np.float32)
 
 
@@ -292,24 +453,62 @@ def _validate(
     maps: Sequence[npt.NDArray[np.float32]],
     items: Sequence[LabelledImage],
     cfg: PostprocessConfig,
+    *,
+    mpp: float | None = None,
 ) -> dict[str, float]:
-    scores = [
-        score_instances(it.labels, postprocess_maps(m, config=cfg))
-        for m, it in zip(maps, items, strict=True)
-    ]
-    if not scores:
-        return {"aji": float("nan"), "pq": float("nan")}
-    return {
-        "aji": float(np.mean([s.aji for s in scores])),
-        "pq": float(np.mean([s.pq for s in scores])),
-        "dice": float(np.mean([s.dice for s in scores])),
-    }
+    """Mean AJI/PQ/Dice over the images with masks; with ``mpp`` and type maps also detection
+    and per-type F1 (HoVer-Net's, pairing within 3 µm) over the images with types."""
+    scores = []
+    counts = TypedCounts(names=TYPE_NAMES)
+    n_typed = 0
+    for m, it in zip(maps, items, strict=True):
+        pred = postprocess_maps(m, config=cfg)
+        if it.has_masks:
+            scores.append(score_instances(it.labels, pred))
+        truth = truth_points(it)
+        if mpp is None or truth is None or m.shape[0] <= N_OUTPUTS:
+            continue
+        # The watershed may refine: instance centroids in the working frame.
+        u = pred.shape[0] // m.shape[1]
+        typed = instance_types(pred, m[N_OUTPUTS:], TYPE_NAMES)
+        yy, xx = np.nonzero(pred)
+        ids = pred[yy, xx]
+        n = int(pred.max())
+        cnt = np.maximum(np.bincount(ids, minlength=n + 1), 1).astype(np.float64)
+        cx = (np.bincount(ids, weights=xx, minlength=n + 1) / cnt + 0.5) / u - 0.5
+        cy = (np.bincount(ids, weights=yy, minlength=n + 1) / cnt + 0.5) / u - 0.5
+        points = TypedPoints(
+            xy=np.stack([cx[typed.ids], cy[typed.ids]], axis=1),
+            types=typed.index.astype(np.int64),
+        )
+        counts.add(truth, points, radius=3.0 / mpp)
+        n_typed += 1
+    out: dict[str, float] = {}
+    if scores:
+        out.update(
+            aji=float(np.mean([s.aji for s in scores])),
+            pq=float(np.mean([s.pq for s in scores])),
+            dice=float(np.mean([s.dice for s in scores])),
+        )
+    else:
+        out.update(aji=float("nan"), pq=float("nan"))
+    if n_typed:
+        sc = counts.scores()
+        out.update(
+            det_f1=sc["det_f1"],
+            type_accuracy=sc["type_accuracy"],
+            **{f"f1_{t}": sc[f"f1_{t}"] for t in TYPE_NAMES},
+        )
+    return out
 
 
 def tune_postprocess(
     maps: Sequence[npt.NDArray[np.float32]], items: Sequence[LabelledImage], mpp: float
 ) -> tuple[PostprocessConfig, dict[str, float]]:
-    """Grid-search the watershed thresholds for mean AJI on validation maps."""
+    """Grid-search the watershed thresholds for mean AJI on validation maps (images with
+    masks only)."""
+    pairs = [(m, it) for m, it in zip(maps, items, strict=True) if it.has_masks]
+    maps, items = [m for m, _ in pairs], [it for _, it in pairs]
     area_px = (1.0 / mpp) ** 2  # px per µm²
     best: tuple[float, PostprocessConfig, dict[str, float]] | None = None
     for fg in (0.4, 0.5, 0.6):
@@ -336,6 +535,50 @@ def _lr_factor(frac: float) -> float:
     return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
 
 
+def _resume_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".resume.pt")
+
+
+def _run_identity(config: TrainConfig, sources: Sequence[DataSource], total: int) -> str:
+    """What a resumed run must share with the checkpoint: data, split, architecture, schedule."""
+    ident = {
+        "mpp": config.mpp,
+        "network": config.network.to_dict(),
+        "crop_px": config.crop_px,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "total_steps": total,
+        "minutes": config.minutes,
+        "sources": sorted(str(s.path) for s in sources),
+        "val_keys": sorted(config.val_keys),
+        "test_keys": sorted(config.test_keys),
+        "init": None if config.init_weights is None else str(config.init_weights),
+    }
+    return json.dumps(ident, sort_keys=True)
+
+
+def _save_resume(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_resume(path: Path, identity: str) -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        raise ConfigError(
+            f"{path}: unreadable training checkpoint ({exc}); delete it to start afresh"
+        ) from exc
+    if state.get("identity") != identity:
+        raise ConfigError(
+            f"{path}: the checkpoint belongs to a run with other data, split, architecture or "
+            "schedule; rerun with the same options, or delete it / drop --resume to start afresh"
+        )
+    return state
+
+
 def train_nuclei(
     data_dirs: Sequence[str | Path | DataSource],
     out: str | Path,
@@ -348,11 +591,11 @@ def train_nuclei(
     Parameters
     ----------
     data_dirs : sequence of str, Path or DataSource
-        Folders in the common format; ``"DIR:MPP"`` strings give their µm/px (else
-        ``DIR/mpp.json`` or the table of known shared datasets).
+        Folders in the common format (or typed points); ``"DIR:MPP"`` strings give their µm/px
+        (else ``DIR/mpp.json`` or the table of known shared datasets).
     out : str or Path
         Destination ``.safetensors`` (``.json`` sidecar beside it; a ``.last.safetensors``
-        checkpoint of the latest weights too).
+        checkpoint of the latest weights and the ``.resume.pt`` training state too).
     config : TrainConfig
         Options.
     progress : callable, optional
@@ -377,23 +620,47 @@ def train_nuclei(
         torch.set_num_threads(config.num_threads)
 
     sources = [d if isinstance(d, DataSource) else parse_data_arg(d) for d in data_dirs]
-    items = load_sources(sources, config.mpp)
+    test = set(config.test_keys)
+    loaded = load_sources(sources, config.mpp)
+    items = [it for it in loaded if it.key not in test]
+    n_test = len(loaded) - len(items)
+    del loaded
     train_items, val_items = _split(items, config.val_keys, config.seed)
     logger.info(
-        "nuclei training: %d train / %d val images at %.3f µm/px",
+        "nuclei training: %d train / %d val images at %.3f µm/px (%d test images left out)",
         len(train_items),
         len(val_items),
         config.mpp,
+        n_test,
     )
     areas = np.array([it.labels.size for it in train_items], np.float64)
     weights = areas / areas.sum()
     steps_per_epoch = max(1, int(areas.sum() // (config.batch_size * config.crop_px**2)))
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = config.steps if config.steps is not None else steps_per_epoch * config.epochs
+    n_types = config.network.n_types
+    type_w = type_class_weights(train_items) if n_types else None
+    type_w_t = None if type_w is None else torch.from_numpy(type_w).to(device)
+    if type_w is not None:
+        logger.info(
+            "type loss weights %s",
+            ", ".join(f"{n} {w:.2f}" for n, w in zip(TYPE_NAMES, type_w, strict=True)),
+        )
 
     if config.init_weights is not None:
+        from safetensors.torch import load_file
+
         from slidestream.models.nuclei._weights import load_network as _load_init
 
-        net, _ = _load_init(Path(config.init_weights), config.network)
+        init_path = Path(config.init_weights)
+        init_side = json.loads(init_path.with_suffix(".json").read_text())
+        init_arch = NetworkConfig.from_dict(init_side["architecture"])
+        if init_arch == config.network:
+            net, _ = _load_init(init_path, config.network)
+        else:
+            _load_init(init_path, init_arch)  # checks the file (sha, shapes, finite values)
+            net = build_network(config.network)
+            new_keys = load_segmentation_weights(net, load_file(str(init_path)))
+            logger.info("initial weights %s; %d new tensors (type head)", init_path, len(new_keys))
         net = net.to(device)
     else:
         net = build_network(config.network).to(device)
@@ -412,6 +679,8 @@ def train_nuclei(
     n_sum = 0
     log_every = 1 if not use_cuda else 25
     ckpt_last = out.with_name(out.stem + ".last.safetensors")
+    resume_path = _resume_path(out)
+    identity = _run_identity(config, sources, total_steps)
     meta_base: dict[str, Any] = {
         "train": {
             "mpp": config.mpp,
@@ -419,6 +688,8 @@ def train_nuclei(
             "batch_size": config.batch_size,
             "seed": config.seed,
             "lr": config.lr,
+            "steps": total_steps,
+            "checkpoint": config.checkpoint,
             "workers": config.workers,
             "colour_strength": config.colour_strength,
             "device": device.type,
@@ -429,7 +700,9 @@ def train_nuclei(
                 for s in sources
             ],
             "val_keys": [it.key for it in val_items],
+            "test_keys": sorted(test),
             "n_train_images": len(train_items),
+            "type_loss_weights": None if type_w is None else [float(w) for w in type_w],
         },
     }
     default_pp = PostprocessConfig(
@@ -440,32 +713,62 @@ def train_nuclei(
     losses: list[float] = []
     run_loss: list[float] = []
     step = 0
-    t_opt = time.perf_counter()
+    used_s = 0.0  # optimisation time of earlier sittings (resume)
     budget_s = None if config.minutes is None else config.minutes * 60.0
     last_val: dict[str, float] = {}
+
+    if config.resume and resume_path.is_file():
+        state = _load_resume(resume_path, identity)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step, used_s = int(state["step"]), float(state["used_s"])
+        best_aji = float(state["best"])
+        losses = [float(x) for x in state["losses"]]
+        # A resumed run draws from a stream seeded by (seed, step): reproducible for a given
+        # resume point, and never a replay of the batches already seen.
+        rng = np.random.default_rng([config.seed, step])
+        torch.manual_seed(config.seed + step)
+        logger.info("resumed %s at step %d of %d", resume_path, step, total_steps)
 
     def run_validation() -> None:
         nonlocal best_aji, last_val
         net.eval()
         maps = [predict_maps(net, it.rgb, device) for it in val_items]
         net.train()
-        last_val = _validate(maps, val_items, default_pp)
+        last_val = _validate(maps, val_items, default_pp, mpp=config.mpp)
         mean_loss = float(np.mean(run_loss)) if run_loss else float("nan")
         losses.append(mean_loss)
         run_loss.clear()
         meta = {**meta_base, "steps": step, "val_working_res": last_val}
         save_weights(net, ckpt_last, meta)
-        score = last_val["aji"] if val_items else -mean_loss
-        if score >= best_aji or not math.isfinite(best_aji):
+        score = last_val["aji"] if val_items and math.isfinite(last_val["aji"]) else -mean_loss
+        if config.checkpoint == "last" or score >= best_aji or not math.isfinite(best_aji):
             best_aji = score
             save_weights(net, out, meta)
-        logger.info("step %d: loss %.4f val %s", step, mean_loss, last_val)
+        _save_resume(
+            resume_path,
+            {
+                "identity": identity,
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "used_s": used_s + (time.perf_counter() - t_opt),
+                "best": best_aji,
+                "losses": losses,
+            },
+        )
+        logger.info("step %d/%d: loss %.4f val %s", step, total_steps, mean_loss, last_val)
 
-    if config.init_weights is not None:
+    t_opt = time.perf_counter()
+    if config.init_weights is not None and step == 0:
         run_validation()  # the starting point is a candidate best checkpoint
     net.train()
     t_wait = time.perf_counter()
-    batches = _batches(train_items, weights, rng, config, pin=use_cuda)
+    batch_config = config if step == 0 else dataclasses.replace(config, seed=config.seed + step)
+    batches = _batches(train_items, weights, rng, batch_config, pin=use_cuda)
     first = next(batches)
     batches = itertools.chain([first], batches)
     logger.info(
@@ -474,7 +777,7 @@ def train_nuclei(
     # The time budget is for optimisation: start it once the batches flow.
     t_opt = time.perf_counter()
     while step < total_steps:
-        elapsed = time.perf_counter() - t_opt
+        elapsed = used_s + time.perf_counter() - t_opt
         if budget_s is not None and elapsed >= budget_s:
             break
         frac = step / total_steps
@@ -489,7 +792,7 @@ def train_nuclei(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda or cpu_amp):
             logits = net(x)
-        loss = _loss(logits.float(), y)
+        loss = _loss(logits.float(), y, type_w_t, config.type_loss_weight)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.step(opt)
@@ -509,24 +812,26 @@ def train_nuclei(
                 )
         if step % config.val_every_steps == 0:
             run_validation()
-    if run_loss or best_aji < 0:
+    if run_loss or best_aji < 0 or not out.is_file():
         run_validation()
 
-    # Tune thresholds on the best weights and write the final sidecar.
+    # Tune thresholds on the kept weights and write the final sidecar.
     from slidestream.models.nuclei._weights import load_network
 
     best_net, _ = load_network(out, config.network)
     best_net = best_net.to(device)
     maps = [predict_maps(best_net, it.rgb, device) for it in val_items]
-    if val_items:
-        pp, val = tune_postprocess(maps, val_items, config.mpp)
+    if any(it.has_masks for it in val_items):
+        pp, _ = tune_postprocess(maps, val_items, config.mpp)
     else:
-        pp, val = default_pp, {}
+        pp = default_pp
+    val = _validate(maps, val_items, pp, mpp=config.mpp) if val_items else {}
     wall = time.perf_counter() - t_start
     meta = {
         **meta_base,
         "steps": step,
         "wall_s": round(wall, 1),
+        "optimisation_s": round(used_s + time.perf_counter() - t_opt, 1),
         "val_working_res": val,
         "presets": {"default": {"mpp": config.mpp, "tta": False, "postprocess": pp.to_dict()}},
         "default": "default",

@@ -425,7 +425,7 @@ def test_loader_workers_stream_is_seeded_and_trains(tmp_path: Path) -> None:
         imgs, tgts = next(stream)
         stream.close()
         assert imgs.dtype == torch.uint8 and imgs.shape == (2, 3, 64, 64)
-        assert tgts.shape == (2, 3, 64, 64)
+        assert tgts.shape == (2, 5, 64, 64)
         firsts.append(imgs)
     assert torch.equal(firsts[0], firsts[1])  # worker streams are seeded (seed, worker id)
     res = train_nuclei(
