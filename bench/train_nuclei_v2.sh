@@ -21,9 +21,9 @@ mkdir -p "$OUT"
 COMMON="--types --split v2 --checkpoint last --resume --seed 0 --threads 2 --colour-strength 1.25 --lr 1e-3"
 if [ "$WHICH" = fast ] || [ "$WHICH" = both ]; then
   $SS -v train nuclei $DATA --out "$OUT/nuclei-unet-v2.safetensors" --init $W/nuclei-unet-v1.safetensors \
-    --working-mpp 0.5 --crop-px 160 --batch-size 8 --steps 12000 --val-every-steps 600 $COMMON
+    --working-mpp 0.5 --crop-px 160 --batch-size 8 --steps 6000 --val-every-steps 500 $COMMON
 fi
 if [ "$WHICH" = accurate ] || [ "$WHICH" = both ]; then
   $SS -v train nuclei $DATA --out "$OUT/nuclei-unet-fine-v2.safetensors" --init $W/nuclei-unet-fine-v1.safetensors \
-    --working-mpp 0.35 --crop-px 192 --batch-size 8 --steps 10000 --val-every-steps 1000 $COMMON
+    --working-mpp 0.35 --crop-px 192 --batch-size 8 --steps 5000 --val-every-steps 500 $COMMON
 fi
