@@ -6,7 +6,13 @@ stain vectors (Ruifrok & Johnston), so colour deconvolution behaves on it as on 
 * white glass background with a little noise and a pen-free tissue outline made of smooth blobs;
 * eosin-rich fibrous stroma with sparse, small, elongated nuclei;
 * "tumour" regions: crowded, large, pleomorphic, hyperchromatic nuclei with chromatin texture;
-* "gland" regions: rings of epithelial nuclei around pale lumina.
+* "gland" regions: rings of epithelial nuclei around pale lumina;
+* a lymphocyte-rich band (a tumour-infiltrating inflammatory front): densely packed, small,
+  round, very dark nuclei in the stroma along part of the tumour border.
+
+Each nucleus has a known type (:func:`render_demo_truth`): tumour and gland nuclei are
+``epithelial``, stromal ones ``spindle``, the infiltrate's ``inflammatory``, so the typed outputs
+of ``slidestream run`` show regions where the types differ.
 
 The result is written as a pyramidal, JPEG-compressed, Aperio-style TIFF with its µm/px, so every
 reader path of :mod:`slidestream.wsi` is exercised. All randomness is seeded: the same arguments
@@ -24,7 +30,17 @@ import numpy.typing as npt
 
 from slidestream.errors import ConfigError
 
-__all__ = ["DemoSlideSpec", "render_demo_image", "write_demo_slide"]
+__all__ = [
+    "DEMO_TYPES",
+    "DemoSlideSpec",
+    "DemoTruth",
+    "render_demo_image",
+    "render_demo_truth",
+    "write_demo_slide",
+]
+
+DEMO_TYPES: tuple[str, ...] = ("other", "inflammatory", "epithelial", "spindle")
+"""Type names of :attr:`DemoTruth.types` values ``1..4`` (0 background), the nucleus model's."""
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +97,52 @@ def _smooth_noise(
     return (out / std if std > 0 else out).astype(np.float32)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoTruth:
+    """The demo slide's pixels and ground truth.
+
+    Attributes
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        The level-0 image.
+    labels : ndarray of int32, shape (H, W)
+        Nucleus instances (0 background, 1..N).
+    types : ndarray of uint8, shape (H, W)
+        Nucleus type per pixel: ``k`` is ``DEMO_TYPES[k - 1]``, 0 background.
+    infiltrate : ndarray of bool, shape (H, W)
+        The lymphocyte-rich band.
+    """
+
+    rgb: npt.NDArray[np.uint8]
+    labels: npt.NDArray[np.int32]
+    types: npt.NDArray[np.uint8]
+    infiltrate: npt.NDArray[np.bool_]
+
+
+def _infiltrate_band(
+    rng: np.random.Generator,
+    tissue: npt.NDArray[np.bool_],
+    tumour: npt.NDArray[np.bool_],
+    gland: npt.NDArray[np.bool_],
+    mpp: float,
+) -> npt.NDArray[np.bool_]:
+    """Stroma within ~120 µm of the tumour border, on the left half of the slide."""
+    import cv2
+
+    if not tumour.any():
+        return np.zeros_like(tumour)
+    # Distance to the tumour at 1/8 scale (cheap), then back to level 0.
+    f = 8
+    small = tumour[::f, ::f].astype(np.uint8)
+    dist = cv2.distanceTransform((1 - small).astype(np.uint8), cv2.DIST_L2, 5) * (f * mpp)
+    near = np.asarray(
+        cv2.resize((dist < 120.0).astype(np.uint8), tumour.shape[::-1], interpolation=0), bool
+    )
+    half = np.zeros_like(tumour)
+    half[:, : tumour.shape[1] // 2] = True
+    return near & half & tissue & ~tumour & ~gland
+
+
 def _region_maps(
     rng: np.random.Generator, spec: DemoSlideSpec
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
@@ -123,6 +185,8 @@ def _place_nuclei(
     h_od: npt.NDArray[np.float32],
     labels: npt.NDArray[np.int32],
     next_label: int,
+    types: npt.NDArray[np.uint8] | None = None,
+    type_id: int = 0,
 ) -> int:
     """Draw up to ``count`` non-overlapping elliptical nuclei where ``allowed``; return next id."""
     import cv2
@@ -147,6 +211,8 @@ def _place_nuclei(
         if not inside.any() or (crop_lab[inside] != 0).any():
             continue  # would overlap an existing nucleus
         crop_lab[inside] = next_label
+        if types is not None:
+            types[y0:y1, x0:x1][inside] = type_id
         density = float(rng.uniform(*hema))
         chromatin = 1.0 + 0.25 * rng.standard_normal(int(inside.sum())).astype(np.float32)
         h_od[y0:y1, x0:x1][inside] = density * chromatin
@@ -171,6 +237,12 @@ def render_demo_image(
     labels : ndarray of int32, shape (H, W)
         The ground-truth nucleus instance map (0 background, 1..N nuclei).
     """
+    truth = render_demo_truth(spec)
+    return truth.rgb, truth.labels
+
+
+def render_demo_truth(spec: DemoSlideSpec | None = None) -> DemoTruth:
+    """Render the demo slide with its typed ground truth (see :class:`DemoTruth`)."""
     import cv2
 
     spec = spec or DemoSlideSpec()
@@ -191,10 +263,15 @@ def render_demo_image(
     e_od[tumour] *= 0.75
     h_od = np.where(tissue, 0.05, 0.0).astype(np.float32)
     labels = np.zeros(shape, dtype=np.int32)
+    types = np.zeros(shape, dtype=np.uint8)
+    epithelial, inflammatory, spindle = (
+        DEMO_TYPES.index(n) + 1 for n in ("epithelial", "inflammatory", "spindle")
+    )
+    infiltrate = _infiltrate_band(rng, tissue, tumour, gland, spec.mpp)
 
     um2 = spec.mpp**2
     tumour_area_um2 = float(tumour.sum()) * um2
-    stroma = tissue & ~tumour & ~gland
+    stroma = tissue & ~tumour & ~gland & ~infiltrate
     nxt = 1
     nxt = _place_nuclei(
         rng,
@@ -206,6 +283,22 @@ def render_demo_image(
         h_od=h_od,
         labels=labels,
         next_label=nxt,
+        types=types,
+        type_id=epithelial,
+    )
+    # The infiltrate: lymphocytes, ~7 µm across, round, very dark, densely packed.
+    nxt = _place_nuclei(
+        rng,
+        infiltrate,
+        count=int(float(infiltrate.sum()) * um2 / 45.0),
+        radius_px=(2.8 / spec.mpp, 3.6 / spec.mpp),
+        elongation=(1.0, 1.15),
+        hema=(1.3, 1.7),
+        h_od=h_od,
+        labels=labels,
+        next_label=nxt,
+        types=types,
+        type_id=inflammatory,
     )
     # Glands: epithelial nuclei on rings around lumina.
     rim_px = max(3, int(8.0 / spec.mpp))
@@ -221,6 +314,8 @@ def render_demo_image(
         h_od=h_od,
         labels=labels,
         next_label=nxt,
+        types=types,
+        type_id=epithelial,
     )
     e_od[gland & ~gland_edge] *= 0.25  # lumen
     nxt = _place_nuclei(
@@ -233,6 +328,8 @@ def render_demo_image(
         h_od=h_od,
         labels=labels,
         next_label=nxt,
+        types=types,
+        type_id=spindle,
     )
     e_od = np.clip(e_od, 0.0, 2.0)
     h_od = np.clip(h_od, 0.0, 2.5)
@@ -243,7 +340,7 @@ def render_demo_image(
     rgb += rng.normal(0.0, 2.0, size=rgb.shape).astype(np.float32)
     out = np.clip(rgb, 0, 255).astype(np.uint8)
     logger.info("demo slide: %d nuclei, tissue %.2f mm²", nxt - 1, tissue.sum() * um2 / 1e6)
-    return out, labels
+    return DemoTruth(rgb=out, labels=labels, types=types, infiltrate=infiltrate)
 
 
 def write_demo_slide(path: Path, spec: DemoSlideSpec | None = None) -> Path:
