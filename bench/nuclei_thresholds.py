@@ -40,8 +40,8 @@ def _validation_images(
     for key in sidecar["train"]["val_keys"]:
         dataset, stem = key.split("/", 1)
         src = sources.get(dataset)
-        if src is None:
-            continue
+        if src is None or not (src.path / "masks" / f"{stem}.png").is_file():
+            continue  # not given, or a points-only image (no masks to score)
         with Image.open(src.path / "images" / f"{stem}.png") as im:
             rgb = np.asarray(im.convert("RGB"))
         with Image.open(src.path / "masks" / f"{stem}.png") as im:
@@ -60,7 +60,8 @@ def main() -> None:
         type=Path,
         action="append",
         default=None,
-        help="dataset folders (default: the shared monuseg_kumar, cpm15, gbm40_emory)",
+        help="dataset folders (default: the shared monuseg_kumar, cpm15, gbm40_emory and "
+        "consep_train)",
     )
     parser.add_argument("--fg", default="0.45,0.5,0.55,0.6,0.65")
     parser.add_argument("--markers", default="0.2,0.25,0.3,0.35,0.4,0.5")
@@ -80,7 +81,9 @@ def main() -> None:
     if not hasattr(model, "predict"):
         raise SystemExit(f"{args.model}: not a network preset")
     path = Path(args.model) if args.model.endswith(".safetensors") else SHIPPED_WEIGHTS
-    data_dirs = args.data or [shared / n for n in ("monuseg_kumar", "cpm15", "gbm40_emory")]
+    data_dirs = args.data or [
+        shared / n for n in ("monuseg_kumar", "cpm15", "gbm40_emory", "consep_train")
+    ]
     images = _validation_images(read_sidecar(path), data_dirs)
     if not images:
         raise SystemExit(f"no validation images of {path} found in {data_dirs}")
