@@ -7,7 +7,7 @@ is written atomically (``<name>.tmp`` beside the target, fsync, rename).
 from ._atomic import atomic_open, atomic_path
 from ._geojson import RGB, write_nuclei_geojson, write_tissue_geojson
 from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids
-from ._overlay_png import render_overlay_png
+from ._overlay_png import density_colormap, render_overlay_png
 from ._parquet import ParquetStream, write_nuclei_parquet
 from ._stitch import MeasureFn, extract_tile_nuclei
 from ._table import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED, NucleusTable, rebatch_tables
@@ -36,6 +36,7 @@ __all__ = [
     "atomic_path",
     "class_map_to_polygons",
     "class_map_to_raster",
+    "density_colormap",
     "extract_tile_nuclei",
     "nucleus_ids",
     "raster_to_polygons",
