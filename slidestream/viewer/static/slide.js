@@ -33,6 +33,14 @@
   // ---------------------------------------------------------------- set-up
   json(base).then(start).catch(fail);
 
+  // Hooks for scripts and tests: centre level-0 (x, y) at `scale` screen px per level-0 px,
+  // and select the nucleus at level-0 (x, y) as a click there would.
+  state.zoomTo = (x, y, scale) => {
+    viewer.viewport.zoomTo(slideImage.imageToViewportZoom(scale), null, true);
+    viewer.viewport.panTo(slideImage.imageToViewportCoordinates(x, y), true);
+  };
+  state.clickAt = (x, y) => selectAt(new OpenSeadragon.Point(x, y));
+
   function start(slideInfo) {
     info = slideInfo;
     viewer = OpenSeadragon({
@@ -277,7 +285,9 @@
   // ---------------------------------------------------------------- click: one nucleus
   function onClick(e) {
     if (!e.quick || !slideImage || !info.layers.nuclei) return;
-    const p = slideImage.viewerElementToImageCoordinates(e.position);
+    selectAt(slideImage.viewerElementToImageCoordinates(e.position));
+  }
+  function selectAt(p) {
     const radius = 12 * umPerScreenPx() / info.mpp;   // 12 screen px in level-0 px
     const pick = (features) => {
       let best = null, bestD = Infinity;
@@ -350,9 +360,9 @@
     const classes = Object.entries(s.classes || {});
     if (classes.length) {
       const h2 = document.createElement("h2"); h2.textContent = "Tissue classes"; el.appendChild(h2);
-      addTable(el, ["Class", "mm²", "%", "nuclei", "per mm²", "median µm²"], classes.map(([c, v]) => [
+      addTable(el, ["Class", "mm²", "%", "nuclei", "per mm²"], classes.map(([c, v]) => [
         c, v.area_mm2, v.fraction === null || v.fraction === undefined ? null : v.fraction * 100,
-        v.nucleus_count, v.nuclei_per_mm2, (v.nucleus_area_um2 || {}).median]));
+        v.nucleus_count, v.nuclei_per_mm2]));
       const colours = info.tissue_colours || {};
       const h3 = document.createElement("h2"); h3.textContent = "Share of tissue"; el.appendChild(h3);
       const p1 = document.createElement("div"); p1.className = "plot"; el.appendChild(p1);
