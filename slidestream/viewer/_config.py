@@ -43,7 +43,7 @@ class ViewerConfig:
     jpeg_quality: int = 80
     tile_cache_bytes: int = 256 * 1024 * 1024
     max_open_slides: int = 16
-    readers_per_slide: int = 4
+    readers_per_slide: int = 2
     max_nuclei_per_request: int = 20_000
 
     def __post_init__(self) -> None:
