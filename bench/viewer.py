@@ -97,8 +97,8 @@ def _nucleus_tables(
     from slidestream.overlays import NucleusTable
 
     rng = np.random.default_rng(seed)
-    cx = rng.uniform(0, width, int(n * 1.5))
-    cy = rng.uniform(0, height, int(n * 1.5))
+    cx = rng.uniform(0, width, int(n * 2))
+    cy = rng.uniform(0, height, int(n * 2))
     keep = ((cx - width / 2) / (0.45 * width)) ** 2 + (
         (cy - height / 2) / (0.45 * height)
     ) ** 2 <= 1
@@ -398,7 +398,9 @@ def bench_nuclei(out: Path, width: int, height: int, clients: int, cache_mb: int
             cx, cy = width * rng.uniform(0.35, 0.65), height * rng.uniform(0.35, 0.65)
             x0, y0 = cx - box_w / 2, cy - box_h / 2
             boxes.append(f"{x0:.0f},{y0:.0f},{x0 + box_w:.0f},{y0 + box_h:.0f}")
-        first_ms, _, first = client.get(f"/api/slides/{name}/nuclei?bbox={boxes[0]}&limit=6000")
+        first_ms, _, first = Client(server.port).get(
+            f"/api/slides/{name}/nuclei?bbox={boxes[0]}&limit=6000"
+        )
         print(
             f"{name}: first nuclei-in-a-box request (indexes nuclei.geojson.gz) {first_ms:.0f} ms, "
             f"{json.loads(first)['count']} nuclei"

@@ -27,8 +27,11 @@ __all__ = [
     "TileNotFoundError",
     "TileRegion",
     "dzi_xml",
+    "encode_jpeg",
+    "needs_low_res",
     "read_tile_rgb",
     "render_slide_tile",
+    "tile_from_image",
 ]
 
 _RTOL: Final = 1e-3
@@ -146,20 +149,9 @@ def dzi_xml(grid: DeepZoomGrid, image_format: str) -> str:
     )
 
 
-def _read_level(
-    slide: Slide, downsamples: tuple[float, ...], z_downsample: float
-) -> tuple[int, float]:
-    """The coarsest slide level whose downsample is at most ``z_downsample``."""
-    level = 0
-    for idx, ds in enumerate(downsamples):
-        if ds <= z_downsample * (1.0 + _RTOL):
-            level = idx
-    return level, downsamples[level]
-
-
 def read_tile_rgb(slide: Slide, region: TileRegion) -> npt.NDArray[np.uint8]:
     """The RGB pixels of a DeepZoom tile, ``(height, width, 3)`` uint8 of ``region.z_size``."""
-    level, lv_ds = _read_level(slide, slide.level_downsamples, region.z_downsample)
+    level, lv_ds = _read_level_ds(slide.level_downsamples, region.z_downsample)
     l0_x, l0_y = region.l0_origin
     l0_w, l0_h = region.l0_size
     lv_w = max(1, math.ceil(l0_w / lv_ds - 1e-6))
@@ -169,6 +161,37 @@ def read_tile_rgb(slide: Slide, region: TileRegion) -> npt.NDArray[np.uint8]:
     if (lv_w, lv_h) == (out_w, out_h):
         return np.ascontiguousarray(pixels, dtype=np.uint8)
     resized = cv2.resize(pixels, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(resized, dtype=np.uint8)
+
+
+def needs_low_res(level_downsamples: tuple[float, ...], region: TileRegion) -> bool:
+    """True when the slide has no level within 2x of the tile (it would read > 4x its pixels)."""
+    _, lv_ds = _read_level_ds(level_downsamples, region.z_downsample)
+    return lv_ds * 2.0 < region.z_downsample * (1.0 - _RTOL)
+
+
+def _read_level_ds(downsamples: tuple[float, ...], z_downsample: float) -> tuple[int, float]:
+    level = 0
+    for idx, ds in enumerate(downsamples):
+        if ds <= z_downsample * (1.0 + _RTOL):
+            level = idx
+    return level, downsamples[level]
+
+
+def tile_from_image(
+    image: npt.NDArray[np.uint8], l0_dimensions: tuple[int, int], region: TileRegion
+) -> npt.NDArray[np.uint8]:
+    """A DeepZoom tile cut from a downsampled image of the whole slide (area-averaged)."""
+    img_h, img_w = image.shape[:2]
+    sx, sy = img_w / l0_dimensions[0], img_h / l0_dimensions[1]  # image px per level-0 px
+    x0, y0 = region.l0_origin[0] * sx, region.l0_origin[1] * sy
+    x1 = (region.l0_origin[0] + region.l0_size[0]) * sx
+    y1 = (region.l0_origin[1] + region.l0_size[1]) * sy
+    ix0, iy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+    ix1, iy1 = min(img_w, max(ix0 + 1, math.ceil(x1))), min(img_h, max(iy0 + 1, math.ceil(y1)))
+    crop = image[iy0:iy1, ix0:ix1]
+    out_w, out_h = region.z_size
+    resized = cv2.resize(crop, (out_w, out_h), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(resized, dtype=np.uint8)
 
 
@@ -189,4 +212,9 @@ def render_slide_tile(slide: Slide, region: TileRegion, *, quality: int) -> byte
     bytes
         The JPEG image of size ``region.z_size``.
     """
-    return bytes(imagecodecs.jpeg8_encode(read_tile_rgb(slide, region), level=quality))
+    return encode_jpeg(read_tile_rgb(slide, region), quality=quality)
+
+
+def encode_jpeg(rgb: npt.NDArray[np.uint8], *, quality: int) -> bytes:
+    """RGB ``(H, W, 3)`` uint8 as JPEG (libjpeg-turbo)."""
+    return bytes(imagecodecs.jpeg8_encode(rgb, level=quality))

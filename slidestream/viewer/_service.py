@@ -33,11 +33,18 @@ from slidestream.overlays import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED
 from ._cache import ByteLRU
 from ._catalog import ResultCatalog, SlideEntry
 from ._config import ViewerConfig
-from ._dzi import DeepZoomGrid, TileNotFoundError, render_slide_tile
+from ._dzi import (
+    DeepZoomGrid,
+    TileNotFoundError,
+    encode_jpeg,
+    needs_low_res,
+    render_slide_tile,
+    tile_from_image,
+)
 from ._nuclei_index import NucleusIndex
 from ._outlines import OutlineStore
 from ._overlay_tiles import DENSITY_ABOVE_MPP, DensityPyramid, render_nuclei_tile
-from ._slides import SlidePool, SlideReaders
+from ._slides import LOW_RES_PX, SlidePool, SlideReaders
 
 __all__ = ["TYPE_COLOURS", "NotFoundError", "SlideNuclei", "ViewerService"]
 
@@ -215,8 +222,14 @@ class ViewerService:
         if cached is not None:
             return cached
         readers = self.readers(entry)
-        with readers.lease() as slide:
-            data = render_slide_tile(slide, region, quality=self.config.jpeg_quality)
+        low = readers.geometry.dimensions[0] / LOW_RES_PX
+        low = max(low, readers.geometry.dimensions[1] / LOW_RES_PX)
+        if region.z_downsample >= low and needs_low_res(readers.geometry.level_downsamples, region):
+            rgb = tile_from_image(readers.low_res(), readers.geometry.dimensions, region)
+            data = encode_jpeg(rgb, quality=self.config.jpeg_quality)
+        else:
+            with readers.lease() as slide:
+                data = render_slide_tile(slide, region, quality=self.config.jpeg_quality)
         self.tiles.put(key, data)
         return data
 

@@ -17,13 +17,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
 
 from slidestream.errors import SlideOpenError
 from slidestream.wsi import Slide, open_slide
 
-__all__ = ["SlideGeometry", "SlidePool", "SlideReaders"]
+__all__ = ["LOW_RES_PX", "SlideGeometry", "SlidePool", "SlideReaders"]
 
 logger = logging.getLogger(__name__)
+
+LOW_RES_PX: Final = 2048
+"""Longest side of the kept low-resolution image of a slide (px)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +88,8 @@ class SlideReaders:
         self._users = 0
         self._retired = False
         self._all: list[Slide] = [first]
+        self._low_res: npt.NDArray[np.uint8] | None = None
+        self._low_res_lock = threading.Lock()
 
     @contextmanager
     def lease(self) -> Iterator[Slide]:
@@ -114,6 +123,22 @@ class SlideReaders:
                 close_now = self._retired and self._users == 0
             if close_now:
                 self._close_all()
+
+    def low_res(self) -> npt.NDArray[np.uint8]:
+        """The whole slide at most :data:`LOW_RES_PX` px across, read once and kept.
+
+        For DeepZoom tiles coarser than every level of the slide (a slide without a pyramid,
+        or whose coarsest level is still large): cutting them from this image reads the slide
+        once instead of once per tile.
+        """
+        with self._low_res_lock:
+            if self._low_res is None:
+                w, h = self.geometry.dimensions
+                scale = max(1.0, max(w, h) / LOW_RES_PX)
+                size = (max(1, round(w / scale)), max(1, round(h / scale)))
+                with self.lease() as slide:
+                    self._low_res = slide.get_thumbnail(size)
+            return self._low_res
 
     def retire(self) -> None:
         """Close every handle once no request uses one (idempotent)."""

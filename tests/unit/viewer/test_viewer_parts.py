@@ -200,3 +200,49 @@ def test_view_command_help_and_demo_prints_the_view_command(
     result = CliRunner().invoke(cli, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"slidestream view '{out}'" in result.output
+
+
+def test_low_zoom_tiles_of_a_slide_without_pyramid_come_from_one_read(tmp_path: Path) -> None:
+    """A single-level slide: coarse tiles are cut from one low-resolution read, same pixels."""
+    from slidestream.viewer import ViewerService
+    from slidestream.viewer._dzi import read_tile_rgb
+    from slidestream.wsi import open_slide
+    from slidestream.wsi.synthetic import write_pyramidal_tiff
+
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:2000, 0:3000]
+    image = np.stack([(xx // 7) % 256, (yy // 5) % 256, ((xx + yy) // 11) % 256], axis=2).astype(
+        np.uint8
+    )
+    image = np.clip(image + rng.integers(0, 8, image.shape), 0, 255).astype(np.uint8)
+    slide_path = write_pyramidal_tiff(
+        tmp_path / "flat.tif", image, mpp=0.5, levels=1, compression="deflate"
+    )
+    out = tmp_path / "out"
+    (out / "flat").mkdir(parents=True)
+    summary = {
+        "slide": {
+            "path": str(slide_path),
+            "width": 3000,
+            "height": 2000,
+            "mpp_x": 0.5,
+            "mpp_y": 0.5,
+        }
+    }
+    (out / "flat" / "summary.json").write_text(json.dumps(summary))
+    service = ViewerService(ViewerConfig(out_dir=out, jpeg_quality=95))
+    entry = service.entry("flat")
+    grid = service.grid(entry)
+    readers = service.readers(entry)
+    for z in (grid.n_levels - 4, grid.n_levels - 6):  # 8x and 32x coarser than the slide
+        import io
+
+        from PIL import Image
+
+        got = np.asarray(Image.open(io.BytesIO(service.slide_tile("flat", z, 0, 0))), np.float64)
+        with open_slide(slide_path) as slide:
+            want = read_tile_rgb(slide, grid.region(z, 0, 0)).astype(np.float64)
+        assert got.shape == want.shape
+        assert np.abs(got - want).mean() < 6.0
+    assert readers._low_res is not None and max(readers._low_res.shape) <= 2048
+    service.close()
