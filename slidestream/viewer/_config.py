@@ -34,6 +34,8 @@ class ViewerConfig:
         Concurrent readers (open handles) per slide.
     max_nuclei_per_request
         Most nuclei one ``/api/slides/<name>/nuclei`` answer holds.
+    outline_cache_bytes
+        Decompressed blocks of ``nuclei.geojson.gz`` kept in memory (all slides together).
     """
 
     out_dir: Path
@@ -45,6 +47,7 @@ class ViewerConfig:
     max_open_slides: int = 16
     readers_per_slide: int = 2
     max_nuclei_per_request: int = 20_000
+    outline_cache_bytes: int = 160 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 64 <= self.tile_size_px <= 2048:

@@ -42,7 +42,7 @@ _CLASS_COLUMNS: Final = ("type", "tissue_class")
 DENSITY_BIN_UM: Final = 16.0
 #: Mean nuclei per index cell aimed at.
 _NUCLEI_PER_CELL: Final = 48
-_ROW_GROUP_CACHE: Final = 16
+_ROW_GROUP_CACHE: Final = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

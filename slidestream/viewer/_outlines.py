@@ -26,7 +26,7 @@ from slidestream.errors import ConfigError
 
 from ._cache import ByteLRU
 
-__all__ = ["OutlineStore"]
+__all__ = ["MemberText", "OutlineStore", "member_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,15 @@ _FEATURE: Final = b'{"type":"Feature"'
 _FEATURE_RE: Final = re.compile(re.escape(_FEATURE))
 _READ_BLOCK: Final = 8 * 1024 * 1024
 _PLAIN_BLOCK_FEATURES: Final = 4096
+
+
+MemberText = tuple[bytes, npt.NDArray[np.int64]]
+"""A decompressed block of features and the offsets of its features."""
+
+
+def member_cache(limit_bytes: int) -> ByteLRU[MemberText]:
+    """A byte-bounded cache of decompressed feature blocks, for one or several stores."""
+    return ByteLRU(limit_bytes, lambda item: len(item[0]) + item[1].nbytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +64,18 @@ class OutlineStore:
     ----------
     path
         ``nuclei.geojson.gz`` (gzip members) or ``nuclei.geojson``.
-    cache_bytes
-        Decompressed members kept in memory.
+    cache
+        Decompressed members kept in memory (shared by the stores of all slides; keys are
+        ``(path, member)``); ``None``: a private 64 MiB cache.
     """
 
-    def __init__(self, path: Path, *, cache_bytes: int = 128 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, *, cache: ByteLRU[MemberText] | None = None) -> None:
         self.path = path
         self._gz = path.name.lower().endswith(".gz")
         self._members: list[_Member] | None = None
         self._first_rows: npt.NDArray[np.int64] = np.zeros(0, np.int64)
         self._lock = threading.Lock()
-        self._cache: ByteLRU[tuple[bytes, npt.NDArray[np.int64]]] = ByteLRU(
-            cache_bytes, lambda item: len(item[0]) + item[1].nbytes
-        )
+        self._cache = cache if cache is not None else member_cache(64 * 1024 * 1024)
 
     # ------------------------------------------------------------------ index
     def _ensure_index(self) -> list[_Member]:
@@ -132,7 +140,7 @@ class OutlineStore:
 
     # ------------------------------------------------------------------ reading
     def _member_text(self, k: int, member: _Member) -> tuple[bytes, npt.NDArray[np.int64]]:
-        key = (k,)
+        key = (str(self.path), k)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
@@ -185,8 +193,9 @@ class OutlineStore:
         return out
 
     def close(self) -> None:
-        """Drop the cached blocks."""
-        self._cache.discard(lambda _key: True)
+        """Drop this file's cached blocks."""
+        name = str(self.path)
+        self._cache.discard(lambda key: isinstance(key, tuple) and key[0] == name)
 
 
 def _parse_feature(chunk: bytes) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from ._dzi import (
     tile_from_image,
 )
 from ._nuclei_index import NucleusIndex
-from ._outlines import OutlineStore
+from ._outlines import OutlineStore, member_cache
 from ._overlay_tiles import DENSITY_ABOVE_MPP, DensityPyramid, render_nuclei_tile
 from ._slides import LOW_RES_PX, SlidePool, SlideReaders
 
@@ -123,6 +123,7 @@ class ViewerService:
         self._gates: dict[tuple[str, int], threading.Lock] = {}
         self._lock = threading.Lock()
         self._empty_png: dict[tuple[int, int], bytes] = {}
+        self._outline_cache = member_cache(config.outline_cache_bytes)
         self.catalog.refresh()
 
     # ------------------------------------------------------------------ slides
@@ -336,7 +337,9 @@ class ViewerService:
             index=index,
             pyramid=DensityPyramid(index),
             colours=colours,
-            outlines=OutlineStore(geojson) if geojson is not None else None,
+            outlines=(
+                OutlineStore(geojson, cache=self._outline_cache) if geojson is not None else None
+            ),
         )
 
     def nuclei_tile(self, name: str, z: int, col: int, row: int) -> bytes:

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 LOW_RES_PX: Final = 2048
 """Longest side of the kept low-resolution image of a slide (px)."""
+HANDLE_CACHE_BYTES: Final = 16 * 1024 * 1024
+"""Decoded-tile cache of each open handle (the encoded DeepZoom tiles are cached apart)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,7 +58,7 @@ class SlideReaders:
 
     def __init__(self, path: Path, *, size: int, expected_fingerprint: str | None) -> None:
         self.path = path
-        first = open_slide(path)
+        first = open_slide(path, tile_cache_bytes=HANDLE_CACHE_BYTES)
         try:
             quickhash = first.info.quickhash
             if (
@@ -104,7 +106,7 @@ class SlideReaders:
         try:
             if grow:
                 try:
-                    slide = open_slide(self.path)
+                    slide = open_slide(self.path, tile_cache_bytes=HANDLE_CACHE_BYTES)
                 except BaseException:
                     with self._lock:
                         self._opened -= 1

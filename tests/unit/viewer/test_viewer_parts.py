@@ -24,7 +24,7 @@ from slidestream.viewer import (
     ViewerConfig,
 )
 from slidestream.viewer._cache import ByteLRU
-from slidestream.viewer._outlines import OutlineStore
+from slidestream.viewer._outlines import OutlineStore, member_cache
 
 
 @settings(max_examples=60, deadline=None)
@@ -142,7 +142,7 @@ def test_nucleus_index_finds_exactly_the_nuclei_in_a_box(
 
 def test_outline_store_reads_single_rows(nuclei_files: tuple[Path, Path, list[Any]]) -> None:
     _, geojson, features = nuclei_files
-    store = OutlineStore(geojson, cache_bytes=1_000_000)
+    store = OutlineStore(geojson, cache=member_cache(1_000_000))
     rows = np.array([8999, 0, 1000, 999, 4567, 4567])
     got = store.geometries(rows)
     assert got == [features[i]["geometry"] for i in rows]
