@@ -13,7 +13,7 @@ from ._nucleus_types import (
     type_classification,
     type_probability_key,
 )
-from ._overlay_png import render_overlay_png
+from ._overlay_png import density_colormap, render_overlay_png
 from ._parquet import ParquetStream, write_nuclei_parquet
 from ._stitch import MeasureFn, extract_tile_nuclei
 from ._table import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED, NucleusTable, rebatch_tables
@@ -44,6 +44,7 @@ __all__ = [
     "atomic_path",
     "class_map_to_polygons",
     "class_map_to_raster",
+    "density_colormap",
     "extract_tile_nuclei",
     "nucleus_ids",
     "raster_to_polygons",

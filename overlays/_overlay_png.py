@@ -27,7 +27,7 @@ from slidestream.errors import ConfigError
 
 from ._atomic import atomic_path
 
-__all__ = ["render_overlay_png"]
+__all__ = ["density_colormap", "render_overlay_png"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ def _colormap(values: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
     idx = np.clip(v * 1023.0 + 0.5, 0, 1023).astype(np.intp)
     out: npt.NDArray[np.uint8] = _CMAP_LUT[idx]
     return out
+
+
+density_colormap = _colormap
+"""The nucleus-density colour map of ``overlay.png``: values in [0, 1] -> RGB ``(..., 3)`` uint8."""
 
 
 def _nice(value: float) -> float:

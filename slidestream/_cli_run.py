@@ -210,6 +210,9 @@ def demo_command(out_dir: Path, force: bool) -> None:
         "QuPath: open the slide (File > Open), then drag tissue.geojson and "
         "nuclei.geojson.gz onto the viewer (or File > Import objects)."
     )
+    from slidestream._cli_view import view_command_line
+
+    click.echo(f"browse:      {view_command_line(out_dir)}   (then open http://127.0.0.1:8000/)")
 
 
 def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> None:

@@ -81,9 +81,17 @@ def evaluate() -> None:
 
 
 def _register_commands() -> None:
-    from slidestream import _cli_db, _cli_nuclei, _cli_run, _cli_tiling, _cli_tissue, _cli_wsi
+    from slidestream import (
+        _cli_db,
+        _cli_nuclei,
+        _cli_run,
+        _cli_tiling,
+        _cli_tissue,
+        _cli_view,
+        _cli_wsi,
+    )
 
-    for module in (_cli_wsi, _cli_tiling, _cli_nuclei, _cli_tissue, _cli_run, _cli_db):
+    for module in (_cli_wsi, _cli_tiling, _cli_nuclei, _cli_tissue, _cli_run, _cli_db, _cli_view):
         module.register(cli, train=train, evaluate=evaluate)
 
 

@@ -20,7 +20,7 @@ from ._openslide_reader import (
 from ._resolution import resolve_mpp
 from ._slide import Slide, SlideInfo
 from ._tiff_open import fast_levels, open_fallback_tiff
-from ._tiff_reader import TiffTileReader
+from ._tiff_reader import DEFAULT_CACHE_BYTES, TiffTileReader
 
 __all__ = ["SLIDE_EXTENSIONS", "ReaderChoice", "open_slide", "slide_name"]
 
@@ -71,7 +71,11 @@ def _member_files(path: Path) -> tuple[Path, ...]:
 
 
 def open_slide(
-    path: str | Path, *, mpp: float | None = None, reader: ReaderChoice = "auto"
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    reader: ReaderChoice = "auto",
+    tile_cache_bytes: int | None = None,
 ) -> Slide:
     """Open a whole-slide image (context manager).
 
@@ -88,6 +92,9 @@ def open_slide(
         µm/px at level 0; overrides what the file says (the first link of the resolution chain).
     reader
         ``"auto"`` (default) or ``"openslide"`` to force OpenSlide pixels (the reference).
+    tile_cache_bytes
+        Capacity of the fast TIFF readers' decoded-tile cache (default 64 MiB); a server with
+        many open slides passes less.
 
     Returns
     -------
@@ -115,15 +122,18 @@ def open_slide(
         raise SlideOpenError(f"{slide_path}: no such file or folder; check the slide path")
     if slide_path.suffix.lower() in _IMAGE_SUFFIXES and reader == "auto":
         return _open_image(slide_path, mpp)
+    cache = DEFAULT_CACHE_BYTES if tile_cache_bytes is None else int(tile_cache_bytes)
     try:
-        return _open_with_openslide(slide_path, mpp, reader)
+        return _open_with_openslide(slide_path, mpp, reader, cache)
     except SlideOpenError as exc:
         if reader == "openslide" or slide_path.is_dir():
             raise
-        return _open_with_tifffile(slide_path, mpp, reason=str(exc.__cause__ or exc))
+        return _open_with_tifffile(slide_path, mpp, reason=str(exc.__cause__ or exc), cache=cache)
 
 
-def _open_with_openslide(path: Path, mpp: float | None, reader: ReaderChoice) -> Slide:
+def _open_with_openslide(
+    path: Path, mpp: float | None, reader: ReaderChoice, cache: int = DEFAULT_CACHE_BYTES
+) -> Slide:
     handle = open_openslide(path)
     try:
         properties = dict(handle.properties)
@@ -152,13 +162,17 @@ def _open_with_openslide(path: Path, mpp: float | None, reader: ReaderChoice) ->
         raise
     if levels is not None:
         handle.close()
-        fast = TiffTileReader(path, levels, info.level_downsamples, background, name="fast-tiff")
+        fast = TiffTileReader(
+            path, levels, info.level_downsamples, background, name="fast-tiff", cache_bytes=cache
+        )
         logger.debug("%s: %s slide on the fast TIFF reader", path.name, vendor)
         return Slide(info, fast, fingerprint_fn=sha256_of_files)
     return Slide(info, OpenSlideReader(path, handle, background), fingerprint_fn=sha256_of_files)
 
 
-def _open_with_tifffile(path: Path, mpp: float | None, *, reason: str) -> Slide:
+def _open_with_tifffile(
+    path: Path, mpp: float | None, *, reason: str, cache: int = DEFAULT_CACHE_BYTES
+) -> Slide:
     found = open_fallback_tiff(path, reason)
     mpp_x, mpp_y = resolve_mpp(path, explicit=mpp, candidates=found.mpp_candidates)
     info = SlideInfo(
@@ -175,7 +189,9 @@ def _open_with_tifffile(path: Path, mpp: float | None, *, reason: str) -> Slide:
         properties=found.properties,
         files=(path,),
     )
-    tiff = TiffTileReader(path, found.levels, found.level_downsamples, _WHITE, name="tifffile")
+    tiff = TiffTileReader(
+        path, found.levels, found.level_downsamples, _WHITE, name="tifffile", cache_bytes=cache
+    )
     logger.debug("%s: opened with tifffile as %s (OpenSlide: %s)", path.name, found.vendor, reason)
     return Slide(info, tiff, fingerprint_fn=sha256_of_files)
 

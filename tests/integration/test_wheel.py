@@ -48,6 +48,12 @@ def test_wheel_contents(wheel: Path) -> None:
         "slidestream/models/weights/nuclei-unet.json",
         "slidestream/models/weights/tissue-tumour-pan/weights.safetensors",
         "slidestream/models/weights/tissue-tumour-pan/config.json",
+        "slidestream/viewer/templates/slide.html",
+        "slidestream/viewer/static/slide.js",
+        "slidestream/viewer/static/viewer.css",
+        "slidestream/viewer/static/openseadragon/openseadragon.min.js",
+        "slidestream/viewer/static/openseadragon/LICENSE.txt",
+        "slidestream/viewer/static/openseadragon/images/zoomin_rest.png",
     ):
         assert required in names, required
     assert not any(n.startswith(("models/", "db/", "wsi/", "alembic/")) for n in names)
@@ -66,6 +72,10 @@ def test_wheel_imports_and_loads_models_from_another_directory(wheel: Path, tmp_
         "assert m.load_nuclei_model('default').mpp > 0\n"
         "from slidestream.db import connect\n"
         f"connect('sqlite:///{tmp_path / 'w.db'}', create=True).dispose()\n"
+        "from slidestream.viewer._app import _static_dir, _templates\n"
+        f"assert str(_static_dir()).startswith({str(site)!r})\n"
+        "assert (_static_dir() / 'openseadragon' / 'openseadragon.min.js').is_file()\n"
+        "assert _templates().get_template('slide.html')\n"
         "print('ok')\n"
     )
     proc = subprocess.run(
