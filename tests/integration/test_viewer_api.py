@@ -510,4 +510,4 @@ def test_nuclei_are_coloured_by_type_when_the_column_exists(
         assert by_index[2]["tissue_class"] == (
             table.column("tissue_class")[2].as_py() or "Unclassified"
         )
-        assert by_index[2]["measurements"]["p_spindle"] == 0.25
+        assert by_index[2]["measurements"]["Type probability: Spindle"] == 0.25
