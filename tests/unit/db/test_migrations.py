@@ -41,8 +41,9 @@ def test_migrations_ship_with_env_and_versions() -> None:
     assert sorted(p.name for p in (folder / "versions").glob("0*.py")) == [
         "0001_initial.py",
         "0002_cohort_metadata.py",
+        "0003_cohort_scale.py",
     ]
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
 
 
 def test_upgrade_head_equals_models(fresh_engine: Engine) -> None:
