@@ -7,6 +7,10 @@
   metrics), ``ix_class_statistics_latest`` (tissue_class, latest, slide_id, metrics; replaces
   ``ix_class_statistics_tissue_class_run_id``) and ``ix_slide_metadata_key_slide_id_value``
   (the value of a key per slide).
+* PostgreSQL only: extended statistics ``st_slide_metadata_key_value`` (most common
+  (key, value) pairs), so the planner knows how many slides a metadata filter keeps (without
+  them it multiplies the selectivities of ``key`` and ``value`` and picks nested loops for
+  filters that keep half the cohort).
 * The slide list: ``ix_slides_name_id`` (replaces ``ix_slides_name``) and one
   ``ix_slide_statistics_by_<metric>`` (latest, metric, slide_id) per slide metric, for sorted,
   keyset-paginated pages.
@@ -70,10 +74,17 @@ def upgrade() -> None:
     )
     op.drop_index("ix_slides_name", table_name="slides")
     op.create_index(op.f("ix_slides_name_id"), "slides", ["name", "id"])
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            "CREATE STATISTICS st_slide_metadata_key_value (mcv, dependencies) "
+            "ON key, value FROM slide_metadata"
+        )
 
 
 def downgrade() -> None:
     """Downgrade the schema (the ``latest`` flags are dropped; the pointer stays)."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP STATISTICS IF EXISTS st_slide_metadata_key_value")
     op.drop_index(op.f("ix_slides_name_id"), table_name="slides")
     op.create_index("ix_slides_name", "slides", ["name"])
     op.drop_index(op.f("ix_slide_metadata_key_slide_id_value"), table_name="slide_metadata")
