@@ -40,20 +40,50 @@ _MODELS = json.dumps({"nuclei": {"name": "nuclei-v1", "sha256": "a" * 64, "mpp":
 _TIMINGS = json.dumps({"total": 90.0})
 _OUTPUTS = json.dumps({"summary_json": "summary.json"})
 
-SLIDE_COLS = (
-    "id fingerprint path name vendor width height mpp_x mpp_y objective_power first_seen "
-    "last_seen latest_run_id"
-).split()
-RUN_COLS = (
-    "id slide_id slide_path slide_name status error parameters parameters_hash models "
-    "success_key software_version started_at finished_at recorded_at timings outputs"
-).split()
-_NUM = (
-    "nucleus_count nuclei_per_mm2 nucleus_area_mean_um2 nucleus_area_median_um2 "
-    "nucleus_area_q1_um2 nucleus_area_q3_um2 mean_hematoxylin_od"
-).split()
-SSTAT_COLS = ["run_id", "slide_id", "tissue_area_mm2", *_NUM]
-CSTAT_COLS = ["run_id", "tissue_class", "slide_id", "area_mm2", "fraction", *_NUM]
+SLIDE_COLS = [
+    "id",
+    "fingerprint",
+    "path",
+    "name",
+    "vendor",
+    "width",
+    "height",
+    "mpp_x",
+    "mpp_y",
+    "objective_power",
+    "first_seen",
+    "last_seen",
+    "latest_run_id",
+]
+RUN_COLS = [
+    "id",
+    "slide_id",
+    "slide_path",
+    "slide_name",
+    "status",
+    "error",
+    "parameters",
+    "parameters_hash",
+    "models",
+    "success_key",
+    "software_version",
+    "started_at",
+    "finished_at",
+    "recorded_at",
+    "timings",
+    "outputs",
+]
+_NUM = [
+    "nucleus_count",
+    "nuclei_per_mm2",
+    "nucleus_area_mean_um2",
+    "nucleus_area_median_um2",
+    "nucleus_area_q1_um2",
+    "nucleus_area_q3_um2",
+    "mean_hematoxylin_od",
+]
+SSTAT_COLS = ["run_id", "slide_id", "latest", "tissue_area_mm2", *_NUM]
+CSTAT_COLS = ["run_id", "tissue_class", "slide_id", "latest", "area_mm2", "fraction", *_NUM]
 META_COLS = ["slide_id", "key", "value"]
 FLAG_COLS = ["slide_id", "flag", "reason", "created_at"]
 
@@ -81,7 +111,7 @@ def _opt(value: float, missing: bool) -> float | None:
 
 
 def _stats_rows(
-    rng: np.random.Generator, run_id: int, slide_id: int, empty: bool
+    rng: np.random.Generator, run_id: int, slide_id: int, *, latest: bool, empty: bool
 ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
     tissue = float(rng.uniform(20, 400))
     density = float(rng.lognormal(7.5, 0.4))
@@ -89,6 +119,7 @@ def _stats_rows(
     sstat = (
         run_id,
         slide_id,
+        latest,
         tissue,
         0 if empty else int(density * tissue),
         _opt(density, empty),
@@ -109,6 +140,7 @@ def _stats_rows(
                 run_id,
                 cls,
                 slide_id,
+                latest,
                 tissue * frac,
                 frac,
                 0 if empty else int(dens * tissue * frac),
@@ -145,10 +177,12 @@ def _run(run_id: int, slide_id: int, name: str, status: str, when: datetime) -> 
     )
 
 
-def chunks(n_slides: int, *, seed: int = 0) -> Iterator[Chunk]:
+def chunks(n_slides: int, updates: list[tuple[int, int]], *, seed: int = 0) -> Iterator[Chunk]:
     """The cohort's rows, ``CHUNK_SLIDES`` slides at a time (pass 1, then the re-runs of pass 2).
 
     Slide ids are 1..n; run ids follow insertion order (pass 2's runs come after all of pass 1).
+    ``updates`` receives the ``(run_id, slide_id)`` pointer moves of pass 2 (for
+    ``slides.latest_run_id``), complete once the generator is exhausted.
     """
     rng = np.random.default_rng(seed)
     run_id = 0
@@ -171,18 +205,20 @@ def chunks(n_slides: int, *, seed: int = 0) -> Iterator[Chunk]:
                 out.runs.append(_run(run_id, i, name, "failed", when))
             run_id += 1
             out.runs.append(_run(run_id, i, name, "succeeded", when))
-            sstat, cstats = _stats_rows(rng, run_id, i, empty=i % 100 == 37)
+            sstat, cstats = _stats_rows(rng, run_id, i, latest=i not in rerun, empty=i % 100 == 37)
             out.sstats.append(sstat)
             out.cstats.extend(cstats)
             latest[i] = run_id
             patient = f"P{(i + 1) // 2:07d}"
-            out.meta.extend((
-                (i, "patient_id", patient),
-                (i, "diagnosis", DIAGNOSES[int(diag[j])]),
-                (i, "site", SITES[int(site[j])]),
-                (i, "stage", STAGES[(i // 2) % 4]),
-                (i, "sex", "F" if (i // 2) % 2 else "M"),
-            ))
+            out.meta.extend(
+                (
+                    (i, "patient_id", patient),
+                    (i, "diagnosis", DIAGNOSES[int(diag[j])]),
+                    (i, "site", SITES[int(site[j])]),
+                    (i, "stage", STAGES[(i // 2) % 4]),
+                    (i, "sex", "F" if (i // 2) % 2 else "M"),
+                )
+            )
             if i % 100 == 1:
                 out.flags.append((i, "qc", "out of focus", when))
         # Slides of pass 1 that are not re-run point at their only run already.
@@ -208,7 +244,6 @@ def chunks(n_slides: int, *, seed: int = 0) -> Iterator[Chunk]:
     # Pass 2: re-runs (new parameters) and a few more failures, recorded later.
     later = _T0 + timedelta(days=365)
     pending = Chunk([], [], [], [], [], [])
-    updates: list[tuple[int, int]] = []
     for i in range(1, n_slides + 1):
         if i % 100 == 3:
             run_id += 1
@@ -216,18 +251,13 @@ def chunks(n_slides: int, *, seed: int = 0) -> Iterator[Chunk]:
         if i in rerun:
             run_id += 1
             pending.runs.append(_run(run_id, i, names[i], "succeeded", later))
-            sstat, cstats = _stats_rows(rng, run_id, i, empty=False)
+            sstat, cstats = _stats_rows(rng, run_id, i, latest=True, empty=False)
             pending.sstats.append(sstat)
             pending.cstats.extend(cstats)
             updates.append((run_id, i))
         if len(pending.runs) >= CHUNK_SLIDES // 4 or i == n_slides:
             yield pending
             pending = Chunk([], [], [], [], [], [])
-    _LATEST_UPDATES.clear()
-    _LATEST_UPDATES.extend(updates)
-
-
-_LATEST_UPDATES: list[tuple[int, int]] = []
 
 
 def _tables(chunk: Chunk) -> Sequence[tuple[str, list[str], list[tuple[Any, ...]]]]:
@@ -252,7 +282,8 @@ def fill(engine: Engine, n_slides: int, *, seed: int = 0) -> None:
 def _fill_postgres(engine: Engine, n_slides: int, seed: int) -> None:
     with engine.connect() as conn:
         raw: Any = conn.connection.driver_connection
-        for chunk in chunks(n_slides, seed=seed):
+        updates: list[tuple[int, int]] = []
+        for chunk in chunks(n_slides, updates, seed=seed):
             with raw.cursor() as cur:
                 for table, cols, rows in _tables(chunk):
                     if not rows:
@@ -266,7 +297,7 @@ def _fill_postgres(engine: Engine, n_slides: int, seed: int) -> None:
                 "CREATE TEMP TABLE latest_fix (run_id integer, slide_id integer) ON COMMIT DROP"
             )
             with cur.copy("COPY latest_fix FROM STDIN") as copy:
-                for row in _LATEST_UPDATES:
+                for row in updates:
                     copy.write_row(row)
             cur.execute(
                 "UPDATE slides SET latest_run_id = f.run_id FROM latest_fix f "
@@ -285,7 +316,8 @@ def _fill_postgres(engine: Engine, n_slides: int, seed: int) -> None:
 def _fill_sqlite(engine: Engine, n_slides: int, seed: int) -> None:
     with engine.connect() as conn:
         raw: Any = conn.connection.driver_connection
-        for chunk in chunks(n_slides, seed=seed):
+        updates: list[tuple[int, int]] = []
+        for chunk in chunks(n_slides, updates, seed=seed):
             raw.execute("BEGIN")
             for table, cols, rows in _tables(chunk):
                 if rows:
@@ -298,7 +330,7 @@ def _fill_sqlite(engine: Engine, n_slides: int, seed: int) -> None:
                     )
             raw.execute("COMMIT")
         raw.execute("BEGIN")
-        raw.executemany("UPDATE slides SET latest_run_id = ? WHERE id = ?", _LATEST_UPDATES)
+        raw.executemany("UPDATE slides SET latest_run_id = ? WHERE id = ?", updates)
         raw.execute("COMMIT")
         raw.execute("ANALYZE")
 

@@ -235,15 +235,14 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _aggregate_in_database(
-    conn: Connection,
+def _summary_select(
     stats: Table,
     source: FromClause,
     group_cols: list[ColumnElement[Any]],
     conditions: list[ColumnElement[bool]],
     metrics: Sequence[str],
-) -> dict[tuple[Any, ...], list[_Summary]]:
-    """PostgreSQL: one row per group with count, mean, std and the three quantiles per metric."""
+) -> Select[Any]:
+    """PostgreSQL: per group, count, mean, std and the three quantiles of each metric."""
     aggregates: list[ColumnElement[Any]] = []
     for metric in metrics:
         value = cast(stats.c[metric], Float)
@@ -257,9 +256,20 @@ def _aggregate_in_database(
         ]
     stmt = select(*group_cols, *aggregates).select_from(source).where(*conditions)
     if group_cols:
-        stmt = stmt.group_by(*group_cols)
-    else:
-        stmt = stmt.having(func.count() > 0)  # no slides: no group (not one of n = 0)
+        return stmt.group_by(*group_cols)
+    return stmt.having(func.count() > 0)  # no slides: no group (not one of n = 0)
+
+
+def _aggregate_in_database(
+    conn: Connection,
+    stats: Table,
+    source: FromClause,
+    group_cols: list[ColumnElement[Any]],
+    conditions: list[ColumnElement[bool]],
+    metrics: Sequence[str],
+) -> dict[tuple[Any, ...], list[_Summary]]:
+    """PostgreSQL: one row per group with count, mean, std and the three quantiles per metric."""
+    stmt = _summary_select(stats, source, group_cols, conditions, metrics)
     n_by = len(group_cols)
     out: dict[tuple[Any, ...], list[_Summary]] = {}
     for row in conn.execute(stmt):

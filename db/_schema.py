@@ -229,7 +229,11 @@ class ClassStatistics(Base):
     __table_args__ = (
         # Cohort queries: one class's latest statistics of every slide (covering).
         Index(
-            "ix_class_statistics_latest", "tissue_class", "latest", "slide_id", *CLASS_METRIC_COLUMNS
+            "ix_class_statistics_latest",
+            "tissue_class",
+            "latest",
+            "slide_id",
+            *CLASS_METRIC_COLUMNS,
         ),
     )
 

@@ -393,9 +393,7 @@ def slide_page(
         elif sort != "id" and not in_nulls:
             value = last.statistics[sort]
         next_after = _encode_cursor(
-            _Cursor(
-                sort=sort, descending=descending, nulls=in_nulls, value=value, slide_id=last.id
-            )
+            _Cursor(sort=sort, descending=descending, nulls=in_nulls, value=value, slide_id=last.id)
         )
     return SlidePage(slides=tuple(slides), next_after=next_after)
 

@@ -53,7 +53,7 @@ def upgrade() -> None:
                 sa.Column("latest", sa.Boolean(), server_default=sa.false(), nullable=False)
             )
         op.execute(
-            f"UPDATE {table} SET latest = true "  # noqa: S608 - constant table names
+            f"UPDATE {table} SET latest = true "
             f"WHERE run_id IN (SELECT latest_run_id FROM slides WHERE latest_run_id IS NOT NULL)"
         )
     op.drop_index("ix_class_statistics_tissue_class_run_id", table_name="class_statistics")

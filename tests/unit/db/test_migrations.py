@@ -241,8 +241,7 @@ def _fill_at_0002(engine: Engine) -> None:
             )
         conn.execute(
             t["slide_metadata"].insert(),
-            [{"slide_id": 1, "key": "diagnosis", "value": "LUAD"}]
-            + [{"slide_id": 2, "key": "diagnosis", "value": "LUAD"}],
+            [{"slide_id": i, "key": "diagnosis", "value": "LUAD"} for i in (1, 2)],
         )
 
 

@@ -51,9 +51,7 @@ def slides(engine: Engine) -> Engine:
         parameters_hash="h",
         software_version="0.1.0",
     )
-    import_metadata(
-        engine, [{"slide": n, "site": "A" if n in "abcd" else "B"} for n in DENSITIES]
-    )
+    import_metadata(engine, [{"slide": n, "site": "A" if n in "abcd" else "B"} for n in DENSITIES])
     flag_slide(engine, "g", reason="folded")
     return engine
 
