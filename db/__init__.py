@@ -2,7 +2,9 @@
 
 Open a database with :func:`open_database` (``create=True`` creates the schema of a fresh
 database), record runs with :func:`record_run` / :func:`record_failure`, import cohort metadata
-with :func:`import_metadata_csv` and summarise with :func:`query_cohort`. Every write and query
+with :func:`import_metadata_csv`, summarise with :func:`query_cohort` (typed:
+:func:`summarise_cohort`) and list slides page by page with :func:`slide_page` or streamed with
+:func:`iter_slides`. Every write and query
 first checks that the schema is at the head revision (:func:`check_schema`). Connection URLs
 are never logged with their password (:func:`mask_url`).
 """
@@ -29,9 +31,11 @@ from slidestream.db._query import (
     CLASS_METRICS,
     SLIDE_METRICS,
     SUMMARY_FIELDS,
-    list_slides,
+    GroupValue,
+    MetricSummary,
     query_cohort,
     query_cohort_df,
+    summarise_cohort,
 )
 from slidestream.db._read import (
     RunOutcome,
@@ -52,29 +56,46 @@ from slidestream.db._schema import (
     SlideMetadata,
     SlideStatistics,
 )
+from slidestream.db._slides import (
+    SLIDE_COLUMNS,
+    SLIDE_SORT_KEYS,
+    SlidePage,
+    SlideRow,
+    count_slides,
+    iter_slides,
+    list_slides,
+    slide_page,
+)
 from slidestream.db._write import SUMMARY_SCHEMA, record_failure, record_run, record_skip
 
 __all__ = [
     "BUILTIN_COLUMNS",
     "CLASS_METRICS",
     "RUN_STATUSES",
+    "SLIDE_COLUMNS",
     "SLIDE_METRICS",
+    "SLIDE_SORT_KEYS",
     "SUMMARY_FIELDS",
     "SUMMARY_SCHEMA",
     "AnalysisRun",
     "Base",
     "ClassStatistics",
+    "GroupValue",
     "ImportReport",
+    "MetricSummary",
     "PatientMetadata",
     "QCFlag",
     "RunOutcome",
     "Slide",
     "SlideMetadata",
+    "SlidePage",
+    "SlideRow",
     "SlideStatistics",
     "SlideValues",
     "check_schema",
     "connect",
     "connect_read_only",
+    "count_slides",
     "current_revision",
     "downgrade",
     "flag_slide",
@@ -82,6 +103,7 @@ __all__ = [
     "import_metadata",
     "import_metadata_csv",
     "latest_runs",
+    "iter_slides",
     "list_slides",
     "mask_url",
     "open_database",
@@ -92,6 +114,8 @@ __all__ = [
     "record_run",
     "record_skip",
     "tissue_classes",
+    "slide_page",
+    "summarise_cohort",
     "unflag_slide",
     "upgrade",
 ]

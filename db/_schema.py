@@ -15,6 +15,13 @@ Tables (all created by the Alembic migrations in ``slidestream.migrations``):
     The slide-level numbers of ``summary.json``, one row per succeeded run.
 ``class_statistics``
     The per-tissue-class numbers of ``summary.json``, one row per (run, class).
+
+The slide's latest succeeded run is kept twice by ``record_run``, in the same transaction:
+``slides.latest_run_id`` (for the slide list) and the ``latest`` column of every statistics row
+(true on the rows of that run). Cohort queries read the statistics of latest runs through the
+covering indexes ``ix_*_statistics_latest`` (scope, ``latest``, ``slide_id``, the metrics)
+without touching ``slides``; a later statistics table (e.g. per nucleus type) follows the same
+pattern: a ``latest`` column and one covering index led by its scope columns.
 ``qc_flags``
     Quality-control flags; a flagged slide is left out of cohort statistics unless asked.
 
@@ -28,6 +35,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -37,11 +45,14 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "CLASS_METRIC_COLUMNS",
     "RUN_STATUSES",
+    "SLIDE_METRIC_COLUMNS",
     "AnalysisRun",
     "Base",
     "ClassStatistics",
@@ -63,6 +74,18 @@ NAMING_CONVENTION: dict[str, str] = {
 RUN_STATUSES: tuple[str, ...] = ("running", "succeeded", "failed", "skipped")
 """The values of :attr:`AnalysisRun.status`."""
 
+_COMMON_METRIC_COLUMNS = (
+    "nuclei_per_mm2",
+    "nucleus_count",
+    "nucleus_area_mean_um2",
+    "nucleus_area_median_um2",
+    "mean_hematoxylin_od",
+)
+SLIDE_METRIC_COLUMNS: tuple[str, ...] = ("tissue_area_mm2", *_COMMON_METRIC_COLUMNS)
+"""The queryable columns of :class:`SlideStatistics` (in its covering index)."""
+CLASS_METRIC_COLUMNS: tuple[str, ...] = ("area_mm2", "fraction", *_COMMON_METRIC_COLUMNS)
+"""The queryable columns of :class:`ClassStatistics` (in its covering index)."""
+
 
 class Base(DeclarativeBase):
     """Declarative base of every slidestream table (with a constraint naming convention)."""
@@ -75,12 +98,16 @@ class Slide(Base):
     """A slide file, identified by its content fingerprint (quickhash-1 or sha256)."""
 
     __tablename__ = "slides"
-    __table_args__ = (Index(None, "latest_run_id"),)
+    __table_args__ = (
+        Index(None, "latest_run_id"),
+        # The slide list's default order, and its keyset pagination (name, id).
+        Index(None, "name", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(128), unique=True)
     path: Mapped[str] = mapped_column(Text)
-    name: Mapped[str] = mapped_column(String(512), index=True)
+    name: Mapped[str] = mapped_column(String(512))
     vendor: Mapped[str | None] = mapped_column(String(64))
     width: Mapped[int | None] = mapped_column(Integer)
     """Level-0 width in pixels."""
@@ -105,7 +132,12 @@ class SlideMetadata(Base):
     """One cohort metadata value of one slide (``key`` is e.g. ``diagnosis``)."""
 
     __tablename__ = "slide_metadata"
-    __table_args__ = (Index(None, "key", "value", "slide_id"),)
+    __table_args__ = (
+        # Filters: the slides with key = value (or one of several values).
+        Index(None, "key", "value", "slide_id"),
+        # Grouping: the value of key for each slide (covering, in slide order).
+        Index(None, "key", "slide_id", "value"),
+    )
 
     slide_id: Mapped[int] = mapped_column(
         ForeignKey("slides.id", ondelete="CASCADE"), primary_key=True
@@ -164,11 +196,22 @@ class SlideStatistics(Base):
     """The slide-level numbers of one succeeded run (``statistics`` of ``summary.json``)."""
 
     __tablename__ = "slide_statistics"
+    __table_args__ = (
+        # Cohort queries: the latest statistics of every slide (covering).
+        Index("ix_slide_statistics_latest", "latest", "slide_id", *SLIDE_METRIC_COLUMNS),
+        # The slide list sorted by a metric (keyset pagination on (metric, slide_id)).
+        *(
+            Index(f"ix_slide_statistics_by_{column}", "latest", column, "slide_id")
+            for column in SLIDE_METRIC_COLUMNS
+        ),
+    )
 
     run_id: Mapped[int] = mapped_column(
         ForeignKey("analysis_runs.id", ondelete="CASCADE"), primary_key=True
     )
     slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    latest: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Whether this is the slide's latest succeeded run (kept by ``record_run``)."""
     tissue_area_mm2: Mapped[float | None] = mapped_column(Float)
     nucleus_count: Mapped[int | None] = mapped_column(Integer)
     nuclei_per_mm2: Mapped[float | None] = mapped_column(Float)
@@ -183,13 +226,24 @@ class ClassStatistics(Base):
     """The numbers of one tissue class in one succeeded run."""
 
     __tablename__ = "class_statistics"
-    __table_args__ = (Index(None, "tissue_class", "run_id"),)
+    __table_args__ = (
+        # Cohort queries: one class's latest statistics of every slide (covering).
+        Index(
+            "ix_class_statistics_latest",
+            "tissue_class",
+            "latest",
+            "slide_id",
+            *CLASS_METRIC_COLUMNS,
+        ),
+    )
 
     run_id: Mapped[int] = mapped_column(
         ForeignKey("analysis_runs.id", ondelete="CASCADE"), primary_key=True
     )
     tissue_class: Mapped[str] = mapped_column(String(128), primary_key=True)
     slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    latest: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Whether this is the slide's latest succeeded run (kept by ``record_run``)."""
     area_mm2: Mapped[float | None] = mapped_column(Float)
     fraction: Mapped[float | None] = mapped_column(Float)
     """Fraction of the slide's tissue area, 0..1."""

@@ -194,6 +194,36 @@ def _upsert_slide(conn: Connection, values: dict[str, Any], *, full: bool) -> in
     return int(conn.execute(stmt).scalar_one())
 
 
+def _advance_latest(conn: Connection, slide_id: int, run_id: int) -> bool:
+    """Make ``run_id`` the slide's latest succeeded run unless a later one is recorded.
+
+    Moves ``slides.latest_run_id`` forward only (the highest run id wins, also between
+    concurrent writers: the slide row is locked by the upsert until commit) and clears the
+    ``latest`` flag of the statistics rows of the run it supersedes. Returns whether ``run_id``
+    is now the latest run (the flag its statistics rows get).
+    """
+    slides: Table = Slide.__table__  # type: ignore[assignment]
+    moved = conn.execute(
+        update(slides)
+        .where(
+            slides.c.id == slide_id,
+            or_(slides.c.latest_run_id.is_(None), slides.c.latest_run_id < run_id),
+        )
+        .values(latest_run_id=run_id)
+        .returning(slides.c.id)
+    ).scalar_one_or_none()
+    if moved is None:
+        return False
+    for model in (SlideStatistics, ClassStatistics):
+        table: Table = model.__table__  # type: ignore[assignment]
+        conn.execute(
+            update(table)
+            .where(table.c.slide_id == slide_id, table.c.latest, table.c.run_id != run_id)
+            .values(latest=False)
+        )
+    return True
+
+
 def record_run(engine: Engine, summary: Mapping[str, Any]) -> int:
     """Record a succeeded analysis (slide, run, statistics, per-class statistics) at once.
 
@@ -297,23 +327,18 @@ def record_run(engine: Engine, summary: Mapping[str, Any]) -> int:
             ).scalar_one()
             logger.info("slide %s already recorded as run %d", name, existing)
             return int(existing)
+        latest = _advance_latest(conn, slide_id, int(run_id))
         conn.execute(
             SlideStatistics.__table__.insert(),  # type: ignore[attr-defined]
-            [{"run_id": run_id, "slide_id": slide_id, **slide_stats}],
-        )
-        slides: Table = Slide.__table__  # type: ignore[assignment]
-        conn.execute(
-            update(slides)
-            .where(
-                slides.c.id == slide_id,
-                or_(slides.c.latest_run_id.is_(None), slides.c.latest_run_id < run_id),
-            )
-            .values(latest_run_id=run_id)
+            [{"run_id": run_id, "slide_id": slide_id, "latest": latest, **slide_stats}],
         )
         if class_rows:
             conn.execute(
                 ClassStatistics.__table__.insert(),  # type: ignore[attr-defined]
-                [{"run_id": run_id, "slide_id": slide_id, **row} for row in class_rows],
+                [
+                    {"run_id": run_id, "slide_id": slide_id, "latest": latest, **row}
+                    for row in class_rows
+                ],
             )
         logger.info("recorded slide %s as run %d", name, run_id)
         return int(run_id)

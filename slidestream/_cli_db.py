@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -277,8 +277,37 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--slides",
         "list_only",
         is_flag=True,
-        help="List slides with their latest statistics instead.",
+        help="List slides with their latest statistics instead (streamed: any size).",
     )
+    @click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With --slides: one page of this many slides (the next page's --after is "
+        "printed on stderr).",
+    )
+    @click.option(
+        "--offset",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="With --slides --limit: skip this many slides first.",
+    )
+    @click.option(
+        "--after",
+        metavar="CURSOR",
+        default=None,
+        help="With --slides --limit: the page after this cursor (keyset: fast at any depth).",
+    )
+    @click.option(
+        "--sort",
+        metavar="KEY",
+        default="name",
+        show_default=True,
+        help="With --slides: order by name, id or a slide metric (e.g. nuclei_per_mm2); "
+        "slides without a value come last.",
+    )
+    @click.option("--desc", "descending", is_flag=True, help="With --slides: reverse the order.")
     def query(
         db_url: str | None,
         by: tuple[str, ...],
@@ -288,53 +317,139 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         fmt: str,
         include_flagged: bool,
         list_only: bool,
+        limit: int | None,
+        offset: int,
+        after: str | None,
+        sort: str,
+        descending: bool,
     ) -> None:
         """Cohort statistics: per group n, mean, median, std, q1, q3 of slide metrics.
 
         Each slide counts once, with its latest succeeded run; QC-flagged slides are left out
         unless --include-flagged.
         """
-        from slidestream.db import (
-            SLIDE_METRICS,
-            SUMMARY_FIELDS,
-            list_slides,
-            open_database,
-            query_cohort,
-        )
+        from slidestream.db import SUMMARY_FIELDS, open_database, query_cohort
 
+        paging = {
+            "--limit": limit is not None,
+            "--offset": offset != 0,
+            "--after": after is not None,
+            "--sort": sort != "name",
+            "--desc": descending,
+        }
+        if not list_only and any(paging.values()):
+            used = ", ".join(name for name, given in paging.items() if given)
+            raise click.UsageError(f"{used}: only with --slides")
+        if list_only and limit is None and (offset or after is not None):
+            raise click.UsageError("--offset/--after page through the list: pass --limit too")
         url = _require_url(db_url)
         where_map = _parse_where(where)
+        if list_only:
+            _list_slides(
+                url,
+                where=where_map,
+                include_flagged=include_flagged,
+                fmt=fmt,
+                limit=limit,
+                offset=offset,
+                after=after,
+                sort=sort,
+                descending=descending,
+            )
+            return
         engine = open_database(url)
         try:
-            if list_only:
-                rows = list_slides(engine, include_flagged=True)
-                if not include_flagged:
-                    rows = [r for r in rows if not r["flags"]]
-                columns = [
-                    "name",
-                    "fingerprint",
-                    "vendor",
-                    "run_id",
-                    *SLIDE_METRICS,
-                    "flags",
-                    "metadata",
-                    "path",
-                ]
-            else:
-                rows = query_cohort(
-                    engine,
-                    by=by,
-                    tissue_class=tissue_class,
-                    where=where_map,
-                    metrics=metrics or ("nuclei_per_mm2",),
-                    include_flagged=include_flagged,
-                )
-                columns = [
-                    *by,
-                    *(["tissue_class"] if tissue_class else []),
-                    "metric",
-                    *SUMMARY_FIELDS,
-                ]
+            rows = query_cohort(
+                engine,
+                by=by,
+                tissue_class=tissue_class,
+                where=where_map,
+                metrics=metrics or ("nuclei_per_mm2",),
+                include_flagged=include_flagged,
+            )
         finally:
             engine.dispose()
+        columns = [*by, *(["tissue_class"] if tissue_class else []), "metric", *SUMMARY_FIELDS]
         click.echo(_render(rows, columns, fmt))
+
+
+def _slide_columns() -> list[str]:
+    from slidestream.db import SLIDE_METRICS
+
+    return ["name", "fingerprint", "vendor", "run_id", *SLIDE_METRICS, "flags", "metadata", "path"]
+
+
+def _list_slides(
+    url: str,
+    *,
+    where: dict[str, list[str]],
+    include_flagged: bool,
+    fmt: str,
+    limit: int | None,
+    offset: int,
+    after: str | None,
+    sort: str,
+    descending: bool,
+) -> None:
+    """``query --slides``: one page (``--limit``) or the whole list, streamed as CSV/JSON."""
+    from slidestream.db import SLIDE_SORT_KEYS, iter_slides, open_database, slide_page
+
+    if sort not in SLIDE_SORT_KEYS:
+        raise click.BadParameter(
+            f"{sort!r}: use one of {', '.join(SLIDE_SORT_KEYS)}", param_hint="--sort"
+        )
+    columns = _slide_columns()
+    engine = open_database(url)
+    try:
+        if limit is not None:
+            page = slide_page(
+                engine,
+                limit=limit,
+                offset=offset,
+                after=after,
+                sort=sort,
+                descending=descending,
+                where=where,
+                include_flagged=include_flagged,
+            )
+            click.echo(_render([s.as_dict() for s in page.slides], columns, fmt))
+            if page.next_after is not None:
+                click.echo(f"next page: --after {page.next_after}", err=True)
+            return
+        slides = iter_slides(
+            engine, sort=sort, descending=descending, where=where, include_flagged=include_flagged
+        )
+        if fmt == "table":
+            click.echo(_render([s.as_dict() for s in slides], columns, fmt))
+        else:
+            _stream(slides, columns, fmt)
+    finally:
+        engine.dispose()
+
+
+def _stream(slides: Iterable[Any], columns: list[str], fmt: str, *, chunk: int = 2000) -> None:
+    """Write slide rows as CSV or a JSON array, ``chunk`` rows per write (flat memory)."""
+    import orjson
+
+    buffer = io.StringIO()
+    if fmt == "csv":
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+    else:
+        buffer.write("[")
+    n = 0
+    for slide in slides:
+        row = slide.as_dict()
+        if fmt == "csv":
+            writer.writerow([_cell(row.get(c)) for c in columns])
+        else:
+            buffer.write(",\n" if n else "\n")
+            buffer.write(orjson.dumps(row, option=orjson.OPT_NAIVE_UTC).decode())
+        n += 1
+        if n % chunk == 0:
+            click.echo(buffer.getvalue(), nl=False)
+            buffer.seek(0)
+            buffer.truncate()
+    if fmt == "json":
+        buffer.write("\n]\n" if n else "]\n")
+    click.echo(buffer.getvalue(), nl=False)

@@ -39,7 +39,7 @@ def test_db_upgrade_and_current(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 0 and "revision <none>" in result.output
     result = runner.invoke(cli, ["db", "upgrade", "--db", url])
     assert result.exit_code == 0, result.output
-    assert "at revision 0002" in result.output
+    assert "at revision 0003" in result.output
     result = runner.invoke(cli, ["db", "downgrade", "0001", "--yes"], env={"SLIDESTREAM_DB": url})
     assert result.exit_code == 0 and "at revision 0001" in result.output
     result = runner.invoke(cli, ["query", "--db", url])
@@ -107,3 +107,39 @@ def test_query_usage_errors(runner: CliRunner, db_url: str, filled: Path) -> Non
     assert result.exit_code == 2 and "COLUMN=VALUE" in result.output
     result = runner.invoke(cli, ["query", "--db", db_url, "--metric", "bogus"])
     assert result.exit_code == 1 and "metric 'bogus' does not exist" in result.output
+
+
+def test_query_slides_pages_and_streams(runner: CliRunner, db_url: str, filled: Path) -> None:
+    base = ["query", "--db", db_url, "--slides", "--include-flagged"]
+    result = runner.invoke(cli, [*base, "--limit", "2", "--sort", "nuclei_per_mm2", "--desc"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["c", "b"]
+    (hint,) = [line for line in result.stderr.splitlines() if line.startswith("next page:")]
+    cursor = hint.split("--after ")[1]
+    args = [*base, "--limit", "2", "--sort", "nuclei_per_mm2", "--desc", "--after", cursor]
+    result = runner.invoke(cli, [*args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [s["name"] for s in json.loads(result.stdout)] == ["a"]
+    assert "next page" not in result.stderr
+    result = runner.invoke(cli, [*base, "--limit", "1", "--offset", "1", "--format", "csv"])
+    assert [r["name"] for r in csv.DictReader(io.StringIO(result.stdout))] == ["b"]
+    # the whole list, streamed
+    result = runner.invoke(cli, [*base, "--format", "json", "--sort", "nuclei_per_mm2"])
+    assert [s["nuclei_per_mm2"] for s in json.loads(result.stdout)] == [100.0, 300.0, 700.0]
+    result = runner.invoke(cli, [*base, "--format", "csv", "--where", "name=b"])
+    assert [r["name"] for r in csv.DictReader(io.StringIO(result.stdout))] == ["b"]
+    result = runner.invoke(cli, [*base, "--format", "json", "--where", "name=none"])
+    assert json.loads(result.stdout) == []
+
+
+def test_query_slides_usage_errors(runner: CliRunner, db_url: str, filled: Path) -> None:
+    result = runner.invoke(cli, ["query", "--db", db_url, "--limit", "5"])
+    assert result.exit_code == 2 and "--limit: only with --slides" in result.output
+    result = runner.invoke(cli, ["query", "--db", db_url, "--slides", "--after", "x"])
+    assert result.exit_code == 2 and "pass --limit too" in result.output
+    result = runner.invoke(cli, ["query", "--db", db_url, "--slides", "--sort", "bogus"])
+    assert result.exit_code == 2 and "use one of name, id" in result.output
+    args = ["query", "--db", db_url, "--slides", "--limit", "1", "--after", "bad"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 1 and "not a cursor" in result.output

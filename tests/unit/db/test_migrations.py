@@ -41,8 +41,9 @@ def test_migrations_ship_with_env_and_versions() -> None:
     assert sorted(p.name for p in (folder / "versions").glob("0*.py")) == [
         "0001_initial.py",
         "0002_cohort_metadata.py",
+        "0003_cohort_scale.py",
     ]
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
 
 
 def test_upgrade_head_equals_models(fresh_engine: Engine) -> None:
@@ -172,5 +173,112 @@ def test_connect_create_makes_a_fresh_database(fresh_db_url: str, make_summary) 
     try:
         assert current_revision(engine) == head_revision()
         assert record_run(engine, make_summary("s1")) > 0
+    finally:
+        engine.dispose()
+
+
+def _fill_at_0002(engine: Engine) -> None:
+    """Slides, runs (one superseded, one failed), statistics, metadata and a flag, written
+    with the tables of revision 0002 (reflected: the models are at head)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import MetaData
+
+    meta = MetaData()
+    meta.reflect(engine)
+    t = meta.tables
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    run = {
+        "slide_path": "/d/x.svs",
+        "slide_name": "x",
+        "parameters": {},
+        "parameters_hash": "h",
+        "models": {},
+        "software_version": "0.1.0",
+        "recorded_at": now,
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            t["slides"].insert(),
+            [
+                {"id": i, "fingerprint": f"fp{i}", "path": f"/d/s{i}.svs", "name": f"s{i}"}
+                | {"first_seen": now, "last_seen": now, "vendor": "aperio"}
+                for i in (1, 2, 3)
+            ],
+        )
+        conn.execute(
+            t["analysis_runs"].insert(),
+            [
+                run | {"id": 1, "slide_id": 1, "status": "succeeded", "success_key": "k1"},
+                run | {"id": 2, "slide_id": 2, "status": "succeeded", "success_key": "k2"},
+                run | {"id": 3, "slide_id": 1, "status": "succeeded", "success_key": "k3"},
+                run | {"id": 4, "slide_id": 3, "status": "failed", "success_key": None},
+            ],
+        )
+        conn.execute(
+            t["slide_statistics"].insert(),
+            [
+                {"run_id": r, "slide_id": s, "nuclei_per_mm2": d, "tissue_area_mm2": 10.0}
+                for r, s, d in ((1, 1, 100.0), (2, 2, 200.0), (3, 1, 300.0))
+            ],
+        )
+        conn.execute(
+            t["class_statistics"].insert(),
+            [
+                {"run_id": r, "slide_id": s, "tissue_class": c, "nuclei_per_mm2": d}
+                for r, s, c, d in (
+                    (1, 1, "tumour", 1.0),
+                    (1, 1, "stroma", 2.0),
+                    (2, 2, "tumour", 3.0),
+                    (3, 1, "tumour", 4.0),
+                )
+            ],
+        )
+        for slide_id, run_id in ((1, 3), (2, 2)):
+            conn.execute(
+                t["slides"].update().where(t["slides"].c.id == slide_id),
+                {"latest_run_id": run_id},
+            )
+        conn.execute(
+            t["slide_metadata"].insert(),
+            [{"slide_id": i, "key": "diagnosis", "value": "LUAD"} for i in (1, 2)],
+        )
+
+
+def test_upgrade_from_0002_keeps_data_and_sets_latest(fresh_db_url: str) -> None:
+    from sqlalchemy import select
+
+    from slidestream.db import ClassStatistics, SlideStatistics, list_slides
+
+    engine = connect(fresh_db_url)
+    try:
+        upgrade(engine, "0002")
+        _fill_at_0002(engine)
+        upgrade(engine)
+        assert current_revision(engine) == head_revision()
+        assert _diff(engine) == []
+        with engine.connect() as conn:
+            latest = {
+                r.run_id: r.latest
+                for r in conn.execute(select(SlideStatistics.run_id, SlideStatistics.latest))
+            }
+            class_latest = set(
+                conn.execute(
+                    select(ClassStatistics.run_id, ClassStatistics.tissue_class).where(
+                        ClassStatistics.latest
+                    )
+                ).all()
+            )
+        assert latest == {1: False, 2: True, 3: True}
+        assert class_latest == {(2, "tumour"), (3, "tumour")}
+        rows = query_cohort(engine, by=["diagnosis"], tissue_class="tumour")
+        assert [(r["diagnosis"], r["n"], r["mean"]) for r in rows] == [("LUAD", 2, 3.5)]
+        assert [s["nuclei_per_mm2"] for s in list_slides(engine)] == [300.0, 200.0, None]
+        # and back: 0002 again, data intact, then head again
+        downgrade(engine, "0002")
+        assert current_revision(engine) == "0002"
+        upgrade(engine)
+        assert query_cohort(engine, by=["diagnosis"], tissue_class="tumour")[0]["n"] == 2
+        assert _diff(engine) == []
     finally:
         engine.dispose()

@@ -163,3 +163,97 @@ def test_concurrent_writers_lose_nothing(engine: Engine, db_url: str) -> None:
     assert _count(engine, AnalysisRun) == expected
     assert _count(engine, SlideStatistics) == expected
     assert _count(engine, ClassStatistics) == 2 * expected
+    assert_latest_consistent(engine)
+
+
+def _rerunner(url: str, worker: int, n_slides: int, queue: Any) -> None:
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from conftest import build_summary
+
+    engine = open_database(url)
+    try:
+        for i in range(n_slides):
+            # Every worker analyses the same slides with its own parameters: each run
+            # supersedes the others' and the highest run id must win.
+            record_run(engine, build_summary(f"r{i}", parameters_hash=f"{worker:064x}"))
+    finally:
+        engine.dispose()
+    queue.put("ok")
+
+
+def test_concurrent_reruns_keep_one_latest_run(engine: Engine, db_url: str) -> None:
+    n_workers, n_slides = 4, 8
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rerunner, args=(db_url, w, n_slides, queue)) for w in range(n_workers)
+    ]
+    for p in procs:
+        p.start()
+    assert [queue.get(timeout=60) for _ in procs] == ["ok"] * n_workers
+    for p in procs:
+        p.join(timeout=60)
+    assert _count(engine, AnalysisRun) == n_workers * n_slides
+    pointers, _, _ = _latest_state(engine)
+    with engine.connect() as conn:
+        highest = dict(
+            conn.execute(
+                select(AnalysisRun.slide_id, func.max(AnalysisRun.id)).group_by(
+                    AnalysisRun.slide_id
+                )
+            ).all()
+        )
+    assert pointers == highest
+    assert_latest_consistent(engine)
+
+
+def _latest_state(engine: Engine) -> tuple[dict[int, int | None], dict[int, set[int]], set[int]]:
+    """(pointer per slide, slide-statistics runs flagged latest per slide, class-stat runs)."""
+    with engine.connect() as conn:
+        pointers = {r.id: r.latest_run_id for r in conn.execute(select(Slide))}
+        flagged: dict[int, set[int]] = {}
+        for row in conn.execute(select(SlideStatistics).where(SlideStatistics.latest)):
+            flagged.setdefault(row.slide_id, set()).add(row.run_id)
+        class_runs = {
+            r.run_id for r in conn.execute(select(ClassStatistics).where(ClassStatistics.latest))
+        }
+    return pointers, flagged, class_runs
+
+
+def assert_latest_consistent(engine: Engine) -> None:
+    """Exactly the pointer's run is flagged latest, in both statistics tables."""
+    pointers, flagged, class_runs = _latest_state(engine)
+    assert flagged == {s: {r} for s, r in pointers.items() if r is not None}
+    with engine.connect() as conn:
+        all_class_runs = {r.run_id for r in conn.execute(select(ClassStatistics.run_id))}
+    assert class_runs == set(pointers.values()) & all_class_runs
+
+
+def test_latest_flags_follow_the_latest_run(engine: Engine, make_summary) -> None:
+    first = record_run(engine, make_summary("s1"))
+    record_run(engine, make_summary("s2"))
+    assert_latest_consistent(engine)
+    second = record_run(engine, make_summary("s1", parameters_hash="d" * 64))
+    assert second > first
+    assert record_run(engine, make_summary("s1")) == first  # the old analysis again: no-op
+    pointers, flagged, _ = _latest_state(engine)
+    assert pointers[1] == second and flagged[1] == {second}
+    assert_latest_consistent(engine)
+    record_failure(
+        engine,
+        slide_path="/data/s1.svs",
+        slide_name="s1",
+        fingerprint="fp-s1",
+        error="boom",
+        parameters={},
+        parameters_hash="x",
+        software_version="0.1.0",
+    )
+    assert_latest_consistent(engine)  # a failure supersedes nothing
+    with engine.connect() as conn:
+        flags = dict(
+            conn.execute(select(ClassStatistics.run_id, ClassStatistics.latest).distinct()).all()
+        )
+    assert flags == {first: False, second: True, first + 1: True}
