@@ -153,15 +153,15 @@ def _sample_slide(
     mpp_override: float | None,
     cache: Path | None,
     progress: ProgressFactory,
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
-    """Patches and labels of one slide (from the cache when present)."""
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.float64], float]:
+    """Patches, labels, level-0 positions and patch side of one slide (cached)."""
     from slidestream.tiling import detect_tissue, plan_patches, read_patches
     from slidestream.wsi import open_slide
 
     if cache is not None and cache.is_file():
         with np.load(cache) as data:
             logger.info("%s: %d patches from the cache", item.slide.name, len(data["labels"]))
-            return data["patches"], data["labels"]
+            return data["patches"], data["labels"], data["l0_xy"], float(data["l0_size"])
     with open_slide(item.slide, mpp=mpp_override) as slide:
         mask = detect_tissue(slide) if sampling.min_tissue > 0 else None
         plan = plan_patches(
@@ -175,8 +175,14 @@ def _sample_slide(
         with progress(total=len(plan), desc=f"patches {item.slide.name}", unit="patch") as bar:
             patches = read_patches(slide, plan, sampling, on_patch=lambda n: bar.update(1))
     if cache is not None:
-        _atomic_savez(cache, patches=patches, labels=plan.labels)
-    return patches, plan.labels
+        _atomic_savez(
+            cache,
+            patches=patches,
+            labels=plan.labels,
+            l0_xy=plan.l0_xy,
+            l0_size=np.float64(plan.l0_size),
+        )
+    return patches, plan.labels, plan.l0_xy, plan.l0_size
 
 
 def _identity(parts: Mapping[str, Any]) -> str:
@@ -285,7 +291,7 @@ def train_tissue_from_annotations(
                 "mpp": mpp_override,
             }
         )
-        patches, labels = _sample_slide(
+        patches, labels, l0_xy, l0_size = _sample_slide(
             item,
             ann.regions(),
             sampling=sampling,
@@ -300,6 +306,8 @@ def train_tissue_from_annotations(
             patches=np.ascontiguousarray(patches),
             labels=np.asarray(labels, dtype=np.int64),
             class_names=class_names,
+            l0_xy=l0_xy,
+            l0_size=l0_size,
         )
         banks.append(bank)
         patch_counts[item.slide.name] = bank.counts()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -65,6 +64,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Side of a spatial cross-validation block, in patch sides (single-slide CV).
+_SPATIAL_CELL = 6
 #: Crops per forward pass when the feature bank is computed.
 _BANK_BATCH = 64
 #: Stain levels of a slide come from at most this many of its patches (as ``slidestream run``).
@@ -88,6 +89,10 @@ class SlidePatches:
     labels : ndarray, int64, (N,)
         Class index into ``class_names``.
     class_names : tuple of str
+    l0_xy : ndarray, float64, (N, 2), optional
+        Top-left corner of each patch, level-0 px (spatial cross-validation blocks).
+    l0_size : float
+        Patch side, level-0 px.
     """
 
     slide: str
@@ -95,6 +100,8 @@ class SlidePatches:
     patches: npt.NDArray[np.uint8]
     labels: npt.NDArray[np.int64]
     class_names: tuple[str, ...]
+    l0_xy: npt.NDArray[np.float64] | None = None
+    l0_size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.patches.ndim != 4 or self.patches.shape[-1] != 3:
@@ -166,9 +173,19 @@ def config_from_init(cfg: TrainConfig, init: PatchClassifier) -> TrainConfig:
     )
 
 
-def _pool(
-    banks: Sequence[SlidePatches], cfg: TrainConfig, *, spatial_block_px: int | None
-) -> _Pool:
+def _spatial_groups(bank: SlidePatches) -> list[str]:
+    """Group of each patch: the square of ``_SPATIAL_CELL`` patch sides it starts in (or, without
+    positions, runs of consecutive patches)."""
+    n = len(bank.patches)
+    if bank.l0_xy is None or not bank.l0_size > 0:
+        return [f"{bank.group}:{i // 16}" for i in range(n)]
+    cell = _SPATIAL_CELL * bank.l0_size
+    cx = np.floor(bank.l0_xy[:, 0] / cell).astype(int)
+    cy = np.floor(bank.l0_xy[:, 1] / cell).astype(int)
+    return [f"{bank.group}:{x}:{y}" for x, y in zip(cx.tolist(), cy.tolist(), strict=True)]
+
+
+def _pool(banks: Sequence[SlidePatches], cfg: TrainConfig, *, spatial: bool) -> _Pool:
     """All patches as one training pool (groups = slide groups, or spatial blocks)."""
     names = banks[0].class_names
     images: list[npt.NDArray[np.uint8]] = []
@@ -180,10 +197,8 @@ def _pool(
             )
         images += list(bank.patches)
         labels.append(bank.labels)
-        groups += [bank.group] * len(bank.patches)
+        groups += _spatial_groups(bank) if spatial else [bank.group] * len(bank.patches)
         cells += [f"{bank.slide}:{int(k)}" for k in bank.labels]
-    if spatial_block_px is not None:
-        groups = [f"{g}:{i // spatial_block_px}" for i, g in enumerate(groups)]
     from pathlib import Path
 
     return _Pool(
@@ -309,9 +324,9 @@ def cross_validate_slides(
 ) -> tuple[CVResult, bool]:
     """Group k-fold CV of patch classification, folds grouped by slide (or patient).
 
-    With fewer groups than folds (e.g. a single slide) the folds are spatial blocks of patches
-    instead (consecutive patches in raster order within each slide), and the second return
-    value is true.
+    With fewer groups than folds (e.g. a single slide) the folds are spatial blocks instead
+    (squares of 6 patch sides on each slide; optimistic, neighbouring tissue is alike), and the
+    second return value is true.
 
     Returns
     -------
@@ -321,18 +336,15 @@ def cross_validate_slides(
     t0 = time.perf_counter()
     n_groups = len({b.group for b in banks})
     spatial = n_groups < n_folds
-    block = None
     if spatial:
-        total = sum(len(b.patches) for b in banks)
-        block = max(1, math.ceil(total / (4 * n_folds)))
         logger.warning(
-            "%d slide group(s) for %d folds: cross-validating on spatial blocks of %d patches "
-            "instead (optimistic: neighbouring patches are alike)",
+            "%d slide group(s) for %d folds: cross-validating on spatial blocks of %d patch "
+            "sides instead (optimistic: neighbouring patches are alike)",
             n_groups,
             n_folds,
-            block,
+            _SPATIAL_CELL,
         )
-    pool = _pool(banks, cfg, spatial_block_px=block)
+    pool = _pool(banks, cfg, spatial=spatial)
     folds = group_kfold(pool.groups, pool.labels, n_folds, seed=cfg.seed)
     device = _resolve_device(cfg.device)
     reports: list[ClassificationReport] = []
@@ -428,7 +440,7 @@ def train_on_slides(
     cfg = config
     t0 = time.perf_counter()
     reference = None if stain_reference is None else [float(v) for v in stain_reference]
-    pool = _pool(banks, cfg, spatial_block_px=None)
+    pool = _pool(banks, cfg, spatial=False)
     spec = _make_spec(
         cfg,
         pool.class_names,
