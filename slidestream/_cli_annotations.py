@@ -18,7 +18,16 @@ from typing import Any
 
 import click
 
-__all__ = ["evaluate_options", "register", "run_evaluate", "run_train", "train_options"]
+__all__ = [
+    "evaluate_options",
+    "nuclei_evaluate_options",
+    "parse_class_map",
+    "register",
+    "run_evaluate",
+    "run_evaluate_nuclei",
+    "run_train",
+    "train_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,60 +54,59 @@ def _annotations_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The annotated-slide options of ``train tissue``."""
-    for option in reversed(
-        [
-            click.option(
-                "--groups",
-                "groups_csv",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                default=None,
-                help="CSV slide,group (or slide,patient): slides of one patient share a CV fold.",
-            ),
-            click.option(
-                "--init",
-                "init_model",
-                default=None,
-                help="Start from a tissue model (name or folder): its architecture, µm/px and "
-                "texton dictionary are kept, the head is fitted on your classes.",
-            ),
-            click.option(
-                "--min-inside",
-                type=click.FloatRange(0, 1, min_open=True),
-                default=0.75,
-                show_default=True,
-                help="Share of a patch that must lie inside its annotated region.",
-            ),
-            click.option(
-                "--min-tissue",
-                type=click.FloatRange(0, 1),
-                default=0.5,
-                show_default=True,
-                help="Share of a patch that must be tissue (tissue mask; 0: any).",
-            ),
-            click.option(
-                "--max-patches-per-class",
-                type=click.IntRange(min=1),
-                default=1000,
-                show_default=True,
-                help="Most patches per class and slide (drawn at random among candidates).",
-            ),
-            click.option(
-                "--patch-stride",
-                type=click.FloatRange(0.05, 4),
-                default=0.5,
-                show_default=True,
-                help="Step of the candidate patch grid, in patch sides.",
-            ),
-            click.option(
-                "--slide-mpp",
-                type=click.FloatRange(min=0, min_open=True),
-                default=None,
-                help="Level-0 µm/px of slides that lack it.",
-            ),
-            _annotations_option,
-            _slides_option,
-        ]
-    ):
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        click.option(
+            "--groups",
+            "groups_csv",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="CSV slide,group (or slide,patient): slides of one patient share a CV fold.",
+        ),
+        click.option(
+            "--init",
+            "init_model",
+            default=None,
+            help="Start from a tissue model (name or folder): its architecture, µm/px and "
+            "texton dictionary are kept, the head is fitted on your classes.",
+        ),
+        click.option(
+            "--min-inside",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.75,
+            show_default=True,
+            help="Share of a patch that must lie inside its annotated region.",
+        ),
+        click.option(
+            "--min-tissue",
+            type=click.FloatRange(0, 1),
+            default=0.5,
+            show_default=True,
+            help="Share of a patch that must be tissue (tissue mask; 0: any).",
+        ),
+        click.option(
+            "--max-patches-per-class",
+            type=click.IntRange(min=1),
+            default=1000,
+            show_default=True,
+            help="Most patches per class and slide (drawn at random among candidates).",
+        ),
+        click.option(
+            "--patch-stride",
+            type=click.FloatRange(0.05, 4),
+            default=0.5,
+            show_default=True,
+            help="Step of the candidate patch grid, in patch sides.",
+        ),
+        click.option(
+            "--slide-mpp",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Level-0 µm/px of slides that lack it.",
+        ),
+        _annotations_option,
+        _slides_option,
+    ]
+    for option in reversed(options):
         command = option(command)
     return command
 
@@ -120,6 +128,36 @@ def evaluate_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "computing the map with --model.",
     )(command)
     return _slides_option(_annotations_option(command))
+
+
+def nuclei_evaluate_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The annotated-slide options of ``evaluate nuclei``."""
+    command = click.option(
+        "--class-map",
+        "nuclei_class_map",
+        default=None,
+        help="Annotation class -> model type, e.g. 'Lymphocyte=inflammatory,Tumor=epithelial'.",
+    )(command)
+    command = click.option(
+        "--slide-mpp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Level-0 µm/px of slides that lack it.",
+    )(command)
+    return _slides_option(_annotations_option(command))
+
+
+def parse_class_map(text: str | None) -> dict[str, str]:
+    """``RAW=CLASS,RAW=CLASS`` -> mapping (empty for None)."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        raw, sep, name = part.partition("=")
+        if not sep or not raw.strip():
+            raise click.BadParameter(f"{part!r}: expected RAW=CLASS pairs")
+        out[raw.strip()] = name.strip()
+    return out
 
 
 @contextlib.contextmanager
@@ -210,8 +248,9 @@ def run_train(
             progress=lambda **kw: _bar(progress, **kw),
             registry=registry,
         )
-    for slide, counts in summary.patches.items():
-        click.echo(f"{slide}: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + " patches")
+    for slide_name, counts in summary.patches.items():
+        per_class = ", ".join(f"{c} {n}" for c, n in counts.items())
+        click.echo(f"{slide_name}: {per_class} patches")
     if summary.cv is not None:
         for key in ("balanced_accuracy", "accuracy", "macro_f1"):
             m = summary.cv[key]
@@ -296,3 +335,118 @@ def _results_classes(
 def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> None:
     """Nothing yet: the annotation options live on the tissue commands."""
     del cli, train, evaluate
+
+
+#: Level-0 tile side and halo of ``evaluate nuclei --slides`` (px).
+_NUCLEI_TILE_PX = 1024
+_NUCLEI_HALO_PX = 48
+
+
+def run_evaluate_nuclei(
+    *,
+    slide_inputs: tuple[Path, ...],
+    annotation_inputs: tuple[str, ...],
+    slide_mpp: float | None,
+    seg: Any,
+    class_map: dict[str, str],
+    pair_radius_um: float,
+    as_json: bool,
+) -> None:
+    """``evaluate nuclei --slides ...``: detection and per-type F1 against annotated nuclei.
+
+    Annotated nuclei are points (QuPath points / detections / cells, ImageScope or ASAP dots)
+    or outlines (their centroid), classified with the model's type names (``--class-map`` maps
+    other names). The model segments every 1024 px level-0 tile holding an annotated nucleus
+    (48 px halo; a prediction counts in the tile its centroid lies in), so annotate every
+    nucleus in the areas you annotate: an unannotated nucleus there counts as a false positive.
+    """
+    import numpy as np
+
+    from slidestream.errors import AnnotationError
+    from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+    from slidestream.tiling import read_annotations
+    from slidestream.wsi import open_slide
+
+    type_names: tuple[str, ...] = tuple(getattr(seg, "type_names", ()))
+    if not type_names:
+        raise click.UsageError(f"model {seg.name} has no type head; use a typing model")
+    counts = TypedCounts(names=type_names)
+    per_slide: dict[str, Any] = {}
+    skipped = 0
+    for slide_path, ann_path in _pairs(slide_inputs, annotation_inputs):
+        with open_slide(slide_path, mpp=slide_mpp) as slide:
+            ann = read_annotations(ann_path, dimensions=slide.dimensions, class_map=class_map)
+            xy, names = ann.points(include_unclassified=False)
+            skipped += ann.unclassified
+            unknown = sorted({n for n in names if n not in type_names})
+            if unknown:
+                raise AnnotationError(
+                    f"{ann_path}: nucleus classes {unknown} are not types of model {seg.name} "
+                    f"{list(type_names)}; map them with --class-map NAME=TYPE"
+                )
+            t_idx = np.array([type_names.index(str(n)) for n in names], dtype=np.int64)
+            one = TypedCounts(names=type_names)
+            tiles = np.unique(np.floor(xy / _NUCLEI_TILE_PX).astype(np.int64), axis=0)
+            for tx, ty in tiles.tolist():
+                x0, y0 = tx * _NUCLEI_TILE_PX, ty * _NUCLEI_TILE_PX
+                h = _NUCLEI_HALO_PX
+                rgb = slide.read_region(
+                    (x0 - h, y0 - h), (_NUCLEI_TILE_PX + 2 * h, _NUCLEI_TILE_PX + 2 * h)
+                )
+                labels, types = seg.segment_typed(rgb, float(slide.mpp))
+                pred = _centroids(labels, types)
+                core = (
+                    (pred.xy[:, 0] >= h)
+                    & (pred.xy[:, 0] < h + _NUCLEI_TILE_PX)
+                    & (pred.xy[:, 1] >= h)
+                    & (pred.xy[:, 1] < h + _NUCLEI_TILE_PX)
+                )
+                pred_pts = TypedPoints(xy=pred.xy[core] + (x0 - h, y0 - h), types=pred.types[core])
+                inside = np.floor(xy / _NUCLEI_TILE_PX).astype(np.int64)
+                sel = (inside[:, 0] == tx) & (inside[:, 1] == ty)
+                true_pts = TypedPoints(xy=xy[sel], types=t_idx[sel])
+                radius = pair_radius_um / float(slide.mpp)
+                one.add(true_pts, pred_pts, radius)
+                counts.add(true_pts, pred_pts, radius)
+            per_slide[slide_path.name] = {"n_true": len(xy), "tiles": len(tiles), **one.scores()}
+    scores = counts.scores()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"model": seg.name, "types": scores, "slides": per_slide, "unclassified": skipped},
+                indent=2,
+            )
+        )
+        return
+    for name, sc in per_slide.items():
+        click.echo(
+            f"{name}: {sc['n_true']} annotated nuclei in {sc['tiles']} tiles, detection F1 "
+            f"{sc['det_f1']:.3f}, type accuracy {sc['type_accuracy']:.3f}"
+        )
+    click.echo(
+        f"all slides ({seg.name}, pairing within {pair_radius_um} µm): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+    )
+
+
+def _centroids(labels: Any, types: Any) -> Any:
+    """TypedPoints of the instances in ``labels`` (tile px) with their predicted types."""
+    import numpy as np
+
+    from slidestream.models.nuclei._type_metrics import TypedPoints
+
+    n = int(labels.max(initial=0))
+    if n == 0 or types is None:
+        return TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
+    yy, xx = np.nonzero(labels)
+    ids = labels[yy, xx]
+    cnt = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(cnt, 1)
+    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(cnt, 1)
+    ids_t = np.asarray(types.ids, dtype=np.int64)
+    ok = (ids_t <= n) & (cnt[np.minimum(ids_t, n)] > 0)
+    keep = ids_t[ok]
+    return TypedPoints(
+        xy=np.stack([cx[keep], cy[keep]], axis=1),
+        types=np.asarray(types.index, dtype=np.int64)[ok],
+    )

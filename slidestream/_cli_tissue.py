@@ -482,6 +482,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             else ("cpu" if device == "auto" else device)
         )
         model = load_tissue_model(model_name, dev, registry=registry or _default_registry())
+        if data_dir is None:  # checked above; narrows the type
+            raise click.UsageError("give --data FOLDER")
         report = evaluate_tissue(
             data_dir, model, mpp=mpp, class_map=_parse_class_map(class_map), tta=tta
         )

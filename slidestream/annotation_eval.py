@@ -113,8 +113,7 @@ def evaluate_tissue_on_annotations(
         annotated = read_annotations(ann_path, dimensions=dims, class_map=class_map).regions()
         if model is not None:
             predicted, _ = slide_tissue_map(slide_path, model, config=config)
-        else:
-            assert results_dir is not None
+        elif results_dir is not None:
             geo = results_dir / slide_name(slide_path) / "tissue.geojson"
             if not geo.is_file():
                 raise ConfigError(

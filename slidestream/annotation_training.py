@@ -180,9 +180,14 @@ def _sample_slide(
             patches=patches,
             labels=plan.labels,
             l0_xy=plan.l0_xy,
-            l0_size=np.float64(plan.l0_size),
+            l0_size=np.asarray(plan.l0_size, dtype=np.float64),
         )
     return patches, plan.labels, plan.l0_xy, plan.l0_size
+
+
+def _tick(bar: Any, text: str) -> None:
+    bar.update(1)
+    bar.set_postfix_str(text)
 
 
 def _identity(parts: Mapping[str, Any]) -> str:
@@ -356,7 +361,7 @@ def train_tissue_from_annotations(
                     n_folds=cv_folds,
                     config=cfg,
                     init=init_state,
-                    on_fold=lambda k, r: (bar.update(1), bar.set_postfix_str(r.summary_line())),
+                    on_fold=lambda k, r: _tick(bar, r.summary_line()),
                 )
             cv_json = cv.summary()
             cv_json["grouped_by"] = "spatial blocks" if spatial else "slide group"
@@ -382,10 +387,7 @@ def train_tissue_from_annotations(
             display_name=display_name,
             init=init_state,
             stain_reference=reference,
-            on_epoch=lambda e, n, s: (
-                bar.update(1),
-                bar.set_postfix({k: round(v, 4) for k, v in s.items()}),
-            ),
+            on_epoch=lambda e, n, s: _tick(bar, ", ".join(f"{k} {v:.4f}" for k, v in s.items())),
             extra={"training": training},
         )
     spec = result.spec
