@@ -378,7 +378,7 @@ def run_evaluate_nuclei(
             ann = read_annotations(ann_path, dimensions=slide.dimensions, class_map=class_map)
             xy, names = ann.points(include_unclassified=False)
             skipped += ann.unclassified
-            unknown = sorted({n for n in names if n not in type_names})
+            unknown = sorted({str(n) for n in names if n not in type_names})
             if unknown:
                 raise AnnotationError(
                     f"{ann_path}: nucleus classes {unknown} are not types of model {seg.name} "
