@@ -84,16 +84,34 @@ def test_plan_and_read_patches(mosaics: tuple[MosaicSlide, MosaicSlide]) -> None
 _TRAIN = ["--epochs", "4", "--views-per-image", "1", "--textons", "8", "--no-progress"]
 
 
-def test_train_evaluate_run(tmp_path: Path, mosaics: tuple[MosaicSlide, MosaicSlide]) -> None:
-    a, b = mosaics
-    runner = CliRunner()
-    model = tmp_path / "model"
-    res = runner.invoke(
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, mosaics: tuple[MosaicSlide, MosaicSlide]
+) -> Path:
+    a = mosaics[0]
+    model = tmp_path_factory.mktemp("trained") / "model"
+    res = CliRunner().invoke(
         cli,
         ["train", "tissue", "--slides", str(a.slide), "--annotations", str(a.geojson.parent),
          "--out", str(model), "--cv-folds", "2", *_TRAIN],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
+    return model
+
+
+def _evaluate(b: MosaicSlide, *source: str) -> dict[str, object]:
+    res = CliRunner().invoke(
+        cli,
+        ["evaluate", "tissue", "--slides", str(b.slide), "--annotations", str(b.geojson),
+         *source, "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out: dict[str, object] = json.loads(res.output)
+    return out
+
+
+def test_train_then_evaluate(trained: Path, mosaics: tuple[MosaicSlide, MosaicSlide]) -> None:
+    model = trained
     spec = json.loads((model / "config.json").read_text(encoding="utf-8"))
     assert spec["class_names"] == ["Stroma", "Tumor"]
     assert spec["class_colors"] == [list(COLORS["Stroma"]), list(COLORS["Tumor"])]
@@ -101,22 +119,21 @@ def test_train_evaluate_run(tmp_path: Path, mosaics: tuple[MosaicSlide, MosaicSl
     assert (model / "cv.json").is_file() and (model / "MODEL_CARD.md").is_file()
     assert "slide_a.tiff" in (model / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert not (model / ".cache").exists()
+    scores = _evaluate(mosaics[1], "--model", str(model))
+    assert scores["balanced_accuracy"] >= 0.9  # type: ignore[operator]
+    assert scores["coverage"] > 0.9  # type: ignore[operator]
+    assert set(scores["dice"]) == {"Stroma", "Tumor"}  # type: ignore[arg-type]
 
-    res = runner.invoke(
-        cli,
-        ["evaluate", "tissue", "--slides", str(b.slide), "--annotations", str(b.geojson),
-         "--model", str(model), "--json"],
-    )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    scores = json.loads(res.output)
-    assert scores["balanced_accuracy"] >= 0.9
-    assert scores["coverage"] > 0.9
-    assert set(scores["dice"]) == {"Stroma", "Tumor"}
 
+@pytest.mark.slow
+def test_run_writes_the_users_classes(
+    tmp_path: Path, trained: Path, mosaics: tuple[MosaicSlide, MosaicSlide]
+) -> None:
+    b = mosaics[1]
     out = tmp_path / "run"
-    res = runner.invoke(
+    res = CliRunner().invoke(
         cli,
-        ["run", str(b.slide), "--tissue-model", str(model), "--out", str(out), "--no-progress",
+        ["run", str(b.slide), "--tissue-model", str(trained), "--out", str(out), "--no-progress",
          "--nuclei-model", "classical"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
@@ -126,15 +143,9 @@ def test_train_evaluate_run(tmp_path: Path, mosaics: tuple[MosaicSlide, MosaicSl
         for f in geo["features"]
     }
     assert classes == {k: list(v) for k, v in COLORS.items()}
-    res = runner.invoke(
-        cli,
-        ["evaluate", "tissue", "--slides", str(b.slide), "--annotations", str(b.geojson),
-         "--results", str(out), "--json"],
-    )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["balanced_accuracy"] == pytest.approx(
-        scores["balanced_accuracy"], abs=1e-6
-    )
+    from_run = _evaluate(b, "--results", str(out))
+    computed = _evaluate(b, "--model", str(trained))
+    assert from_run["balanced_accuracy"] == pytest.approx(computed["balanced_accuracy"], abs=1e-6)
 
 
 def test_resume_uses_the_patch_cache(
