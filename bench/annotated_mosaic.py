@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--run", action="store_true", help="also slidestream run + --results")
     ap.add_argument("--speed-patches", type=int, default=0)
     ap.add_argument("--skip-tiles", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="build the slides, then only step 5")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,9 @@ def main() -> int:
             f"slide {label}: {m.slide.name} {m.dimensions} px ({area:.1f} mm²), "
             f"{len(m.blocks)} blocks"
         )
+    if args.speed_only:
+        _speed(slides["A"], args)
+        return 0
     arch = [
         "--model-mpp",
         args.model_mpp,
