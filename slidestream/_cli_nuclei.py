@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from slidestream import _cli_annotations
+
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
@@ -422,8 +424,12 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
 
     @evaluate.command("nuclei")
     @click.option(
-        "--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+        "--images",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        default=None,
+        help="Folder of images; or score annotated slides with --slides/--annotations.",
     )
+    @_cli_annotations.nuclei_evaluate_options
     @click.option(
         "--masks",
         type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -440,7 +446,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "F1 and per-type F1 (HoVer-Net's definitions).",
     )
     @click.option(
-        "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the images."
+        "--mpp", type=click.FloatRange(min=0.01), default=None, help="µm/px of the images."
     )
     @click.option(
         "--pair-radius-um",
@@ -459,23 +465,41 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @click.option("--device", default="cpu", show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def evaluate_nuclei_cmd(
-        images: Path,
+        images: Path | None,
         masks: Path | None,
         types_csv: Path | None,
-        mpp: float,
+        mpp: float | None,
         pair_radius_um: float,
         pair_radius_px: float | None,
         model: str,
         device: str,
         as_json: bool,
+        **annotated: Any,
     ) -> None:
         """Score a nucleus model: AJI, PQ (DQ, SQ), object F1 at IoU 0.5 and Dice against
-        --masks; detection and per-type F1 against --types."""
+        --masks; detection and per-type F1 against --types, or against the classified nuclei
+        (points or outlines) of annotated slides (--slides/--annotations)."""
         import numpy as np
         from PIL import Image
 
         from slidestream.models.nuclei import load_nuclei_model, score_instances
         from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+
+        if annotated["slide_inputs"]:
+            _cli_annotations.run_evaluate_nuclei(
+                slide_inputs=annotated["slide_inputs"],
+                annotation_inputs=annotated["annotation_inputs"],
+                slide_mpp=annotated["slide_mpp"],
+                seg=load_nuclei_model(model, device),
+                class_map=_cli_annotations.parse_class_map(annotated["nuclei_class_map"]),
+                pair_radius_um=pair_radius_um,
+                as_json=as_json,
+            )
+            return
+        if images is None or mpp is None:
+            raise click.UsageError(
+                "give --images DIR --mpp MPP, or --slides SLIDE --annotations FILE"
+            )
 
         if masks is None and types_csv is None:
             raise click.UsageError("give --masks, --types or both")

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from slidestream import _cli_annotations
+
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
@@ -167,10 +169,11 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--data",
         "data_dirs",
         multiple=True,
-        required=True,
         type=click.Path(exists=True, file_okay=False, path_type=Path),
-        help="Training folder (class sub-folders or labels.csv); repeat for several.",
+        help="Training folder (class sub-folders or labels.csv); repeat for several. Or train "
+        "on annotated slides with --slides/--annotations.",
     )
+    @_cli_annotations.train_options
     @_model_folder_options
     @click.option(
         "--mpp",
@@ -315,8 +318,14 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         progress: bool,
         stain_norm: bool,
         tta: bool,
+        **annotated: Any,
     ) -> None:
-        """Train a tissue patch classifier on labelled images."""
+        """Train a tissue patch classifier on labelled images or on annotated slides.
+
+        With --slides and --annotations (QuPath GeoJSON, ImageScope or ASAP XML), patches at
+        the model's µm/px are sampled inside the annotated regions, cross-validated by slide
+        (--cv-folds) and the model folder gets the annotation class names and colours.
+        """
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -328,6 +337,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         )
         from slidestream.models.tissue._spec import atomic_write_text
 
+        if bool(data_dirs) == bool(annotated["slide_inputs"]):
+            raise click.UsageError("give --data FOLDER or --slides SLIDE --annotations FILE")
         if len(mpps) not in (0, 1, len(data_dirs)):
             raise click.UsageError("give one --mpp, or one per --data")
         if len(class_maps) not in (0, 1, len(data_dirs)):
@@ -359,6 +370,20 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             tta=tta,
             stain_norm=stain_norm,
         )
+        if annotated["slide_inputs"]:
+            _cli_annotations.run_train(
+                **annotated,
+                class_map=_parse_class_map(class_maps[0] if class_maps else None),
+                config=cfg,
+                cv_folds=cv_folds,
+                out_dir=out_dir,
+                name=name,
+                display_name=display_name,
+                progress=progress,
+                seed=seed,
+                registry=_default_registry(),
+            )
+            return
         with logging_redirect_tqdm():
             if cv_folds:
                 with tqdm(total=cv_folds, desc="cv", unit="fold", disable=not progress) as bar:
@@ -401,9 +426,10 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @click.option(
         "--data",
         "data_dir",
-        required=True,
         type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Folder of labelled images; or score a tissue map with --slides/--annotations.",
     )
+    @_cli_annotations.evaluate_options
     @click.option("--model", "model_name", default="default", show_default=True)
     @click.option(
         "--mpp",
@@ -419,7 +445,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     @_tta_option
     @_registry_option
     def evaluate_tissue_cmd(
-        data_dir: Path,
+        data_dir: Path | None,
         model_name: str,
         mpp: float | None,
         class_map: str | None,
@@ -427,10 +453,26 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         as_json: bool,
         tta: bool | None,
         registry: Path | None,
+        **annotated: Any,
     ) -> None:
         """Score a tissue model on labelled images (accuracy, balanced accuracy, macro F1,
-        per-class precision/recall, confusion matrix)."""
+        per-class precision/recall, confusion matrix), or its whole-slide tissue map against
+        annotated regions (--slides/--annotations: area-weighted per-class accuracy, balanced
+        accuracy, Dice and confusion in mm², only where annotated)."""
         import torch
+
+        if (data_dir is None) == (not annotated["slide_inputs"]):
+            raise click.UsageError("give --data FOLDER or --slides SLIDE --annotations FILE")
+        if annotated["slide_inputs"]:
+            _cli_annotations.run_evaluate(
+                **annotated,
+                model_name=model_name,
+                class_map=_parse_class_map(class_map),
+                device=device,
+                as_json=as_json,
+                registry=registry or _default_registry(),
+            )
+            return
 
         from slidestream.models.tissue import evaluate_tissue, load_tissue_model
 
@@ -440,6 +482,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             else ("cpu" if device == "auto" else device)
         )
         model = load_tissue_model(model_name, dev, registry=registry or _default_registry())
+        if data_dir is None:  # checked above; narrows the type
+            raise click.UsageError("give --data FOLDER")
         report = evaluate_tissue(
             data_dir, model, mpp=mpp, class_map=_parse_class_map(class_map), tta=tta
         )

@@ -12,6 +12,7 @@ This module is the bottom layer: every other subpackage may import it, it import
 from __future__ import annotations
 
 __all__ = [
+    "AnnotationError",
     "ConfigError",
     "DatabaseError",
     "MissingResolutionError",
@@ -46,6 +47,10 @@ class NoTissueError(SlidestreamError, ValueError):
 
 class ConfigError(SlidestreamError, ValueError):
     """An option, config file or model spec is invalid."""
+
+
+class AnnotationError(ConfigError):
+    """An annotation file (QuPath GeoJSON, ImageScope or ASAP XML) cannot be used."""
 
 
 class WeightsError(SlidestreamError, ValueError):

@@ -1,0 +1,452 @@
+"""CLI pieces for learning from the user's annotations.
+
+``train tissue --slides ... --annotations ...`` and ``evaluate tissue --slides ...
+--annotations ...`` are the existing tissue commands with these options added
+(:func:`train_options`, :func:`evaluate_options`); their bodies hand over to
+:func:`run_train` / :func:`run_evaluate` when ``--slides`` is given. ``train nuclei-types`` is
+registered by :func:`register`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = [
+    "evaluate_options",
+    "nuclei_evaluate_options",
+    "parse_class_map",
+    "register",
+    "run_evaluate",
+    "run_evaluate_nuclei",
+    "run_train",
+    "train_options",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _slides_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--slides",
+        "slide_inputs",
+        multiple=True,
+        type=click.Path(exists=True, path_type=Path),
+        help="Annotated slide, folder of slides or manifest CSV; repeat for several.",
+    )(command)
+
+
+def _annotations_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--annotations",
+        "annotation_inputs",
+        multiple=True,
+        help="QuPath GeoJSON / ImageScope or ASAP XML file or folder (paired with slides by "
+        "name: slide.svs <-> slide.geojson), or SLIDE=FILE; repeat for several.",
+    )(command)
+
+
+def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The annotated-slide options of ``train tissue``."""
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        click.option(
+            "--groups",
+            "groups_csv",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="CSV slide,group (or slide,patient): slides of one patient share a CV fold.",
+        ),
+        click.option(
+            "--init",
+            "init_model",
+            default=None,
+            help="Start from a tissue model (name or folder): its architecture, µm/px and "
+            "texton dictionary are kept, the head is fitted on your classes.",
+        ),
+        click.option(
+            "--min-inside",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.75,
+            show_default=True,
+            help="Share of a patch that must lie inside its annotated region.",
+        ),
+        click.option(
+            "--min-tissue",
+            type=click.FloatRange(0, 1),
+            default=0.5,
+            show_default=True,
+            help="Share of a patch that must be tissue (tissue mask; 0: any).",
+        ),
+        click.option(
+            "--max-patches-per-class",
+            type=click.IntRange(min=1),
+            default=1000,
+            show_default=True,
+            help="Most patches per class and slide (drawn at random among candidates).",
+        ),
+        click.option(
+            "--patch-stride",
+            type=click.FloatRange(0.05, 4),
+            default=0.5,
+            show_default=True,
+            help="Step of the candidate patch grid, in patch sides.",
+        ),
+        click.option(
+            "--slide-mpp",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Level-0 µm/px of slides that lack it.",
+        ),
+        _annotations_option,
+        _slides_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def evaluate_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The annotated-slide options of ``evaluate tissue``."""
+    command = click.option(
+        "--slide-mpp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Level-0 µm/px of slides that lack it.",
+    )(command)
+    command = click.option(
+        "--results",
+        "results_dir",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        default=None,
+        help="Output folder of `slidestream run`: score its <slide>/tissue.geojson instead of "
+        "computing the map with --model.",
+    )(command)
+    return _slides_option(_annotations_option(command))
+
+
+def nuclei_evaluate_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The annotated-slide options of ``evaluate nuclei``."""
+    command = click.option(
+        "--class-map",
+        "nuclei_class_map",
+        default=None,
+        help="Annotation class -> model type, e.g. 'Lymphocyte=inflammatory,Tumor=epithelial'.",
+    )(command)
+    command = click.option(
+        "--slide-mpp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Level-0 µm/px of slides that lack it.",
+    )(command)
+    return _slides_option(_annotations_option(command))
+
+
+def parse_class_map(text: str | None) -> dict[str, str]:
+    """``RAW=CLASS,RAW=CLASS`` -> mapping (empty for None)."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        raw, sep, name = part.partition("=")
+        if not sep or not raw.strip():
+            raise click.BadParameter(f"{part!r}: expected RAW=CLASS pairs")
+        out[raw.strip()] = name.strip()
+    return out
+
+
+@contextlib.contextmanager
+def _bar(show: bool, **kwargs: Any) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(disable=not show, **kwargs)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _pairs(
+    slide_inputs: tuple[Path, ...], annotation_inputs: tuple[str, ...]
+) -> list[tuple[Path, Path]]:
+    from slidestream.inputs import discover_slides
+    from slidestream.tiling import pair_annotations
+
+    if not annotation_inputs:
+        raise click.UsageError("--slides needs --annotations FILE_OR_FOLDER (or SLIDE=FILE)")
+    slides = discover_slides(slide_inputs)
+    if not slides:
+        raise click.UsageError("--slides: no slide files found")
+    return pair_annotations(slides, annotation_inputs)
+
+
+def run_train(
+    *,
+    slide_inputs: tuple[Path, ...],
+    annotation_inputs: tuple[str, ...],
+    groups_csv: Path | None,
+    init_model: str | None,
+    min_inside: float,
+    min_tissue: float,
+    max_patches_per_class: int,
+    patch_stride: float,
+    slide_mpp: float | None,
+    class_map: dict[str, str],
+    config: Any,
+    cv_folds: int,
+    out_dir: Path,
+    name: str | None,
+    display_name: str | None,
+    progress: bool,
+    seed: int,
+    registry: Path | None,
+) -> None:
+    """``train tissue --slides ...``: sample, cross-validate by slide, train, write the folder."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from slidestream.annotation_training import (
+        AnnotatedSlide,
+        read_groups,
+        train_tissue_from_annotations,
+    )
+    from slidestream.tiling import PatchSamplingConfig
+
+    pairs = _pairs(slide_inputs, annotation_inputs)
+    groups = read_groups(groups_csv) if groups_csv else {}
+    items = []
+    for slide, ann in pairs:
+        group = groups.get(slide.name) or groups.get(slide.stem)
+        if groups and group is None:
+            raise click.UsageError(f"{groups_csv}: no group for slide {slide.name}")
+        items.append(AnnotatedSlide(slide=slide, annotations=ann, group=group or slide.name))
+    sampling = PatchSamplingConfig(
+        patch_mpp=config.spacing_um_px,
+        patch_size_px=config.patch_size_pixels,
+        min_inside=min_inside,
+        min_tissue=min_tissue,
+        stride=patch_stride,
+        max_per_class=max_patches_per_class,
+        seed=seed,
+    )
+    with logging_redirect_tqdm():
+        summary = train_tissue_from_annotations(
+            items,
+            out_dir,
+            config=config,
+            sampling=sampling,
+            class_map=class_map,
+            init=init_model,
+            cv_folds=cv_folds,
+            name=name,
+            display_name=display_name,
+            mpp_override=slide_mpp,
+            progress=lambda **kw: _bar(progress, **kw),
+            registry=registry,
+        )
+    for slide_name, counts in summary.patches.items():
+        per_class = ", ".join(f"{c} {n}" for c, n in counts.items())
+        click.echo(f"{slide_name}: {per_class} patches")
+    if summary.cv is not None:
+        for key in ("balanced_accuracy", "accuracy", "macro_f1"):
+            m = summary.cv[key]
+            click.echo(f"cv {key}: {m['mean']:.4f} ± {m['sd']:.4f} ({summary.cv['grouped_by']})")
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in summary.seconds.items())
+    click.echo(f"wrote {summary.model_dir} ({secs})")
+
+
+def run_evaluate(
+    *,
+    slide_inputs: tuple[Path, ...],
+    annotation_inputs: tuple[str, ...],
+    results_dir: Path | None,
+    slide_mpp: float | None,
+    model_name: str,
+    class_map: dict[str, str],
+    device: str,
+    as_json: bool,
+    registry: Path | None,
+) -> None:
+    """``evaluate tissue --slides ...``: area-weighted figures of the map inside annotations."""
+    from slidestream.annotation_eval import evaluate_tissue_on_annotations
+    from slidestream.config import RunConfig
+    from slidestream.models.tissue import load_tissue_model, region_report
+    from slidestream.pipeline import resolve_device
+
+    pairs = _pairs(slide_inputs, annotation_inputs)
+    config = RunConfig(out_dir=Path(), mpp_override=slide_mpp, show_progress=False)
+    model = None
+    if results_dir is None:
+        model = load_tissue_model(model_name, resolve_device(device), registry=registry)
+        class_names = tuple(model.class_names)
+        name = model.name
+    else:
+        class_names = _results_classes(results_dir, pairs, model_name, registry)
+        name = f"results {results_dir}"
+    per_slide = evaluate_tissue_on_annotations(
+        pairs,
+        class_names=class_names,
+        model=model,
+        results_dir=results_dir,
+        class_map=class_map,
+        config=config,
+    )
+    total = region_report([e.confusion_um2 for e in per_slide], class_names)
+    if as_json:
+        out = {
+            "model": name,
+            **total.to_json(),
+            "slides": {
+                e.slide: region_report([e.confusion_um2], class_names).to_json() for e in per_slide
+            },
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"model {name}, {len(per_slide)} slide(s), only where annotated")
+    for e in per_slide:
+        r = region_report([e.confusion_um2], class_names)
+        click.echo(
+            f"  {e.slide}: balanced accuracy {r.balanced_accuracy:.4f}, coverage {r.coverage:.4f}"
+        )
+    click.echo(total.to_text())
+
+
+def _results_classes(
+    results_dir: Path, pairs: list[tuple[Path, Path]], model_name: str, registry: Path | None
+) -> tuple[str, ...]:
+    """The tissue classes of a run's results (summary.json provenance), else of --model."""
+    from slidestream.models.tissue import load_tissue_model
+    from slidestream.wsi import slide_name
+
+    for slide, _ in pairs:
+        summary = results_dir / slide_name(slide) / "summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text(encoding="utf-8"))
+            classes = data.get("provenance", {}).get("models", {}).get("tissue", {}).get("classes")
+            if classes:
+                return tuple(str(c) for c in classes)
+    return tuple(load_tissue_model(model_name, "cpu", registry=registry).class_names)
+
+
+def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> None:
+    """Nothing yet: the annotation options live on the tissue commands."""
+    del cli, train, evaluate
+
+
+#: Level-0 tile side and halo of ``evaluate nuclei --slides`` (px).
+_NUCLEI_TILE_PX = 1024
+_NUCLEI_HALO_PX = 48
+
+
+def run_evaluate_nuclei(
+    *,
+    slide_inputs: tuple[Path, ...],
+    annotation_inputs: tuple[str, ...],
+    slide_mpp: float | None,
+    seg: Any,
+    class_map: dict[str, str],
+    pair_radius_um: float,
+    as_json: bool,
+) -> None:
+    """``evaluate nuclei --slides ...``: detection and per-type F1 against annotated nuclei.
+
+    Annotated nuclei are points (QuPath points / detections / cells, ImageScope or ASAP dots)
+    or outlines (their centroid), classified with the model's type names (``--class-map`` maps
+    other names). The model segments every 1024 px level-0 tile holding an annotated nucleus
+    (48 px halo; a prediction counts in the tile its centroid lies in), so annotate every
+    nucleus in the areas you annotate: an unannotated nucleus there counts as a false positive.
+    """
+    import numpy as np
+
+    from slidestream.errors import AnnotationError
+    from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+    from slidestream.tiling import read_annotations
+    from slidestream.wsi import open_slide
+
+    type_names: tuple[str, ...] = tuple(getattr(seg, "type_names", ()))
+    if not type_names:
+        raise click.UsageError(f"model {seg.name} has no type head; use a typing model")
+    counts = TypedCounts(names=type_names)
+    per_slide: dict[str, Any] = {}
+    skipped = 0
+    for slide_path, ann_path in _pairs(slide_inputs, annotation_inputs):
+        with open_slide(slide_path, mpp=slide_mpp) as slide:
+            ann = read_annotations(ann_path, dimensions=slide.dimensions, class_map=class_map)
+            xy, names = ann.points(include_unclassified=False)
+            skipped += ann.unclassified
+            unknown = sorted({str(n) for n in names if n not in type_names})
+            if unknown:
+                raise AnnotationError(
+                    f"{ann_path}: nucleus classes {unknown} are not types of model {seg.name} "
+                    f"{list(type_names)}; map them with --class-map NAME=TYPE"
+                )
+            t_idx = np.array([type_names.index(str(n)) for n in names], dtype=np.int64)
+            one = TypedCounts(names=type_names)
+            tiles = np.unique(np.floor(xy / _NUCLEI_TILE_PX).astype(np.int64), axis=0)
+            for tx, ty in tiles.tolist():
+                x0, y0 = tx * _NUCLEI_TILE_PX, ty * _NUCLEI_TILE_PX
+                h = _NUCLEI_HALO_PX
+                rgb = slide.read_region(
+                    (x0 - h, y0 - h), (_NUCLEI_TILE_PX + 2 * h, _NUCLEI_TILE_PX + 2 * h)
+                )
+                labels, types = seg.segment_typed(rgb, float(slide.mpp))
+                pred = _centroids(labels, types)
+                core = (
+                    (pred.xy[:, 0] >= h)
+                    & (pred.xy[:, 0] < h + _NUCLEI_TILE_PX)
+                    & (pred.xy[:, 1] >= h)
+                    & (pred.xy[:, 1] < h + _NUCLEI_TILE_PX)
+                )
+                pred_pts = TypedPoints(xy=pred.xy[core] + (x0 - h, y0 - h), types=pred.types[core])
+                inside = np.floor(xy / _NUCLEI_TILE_PX).astype(np.int64)
+                sel = (inside[:, 0] == tx) & (inside[:, 1] == ty)
+                true_pts = TypedPoints(xy=xy[sel], types=t_idx[sel])
+                radius = pair_radius_um / float(slide.mpp)
+                one.add(true_pts, pred_pts, radius)
+                counts.add(true_pts, pred_pts, radius)
+            per_slide[slide_path.name] = {"n_true": len(xy), "tiles": len(tiles), **one.scores()}
+    scores = counts.scores()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"model": seg.name, "types": scores, "slides": per_slide, "unclassified": skipped},
+                indent=2,
+            )
+        )
+        return
+    for name, sc in per_slide.items():
+        click.echo(
+            f"{name}: {sc['n_true']} annotated nuclei in {sc['tiles']} tiles, detection F1 "
+            f"{sc['det_f1']:.3f}, type accuracy {sc['type_accuracy']:.3f}"
+        )
+    click.echo(
+        f"all slides ({seg.name}, pairing within {pair_radius_um} µm): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+    )
+
+
+def _centroids(labels: Any, types: Any) -> Any:
+    """TypedPoints of the instances in ``labels`` (tile px) with their predicted types."""
+    import numpy as np
+
+    from slidestream.models.nuclei._type_metrics import TypedPoints
+
+    n = int(labels.max(initial=0))
+    if n == 0 or types is None:
+        return TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
+    yy, xx = np.nonzero(labels)
+    ids = labels[yy, xx]
+    cnt = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(cnt, 1)
+    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(cnt, 1)
+    ids_t = np.asarray(types.ids, dtype=np.int64)
+    ok = (ids_t <= n) & (cnt[np.minimum(ids_t, n)] > 0)
+    keep = ids_t[ok]
+    return TypedPoints(
+        xy=np.stack([cx[keep], cy[keep]], axis=1),
+        types=np.asarray(types.index, dtype=np.int64)[ok],
+    )
