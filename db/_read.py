@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL
 
 from slidestream.db._engine import make_engine, mask_url
 from slidestream.db._migrate import check_schema
-from slidestream.db._query import _check_metrics, _cohort_select
+from slidestream.db._query import _cohort_parts, check_metrics
 from slidestream.db._schema import AnalysisRun, ClassStatistics
 from slidestream.errors import DatabaseError
 
@@ -192,14 +192,15 @@ def query_slide_values(
         The database is not at the revision this slidestream needs.
     """
     by = tuple(by)
-    metrics = _check_metrics(metrics, tissue_class)
-    stmt = _cohort_select(
+    metrics = check_metrics(metrics, tissue_class)
+    stats, source, group_cols, conditions = _cohort_parts(
         by=("name", *by),
         tissue_class=tissue_class,
         where=where or {},
-        metrics=metrics,
         include_flagged=include_flagged,
     )
+    metric_cols = [stats.c[m].label(f"m{i}") for i, m in enumerate(metrics)]
+    stmt = select(*group_cols, *metric_cols).select_from(source).where(*conditions)
     check_schema(engine)
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
