@@ -427,6 +427,22 @@ def _list_slides(
         engine.dispose()
 
 
+def _csv_cells(slide: Any, columns: list[str]) -> list[str]:
+    """The CSV cells of a ``SlideRow`` (as ``_cell`` of its ``as_dict()``, without the dict)."""
+    cells = []
+    statistics = slide.statistics
+    for column in columns:
+        if column in statistics:
+            cells.append(_cell(statistics[column]))
+        elif column == "flags":
+            cells.append(",".join(slide.flags))
+        elif column == "metadata":
+            cells.append(";".join(f"{k}={v}" for k, v in slide.metadata.items()))
+        else:
+            cells.append(_cell(getattr(slide, column)))
+    return cells
+
+
 def _stream(slides: Iterable[Any], columns: list[str], fmt: str, *, chunk: int = 2000) -> None:
     """Write slide rows as CSV or a JSON array, ``chunk`` rows per write (flat memory)."""
     import orjson
@@ -439,10 +455,10 @@ def _stream(slides: Iterable[Any], columns: list[str], fmt: str, *, chunk: int =
         buffer.write("[")
     n = 0
     for slide in slides:
-        row = slide.as_dict()
         if fmt == "csv":
-            writer.writerow([_cell(row.get(c)) for c in columns])
+            writer.writerow(_csv_cells(slide, columns))
         else:
+            row = slide.as_dict()
             buffer.write(",\n" if n else "\n")
             buffer.write(orjson.dumps(row, option=orjson.OPT_NAIVE_UTC).decode())
         n += 1
