@@ -32,10 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+# bench/geojson.py would shadow the geojson package the annotation reader uses.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from slidestream.annotated_mosaic import write_annotated_mosaic
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from slidestream.annotated_mosaic import write_annotated_mosaic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "tissue" / "lc25000_lung"

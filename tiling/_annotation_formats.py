@@ -314,7 +314,7 @@ def _geometry(path: Path, geom: Any, where: str) -> shapely.Geometry | None:
     try:
         checked = geojson.GeoJSON.to_instance(plain, strict=True)
         errors = checked.errors() if hasattr(checked, "errors") else None
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise AnnotationError(f"{path}: {where}: malformed {kind} coordinates ({exc})") from exc
     if errors:
         raise AnnotationError(f"{path}: {where}: invalid {kind}: {errors}")
