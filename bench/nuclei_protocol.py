@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from collections import defaultdict
@@ -28,10 +27,15 @@ import numpy as np
 from PIL import Image
 
 from slidestream.models.nuclei import load_nuclei_model, score_instances
-from slidestream.models.nuclei._data import KNOWN_DATASET_MPP, POINT_TYPE_ALIASES
+from slidestream.models.nuclei._data import KNOWN_DATASET_MPP
 from slidestream.models.nuclei._network import TYPE_NAMES
 from slidestream.models.nuclei._train import DEFAULT_TEST_KEYS
-from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+from slidestream.models.nuclei._type_metrics import (
+    TypedCounts,
+    TypedPoints,
+    instance_points,
+    read_typed_truth,
+)
 
 _ROOTS = {"crchisto": "nuclei_points/crchisto"}
 _RADIUS_PX = {"consep_train": 12.0, "crchisto": 6.0}
@@ -39,36 +43,7 @@ _RADIUS_PX = {"consep_train": 12.0, "crchisto": 6.0}
 
 def _truth(root: Path, dataset: str) -> dict[str, TypedPoints]:
     path = root / ("points.csv" if dataset == "crchisto" else "types.csv")
-    if not path.is_file():
-        return {}
-    per: dict[str, tuple[list[tuple[float, float]], list[int]]] = defaultdict(lambda: ([], []))
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if "centroid_x" in row:
-                x, y, t = float(row["centroid_x"]), float(row["centroid_y"]), row["type_name"]
-            else:
-                x, y, t = float(row["x"]), float(row["y"]), row["type"]
-            xy, ts = per[row["image"]]
-            xy.append((x, y))
-            ts.append(TYPE_NAMES.index(POINT_TYPE_ALIASES[t.lower()]))
-    return {
-        k: TypedPoints(xy=np.asarray(v[0], np.float64), types=np.asarray(v[1], np.int64))
-        for k, v in per.items()
-    }
-
-
-def _centroids(labels: Any, types: Any) -> TypedPoints:
-    yy, xx = np.nonzero(labels)
-    ids = labels[yy, xx]
-    n = int(labels.max(initial=0))
-    cnt = np.bincount(ids, minlength=n + 1).astype(np.float64)
-    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(cnt, 1)
-    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(cnt, 1)
-    ok = (types.ids <= n) & (cnt[np.minimum(types.ids, n)] > 0)
-    keep = types.ids[ok]
-    return TypedPoints(
-        xy=np.stack([cx[keep], cy[keep]], axis=1), types=types.index[ok].astype(np.int64)
-    )
+    return read_typed_truth(path) if path.is_file() else {}
 
 
 def evaluate(model_name: str, shared: Path) -> dict[str, Any]:
@@ -108,7 +83,7 @@ def evaluate(model_name: str, shared: Path) -> dict[str, Any]:
                     gt = TypedPoints(xy=truth[image].xy, types=np.zeros_like(truth[image].types))
                 else:
                     gt = truth[image]
-                counts.add(gt, _centroids(labels, types), _RADIUS_PX.get(ds, 12.0))
+                counts.add(gt, instance_points(labels, types), _RADIUS_PX.get(ds, 12.0))
         res: dict[str, Any] = {"n_images": len(images)}
         if seg_scores:
             for k in ("aji", "pq", "dice"):

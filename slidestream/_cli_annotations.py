@@ -363,7 +363,11 @@ def run_evaluate_nuclei(
     import numpy as np
 
     from slidestream.errors import AnnotationError
-    from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+    from slidestream.models.nuclei._type_metrics import (
+        TypedCounts,
+        TypedPoints,
+        instance_points,
+    )
     from slidestream.tiling import read_annotations
     from slidestream.wsi import open_slide
 
@@ -394,7 +398,11 @@ def run_evaluate_nuclei(
                     (x0 - h, y0 - h), (_NUCLEI_TILE_PX + 2 * h, _NUCLEI_TILE_PX + 2 * h)
                 )
                 labels, types = seg.segment_typed(rgb, float(slide.mpp))
-                pred = _centroids(labels, types)
+                pred = (
+                    instance_points(labels, types)
+                    if types is not None
+                    else TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
+                )
                 core = (
                     (pred.xy[:, 0] >= h)
                     & (pred.xy[:, 0] < h + _NUCLEI_TILE_PX)
@@ -426,27 +434,4 @@ def run_evaluate_nuclei(
     click.echo(
         f"all slides ({seg.name}, pairing within {pair_radius_um} µm): "
         + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-    )
-
-
-def _centroids(labels: Any, types: Any) -> Any:
-    """TypedPoints of the instances in ``labels`` (tile px) with their predicted types."""
-    import numpy as np
-
-    from slidestream.models.nuclei._type_metrics import TypedPoints
-
-    n = int(labels.max(initial=0))
-    if n == 0 or types is None:
-        return TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
-    yy, xx = np.nonzero(labels)
-    ids = labels[yy, xx]
-    cnt = np.bincount(ids, minlength=n + 1).astype(np.float64)
-    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(cnt, 1)
-    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(cnt, 1)
-    ids_t = np.asarray(types.ids, dtype=np.int64)
-    ok = (ids_t <= n) & (cnt[np.minimum(ids_t, n)] > 0)
-    keep = ids_t[ok]
-    return TypedPoints(
-        xy=np.stack([cx[keep], cy[keep]], axis=1),
-        types=np.asarray(types.index, dtype=np.int64)[ok],
     )

@@ -155,66 +155,6 @@ def _write_geojson(
     )
 
 
-def _read_typed_truth(path: Path) -> dict[str, Any]:
-    """Typed ground-truth centroids per image stem from a types.csv or points.csv."""
-    import csv
-
-    import numpy as np
-
-    from slidestream.errors import ConfigError
-    from slidestream.models.nuclei._data import POINT_TYPE_ALIASES
-    from slidestream.models.nuclei._network import TYPE_NAMES
-    from slidestream.models.nuclei._type_metrics import TypedPoints
-
-    per: dict[str, tuple[list[tuple[float, float]], list[int]]] = {}
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = set(reader.fieldnames or ())
-            if {"centroid_x", "centroid_y", "type_name"} <= fields:
-                xk, yk, tk = "centroid_x", "centroid_y", "type_name"
-            elif {"x", "y", "type"} <= fields:
-                xk, yk, tk = "x", "y", "type"
-            else:
-                raise ConfigError(
-                    f"{path}: expected columns image,centroid_x,centroid_y,type_name (types.csv) "
-                    "or image,x,y,type (points.csv)"
-                )
-            for line, row in enumerate(reader, start=2):
-                name = POINT_TYPE_ALIASES.get(str(row[tk]).strip().lower())
-                if name is None:
-                    raise ConfigError(
-                        f"{path}:{line}: unknown nucleus type {row[tk]!r}; expected one of "
-                        f"{sorted(POINT_TYPE_ALIASES)}"
-                    )
-                xy, ts = per.setdefault(str(row["image"]), ([], []))
-                xy.append((float(row[xk]), float(row[yk])))
-                ts.append(TYPE_NAMES.index(name))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{path}: unreadable typed ground truth ({exc})") from exc
-    return {
-        k: TypedPoints(xy=np.asarray(xy, np.float64).reshape(-1, 2), types=np.asarray(ts, np.int64))
-        for k, (xy, ts) in per.items()
-    }
-
-
-def _typed_centroids(labels: Any, types: Any) -> Any:
-    """TypedPoints of the predicted instances present in ``labels`` (pixel-centre frame)."""
-    import numpy as np
-
-    from slidestream.models.nuclei._type_metrics import TypedPoints
-
-    yy, xx = np.nonzero(labels)
-    ids = labels[yy, xx]
-    n = int(labels.max(initial=0))
-    cnt = np.bincount(ids, minlength=n + 1).astype(np.float64)
-    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(cnt, 1)
-    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(cnt, 1)
-    keep = types.ids[(types.ids <= n) & (cnt[np.minimum(types.ids, n)] > 0)]
-    index = types.index[np.isin(types.ids, keep)]
-    return TypedPoints(xy=np.stack([cx[keep], cy[keep]], axis=1), types=index.astype(np.int64))
-
-
 def _train_progress() -> Any:
     from tqdm import tqdm
 
@@ -483,7 +423,12 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         from PIL import Image
 
         from slidestream.models.nuclei import load_nuclei_model, score_instances
-        from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+        from slidestream.models.nuclei._type_metrics import (
+            TypedCounts,
+            TypedPoints,
+            instance_points,
+            read_typed_truth,
+        )
 
         if annotated["slide_inputs"]:
             _cli_annotations.run_evaluate_nuclei(
@@ -505,7 +450,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             raise click.UsageError("give --masks, --types or both")
         seg = load_nuclei_model(model, device)
         type_names: tuple[str, ...] = tuple(getattr(seg, "type_names", ()))
-        truth = _read_typed_truth(types_csv) if types_csv is not None else None
+        truth = read_typed_truth(types_csv) if types_csv is not None else None
         if truth is not None and not type_names:
             raise click.UsageError(
                 f"--types: model {seg.name} has no type head; use a typing model "
@@ -539,7 +484,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
                     img_path.stem, TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
                 )
                 one = TypedCounts(names=type_names)
-                pp = _typed_centroids(pred, pred_types)
+                pp = instance_points(pred, pred_types)
                 one.add(gt, pp, radius)
                 counts.add(gt, pp, radius)
                 sc = one.scores()

@@ -55,7 +55,7 @@ from slidestream.models.nuclei._network import (
     load_segmentation_weights,
 )
 from slidestream.models.nuclei._postprocess import PostprocessConfig, postprocess_maps
-from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints
+from slidestream.models.nuclei._type_metrics import TypedCounts, TypedPoints, instance_points
 from slidestream.models.nuclei._types import instance_types
 from slidestream.models.nuclei._weights import save_weights
 
@@ -471,16 +471,7 @@ def _validate(
         # The watershed may refine: instance centroids in the working frame.
         u = pred.shape[0] // m.shape[1]
         typed = instance_types(pred, m[N_OUTPUTS:], TYPE_NAMES)
-        yy, xx = np.nonzero(pred)
-        ids = pred[yy, xx]
-        n = int(pred.max())
-        cnt = np.maximum(np.bincount(ids, minlength=n + 1), 1).astype(np.float64)
-        cx = (np.bincount(ids, weights=xx, minlength=n + 1) / cnt + 0.5) / u - 0.5
-        cy = (np.bincount(ids, weights=yy, minlength=n + 1) / cnt + 0.5) / u - 0.5
-        points = TypedPoints(
-            xy=np.stack([cx[typed.ids], cy[typed.ids]], axis=1),
-            types=typed.index.astype(np.int64),
-        )
+        points = instance_points(pred, typed, upsample=u)
         counts.add(truth, points, radius=3.0 / mpp)
         n_typed += 1
     out: dict[str, float] = {}

@@ -16,15 +16,28 @@ images before the scores are formed, as HoVer-Net does.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from slidestream.errors import ConfigError
+from slidestream.models.nuclei._data import POINT_TYPE_ALIASES
+from slidestream.models.nuclei._network import TYPE_NAMES
+from slidestream.models.nuclei._types import InstanceTypes
 
-__all__ = ["TypedCounts", "TypedPoints", "pair_coordinates", "typed_counts"]
+__all__ = [
+    "TypedCounts",
+    "TypedPoints",
+    "instance_points",
+    "pair_coordinates",
+    "read_typed_truth",
+    "typed_counts",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +61,88 @@ class TypedPoints:
                 f"typed points: xy {self.xy.shape} and types {self.types.shape}: expected "
                 "(n, 2) and (n,)"
             )
+
+
+def instance_points(
+    labels: npt.NDArray[np.integer[Any]], types: InstanceTypes, *, upsample: int = 1
+) -> TypedPoints:
+    """Centroids and types of the instances of ``labels`` that ``types`` describes.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (H * u, W * u)
+        Instance ids (0 background).
+    types : InstanceTypes
+        Per-instance types; ids absent from ``labels`` (lost in a resampling) are dropped.
+    upsample : int
+        ``u``: the labels are ``u`` times finer than the frame the points are wanted in (a
+        refined watershed); centroids are mapped back by pixel centres.
+
+    Returns
+    -------
+    TypedPoints
+        Centroids ``(x, y)`` in px of the coarse frame (pixel centres at integers).
+    """
+    n = int(labels.max(initial=0))
+    if n == 0 or len(types.ids) == 0:
+        return TypedPoints(xy=np.zeros((0, 2)), types=np.zeros(0, np.int64))
+    yy, xx = np.nonzero(labels)
+    ids = labels[yy, xx]
+    cnt = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    cx = np.bincount(ids, weights=xx, minlength=n + 1) / np.maximum(cnt, 1)
+    cy = np.bincount(ids, weights=yy, minlength=n + 1) / np.maximum(cnt, 1)
+    if upsample > 1:
+        cx, cy = (cx + 0.5) / upsample - 0.5, (cy + 0.5) / upsample - 0.5
+    ids_t = np.asarray(types.ids, np.int64)
+    ok = (ids_t <= n) & (cnt[np.minimum(ids_t, n)] > 0)
+    keep = ids_t[ok]
+    return TypedPoints(
+        xy=np.stack([cx[keep], cy[keep]], axis=1), types=types.index[ok].astype(np.int64)
+    )
+
+
+def read_typed_truth(path: Path) -> dict[str, TypedPoints]:
+    """Typed ground-truth centroids per image stem from a ``types.csv`` or ``points.csv``.
+
+    ``types.csv`` (CoNSeP's layout here): ``image,instance,type,type_name,centroid_x,centroid_y``;
+    ``points.csv`` (CRCHisto's): ``image,x,y,type``. Type names go through
+    :data:`~slidestream.models.nuclei._data.POINT_TYPE_ALIASES` to :data:`TYPE_NAMES`.
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, missing columns or an unknown type (naming the line).
+    """
+    per: dict[str, tuple[list[tuple[float, float]], list[int]]] = {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = set(reader.fieldnames or ())
+            if {"centroid_x", "centroid_y", "type_name"} <= fields:
+                xk, yk, tk = "centroid_x", "centroid_y", "type_name"
+            elif {"x", "y", "type"} <= fields:
+                xk, yk, tk = "x", "y", "type"
+            else:
+                raise ConfigError(
+                    f"{path}: expected columns image,centroid_x,centroid_y,type_name (types.csv) "
+                    "or image,x,y,type (points.csv)"
+                )
+            for line, row in enumerate(reader, start=2):
+                name = POINT_TYPE_ALIASES.get(str(row[tk]).strip().lower())
+                if name is None:
+                    raise ConfigError(
+                        f"{path}:{line}: unknown nucleus type {row[tk]!r}; expected one of "
+                        f"{sorted(POINT_TYPE_ALIASES)}"
+                    )
+                xy, ts = per.setdefault(str(row["image"]), ([], []))
+                xy.append((float(row[xk]), float(row[yk])))
+                ts.append(TYPE_NAMES.index(name))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: unreadable typed ground truth ({exc})") from exc
+    return {
+        k: TypedPoints(xy=np.asarray(xy, np.float64).reshape(-1, 2), types=np.asarray(ts, np.int64))
+        for k, (xy, ts) in per.items()
+    }
 
 
 def pair_coordinates(
