@@ -266,15 +266,7 @@ class NucleusModel:
         ndarray, int32, shape (H, W)
             Instance ids ``1..n`` in the input's pixel frame (0 background).
         """
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ConfigError(f"image {image.shape} {image.dtype}: expected (H, W, 3) uint8 RGB")
-        if not mpp > 0:
-            raise ConfigError(f"input µm/px {mpp}: must be > 0; pass --mpp")
-        t_img = resample_image(image, mpp / self.mpp)
-        batch = torch.from_numpy(np.ascontiguousarray(t_img.transpose(2, 0, 1)))[None]
-        maps = self.predict(batch)[0]
-        t_labels = self.postprocess_for(mpp)(maps)
-        return resample_labels(t_labels, (image.shape[1], image.shape[0]))
+        return self.segment_typed(image, mpp)[0]
 
     def segment_typed(
         self, image: npt.NDArray[np.uint8], mpp: float
