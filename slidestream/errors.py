@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DatabaseError",
+    "GeometryError",
     "MissingResolutionError",
     "NoTissueError",
     "SchemaVersionError",
@@ -46,6 +47,10 @@ class NoTissueError(SlidestreamError, ValueError):
 
 class ConfigError(SlidestreamError, ValueError):
     """An option, config file or model spec is invalid."""
+
+
+class GeometryError(SlidestreamError, ValueError):
+    """A geometry about to be written is invalid (QuPath would reject the whole file)."""
 
 
 class WeightsError(SlidestreamError, ValueError):

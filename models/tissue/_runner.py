@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidestream._atomic import atomic_path
 from slidestream.errors import ConfigError, WeightsError
 
 from ._ensemble import ENSEMBLE_ARCHITECTURE
@@ -371,10 +372,8 @@ def save_model(net: nn.Module, spec: ModelSpec, out_dir: Path) -> ModelSpec:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(out_dir / WEIGHTS_NAME)
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp))
     block = dict(spec.slidestream)
     block["weights_sha256"] = file_sha256(out_dir / WEIGHTS_NAME)
     spec = spec.replace(slidestream=block)

@@ -32,6 +32,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from slidestream._device import resolve_device
 from slidestream.errors import ConfigError
 
 from ._data import (
@@ -322,11 +323,7 @@ def _load_pool(
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
+    return torch.device(resolve_device(device))
 
 
 def _make_spec(

@@ -15,8 +15,9 @@ from slidestream.cli import cli
 from slidestream.config import RunConfig, load_config_file
 from slidestream.errors import ConfigError
 from slidestream.inputs import discover_slides
-from slidestream.publish import SUMMARY_NAME, publish, read_summary, staging_dir
+from slidestream.pipeline.write import publish, staging_dir
 from slidestream.statistics import StatisticsAccumulator
+from slidestream.summary import SUMMARY_NAME
 
 
 def test_help_is_fast_and_imports_no_torch() -> None:
@@ -73,10 +74,10 @@ def test_parameters_hash_tracks_results_not_speed(tmp_path: Path) -> None:
 
 def test_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
-    cfg.write_text("[run]\nbatch_size = 4\nnuclei_as = 'points'\n")
+    cfg.write_text("[resources]\nbatch_size = 4\n[nuclei]\nas = 'points'\n")
     assert load_config_file(cfg) == {"batch_size": 4, "nuclei_as": "points"}
-    cfg.write_text("[run]\nbatch_sise = 4\n")
-    with pytest.raises(ConfigError, match="batch_sise"):
+    cfg.write_text("[resources]\nbatch_sise = 4\n")
+    with pytest.raises(ConfigError, match=r"run\.toml.*batch_sise"):
         load_config_file(cfg)
 
 
@@ -107,20 +108,21 @@ def test_publish_moves_everything_summary_last(tmp_path: Path) -> None:
     final.mkdir()
     (final / "old.txt").write_text("keep")
     (final / SUMMARY_NAME).write_text(json.dumps({"v": 1}))
-    stage = staging_dir(tmp_path, "slide")
+    stage = staging_dir(final)
+    assert stage.parent == tmp_path and stage.name == ".slide.partial"
     (stage / "nuclei.parquet").write_text("new")
     (stage / SUMMARY_NAME).write_text(json.dumps({"v": 2}))
     publish(stage, final)
     assert not stage.exists()
     assert (final / "nuclei.parquet").read_text() == "new"
     assert (final / "old.txt").read_text() == "keep"
-    assert read_summary(final) == {"v": 2}
+    assert json.loads((final / SUMMARY_NAME).read_text()) == {"v": 2}
 
 
 def test_stale_staging_is_replaced(tmp_path: Path) -> None:
-    stage = staging_dir(tmp_path, "s")
+    stage = staging_dir(tmp_path / "s")
     (stage / "half.geojson").write_text("partial")
-    again = staging_dir(tmp_path, "s")
+    again = staging_dir(tmp_path / "s")
     assert again == stage and list(again.iterdir()) == []
 
 
@@ -129,15 +131,19 @@ def test_statistics_accumulator() -> None:
     acc.add(area_um2=[10, 20, 30], hematoxylin_od=[1.0, 1.0, 0.5], class_index=[0, 0, 1])
     acc.add(area_um2=[40], hematoxylin_od=[0.5], class_index=[1])
     res = acc.result(tissue_area_mm2=2.0, class_area_mm2={"tumour": 0.5, "stroma": 1.5})
-    assert res["nucleus_count"] == 4
-    assert res["nuclei_per_mm2"] == pytest.approx(2.0)
-    assert res["nucleus_area_um2"]["median"] == pytest.approx(25.0)
-    assert res["mean_hematoxylin_od"] == pytest.approx(0.75)
-    tumour = res["classes"]["tumour"]
-    assert tumour["nucleus_count"] == 2 and tumour["nuclei_per_mm2"] == pytest.approx(4.0)
-    assert tumour["fraction"] == pytest.approx(0.25)
+    assert res.nucleus_count == 4
+    assert res.nuclei_per_mm2 == pytest.approx(2.0)
+    assert res.nucleus_area_um2.median == pytest.approx(25.0)
+    assert res.mean_hematoxylin_od == pytest.approx(0.75)
+    tumour = res.classes["tumour"]
+    assert tumour.nucleus_count == 2 and tumour.nuclei_per_mm2 == pytest.approx(4.0)
+    assert tumour.fraction == pytest.approx(0.25)
     empty = StatisticsAccumulator(("a",)).result(tissue_area_mm2=0.0, class_area_mm2={})
-    assert empty["nuclei_per_mm2"] is None and empty["nucleus_area_um2"]["mean"] is None
+    assert empty.nuclei_per_mm2 is None and empty.nucleus_area_um2.mean is None
+    dropped = StatisticsAccumulator(("a", "b")).result(
+        tissue_area_mm2=1.0, class_area_mm2={"a": 1.0}, drop_empty=("b",)
+    )
+    assert set(dropped.classes) == {"a"}
 
 
 @pytest.mark.parametrize(
@@ -152,7 +158,6 @@ def test_statistics_accumulator() -> None:
     ],
 )
 def test_worker_counts_post_process_inline_only_for_fp32_models_on_small_cpus(
-    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     cpus: int,
     device: str,
@@ -163,22 +168,22 @@ def test_worker_counts_post_process_inline_only_for_fp32_models_on_small_cpus(
 
     from slidestream import pipeline
 
-    monkeypatch.setattr(pipeline, "_cpu_count", lambda: cpus)
     # stand-in nucleus models: a torch network (``net``) in fp32, or one in bf16
     nuclei = SimpleNamespace(net=object(), precision="fp32" if fp32_cpu_model else "bf16")
     models = pipeline.LoadedModels(nuclei=nuclei, tissue=None, device=device)
-    assert pipeline._is_fp32_cpu_model(models) == (fp32_cpu_model and device == "cpu")
-    readers, post = pipeline._worker_counts(RunConfig(out_dir=tmp_path), models)
+    assert pipeline.is_fp32_cpu_model(models) == (fp32_cpu_model and device == "cpu")
+    readers, post = pipeline.worker_counts(RunConfig(out_dir=tmp_path), models, cpus=cpus)
     assert post == expected_post
     assert readers >= 1
     # an explicit setting always wins
     explicit = RunConfig(out_dir=tmp_path, postprocess_workers=3)
-    assert pipeline._worker_counts(explicit, models)[1] == 3
+    assert pipeline.worker_counts(explicit, models, cpus=cpus)[1] == 3
 
 
 def test_only_a_torch_network_in_fp32_on_the_cpu_counts_as_fp32_cpu_model() -> None:
     from slidestream.models.nuclei import ClassicalSegmenter, load_nuclei_model
-    from slidestream.pipeline import LoadedModels, _is_fp32_cpu_model
+    from slidestream.pipeline import LoadedModels
+    from slidestream.pipeline import is_fp32_cpu_model as _is_fp32_cpu_model
 
     fp32 = load_nuclei_model("fast", precision="fp32")
     bf16 = load_nuclei_model("fast", precision="bf16")
@@ -192,7 +197,7 @@ def test_upsampled_post_processing_keeps_nuclei_in_the_same_level0_frame() -> No
     import functools
 
     from slidestream.models.nuclei import PostprocessConfig, make_targets, postprocess_maps
-    from slidestream.pipeline import _process_nucleus_tile
+    from slidestream.pipeline import process_nucleus_tile as _process_nucleus_tile
 
     # A 96 x 96 px tile at 0.5 µm/px on a 0.25 µm/px slide, with 9 discs of radius 6-8 px.
     yy, xx = np.mgrid[:96, :96]
@@ -232,7 +237,7 @@ def test_upsampled_post_processing_keeps_nuclei_in_the_same_level0_frame() -> No
 
 def test_classical_tiles_of_any_shape_keep_their_frame() -> None:
     from slidestream.models.nuclei import ClassicalSegmenter
-    from slidestream.pipeline import _process_nucleus_tile
+    from slidestream.pipeline import process_nucleus_tile as _process_nucleus_tile
 
     # The classical model's "maps" are the RGB tile itself (channels last), here not square.
     yy, xx = np.mgrid[:160, :64]  # taller than wide
