@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Final, cast
 
+import geojson
 import imagecodecs
 import numpy as np
 import numpy.typing as npt
@@ -481,6 +482,17 @@ def check_nuclei_geometry(
         )
 
 
+def _check_structure(collection: Mapping[str, object], path: str | os.PathLike[str]) -> None:
+    """Check a FeatureCollection's GeoJSON structure with the ``geojson`` library (RFC 7946:
+    types, closed rings of >= 4 positions, numeric coordinates); raise :class:`GeometryError`."""
+    parsed = geojson.GeoJSON.to_instance(collection, strict=True)
+    if not parsed.is_valid:
+        raise GeometryError(
+            f"{path}: the GeoJSON is malformed ({parsed.errors()}); nothing was written. "
+            "Please report this"
+        )
+
+
 def _rounded_polygonal(geom: BaseGeometry) -> BaseGeometry:
     """Round to 0.01 px (QuPath's precision), repairing anything rounding made invalid."""
     g = shapely.set_precision(geom, 0.01)
@@ -562,7 +574,9 @@ def write_tissue_geojson(
                 },
             }
         )
+    collection = {"type": "FeatureCollection", "features": features}
+    _check_structure(collection, path)
     with _open_output(Path(path), compresslevel=6) as out:
-        out.write(orjson.dumps({"type": "FeatureCollection", "features": features}))
+        out.write(orjson.dumps(collection))
         out.write(b"\n")
     return len(features)

@@ -5,13 +5,14 @@ Heavy libraries (torch, MONAI, the model code) are imported inside the command b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import click
+
+from slidestream._cli_options import device_option, mpp_option, out_option
 
 __all__ = ["register"]
 
@@ -46,57 +47,9 @@ def _collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
 
 
 def _read_rgb(path: Path) -> Any:
-    import numpy as np
-    from PIL import Image
+    from slidestream.commands import read_rgb
 
-    from slidestream.errors import ConfigError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read image ({exc}); pass PNG/JPEG/TIFF RGB") from exc
-
-
-def _write_mask(path: Path, labels: Any) -> None:
-    import numpy as np
-    from PIL import Image
-
-    from slidestream.errors import ConfigError
-
-    if int(labels.max(initial=0)) > 65535:
-        raise ConfigError(
-            f"{path}: more than 65535 nuclei do not fit a uint16 PNG; split the image"
-        )
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(labels.astype(np.uint16)).save(tmp)
-    tmp.replace(path)
-
-
-def _write_geojson(path: Path, image_path: Path, labels: Any, rgb: Any, mpp: float) -> int:
-    from slidestream.models import measure_nuclei
-    from slidestream.overlays import extract_tile_nuclei, write_nuclei_geojson
-
-    h, w = labels.shape
-    # A whole image is one tile without halo: nuclei on its edge are expected, so the stitcher's
-    # "nucleus touches the tile border" warning is silenced for this call.
-    stitch_logger = logging.getLogger("slidestream.overlays._stitch")
-    level = stitch_logger.level
-    stitch_logger.setLevel(logging.ERROR)
-    try:
-        table = extract_tile_nuclei(
-            labels,
-            rgb,
-            core=(0, 0, w, h),
-            l0_origin=(0.0, 0.0),
-            l0_per_px=1.0,
-            mpp=mpp,
-            measure=measure_nuclei,
-        )
-    finally:
-        stitch_logger.setLevel(level)
-    digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
-    return write_nuclei_geojson(path, [table], id_namespace=digest)
+    return read_rgb(path)
 
 
 def _train_progress() -> Any:
@@ -257,11 +210,9 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         required=True,
         help="uint16 instance PNGs named like the images.",
     )
-    @click.option(
-        "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the images."
-    )
+    @mpp_option(required=True, help="The images' own µm/px.")
     @_image_model_option
-    @click.option("--device", default="cpu", show_default=True)
+    @device_option()
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def evaluate_nuclei_cmd(
         images: Path, masks: Path, mpp: float, model: str, device: str, as_json: bool
@@ -270,9 +221,10 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         import numpy as np
         from PIL import Image
 
+        from slidestream._device import resolve_device
         from slidestream.models.nuclei import load_nuclei_model, score_instances
 
-        seg = load_nuclei_model(model, device)
+        seg = load_nuclei_model(model, resolve_device(device))
         rows: list[dict[str, Any]] = []
         for img_path in _collect_inputs((images,)):
             mask_path = masks / (img_path.stem + ".png")
@@ -301,28 +253,20 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
 
     @cli.command("segment")
     @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-    @click.option(
-        "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the input images."
-    )
-    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+    @mpp_option(required=True, help="The input images' own µm/px.")
+    @out_option("dir", help="Output folder: DIR/<stem>.png uint16 instance masks.")
     @_image_model_option
-    @click.option("--device", default="cpu", show_default=True)
+    @device_option()
     @click.option("--geojson", is_flag=True, help="Also write DIR/<stem>.geojson (QuPath).")
     def segment_cmd(
         inputs: tuple[Path, ...], mpp: float, out: Path, model: str, device: str, geojson: bool
     ) -> None:
         """Segment nuclei in images; write DIR/<stem>.png uint16 instance masks."""
-        from tqdm import tqdm
-
-        from slidestream.models.nuclei import load_nuclei_model
+        from slidestream.commands import segment_images
 
         files = _collect_inputs(inputs)
-        out.mkdir(parents=True, exist_ok=True)
-        seg = load_nuclei_model(model, device)
-        for path in tqdm(files, desc="segment", unit="image", disable=len(files) < 2):
-            rgb = _read_rgb(path)
-            labels = seg.segment(rgb, mpp)
-            _write_mask(out / f"{path.stem}.png", labels)
-            if geojson:
-                n = _write_geojson(out / f"{path.stem}.geojson", path, labels, rgb, mpp)
-                logger.info("%s: %d nuclei", path, n)
+        report = segment_images(
+            files, out, mpp=mpp, model=model, device=device, geojson=geojson,
+            show_progress=len(files) > 1,
+        )  # fmt: skip
+        logger.info("%d masks, %d nuclei in GeoJSON", len(report.masks), report.nuclei)

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from slidestream._cli_options import device_option, mpp_option
+
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
@@ -107,15 +109,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         type=click.Path(dir_okay=False, writable=True, path_type=Path),
         help="Output CSV: path,label,prob_<class>...",
     )
-    @click.option(
-        "--mpp",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="µm/px of the input images (default: the model's training data).",
-    )
-    @click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    )
+    @mpp_option(help="The input images' own µm/px (default: the model's training data's).")
+    @device_option()
     @click.option("--progress/--no-progress", default=True, show_default=True)
     @_tta_option
     @_registry_option
@@ -134,19 +129,15 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         An image no larger than about one patch is classified whole; a larger one is tiled at
         the model's µm/px and its patch probabilities averaged.
         """
-        import torch
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        from slidestream._atomic import write_text_atomic as atomic_write_text
+        from slidestream._device import resolve_device
         from slidestream.models.tissue import classify_image, load_tissue_model
         from slidestream.models.tissue._data import read_rgb
-        from slidestream.models.tissue._spec import atomic_write_text
 
-        dev = (
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        dev = resolve_device(device)
         model = load_tissue_model(model_name, dev, registry=registry or _default_registry())
         files = _collect_inputs(inputs)
         if not files:
@@ -172,13 +163,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         help="Training folder (class sub-folders or labels.csv); repeat for several.",
     )
     @_model_folder_options
-    @click.option(
-        "--mpp",
-        "mpps",
-        multiple=True,
-        type=click.FloatRange(min=0, min_open=True),
-        help="µm/px of the images, one per --data (or one for all).",
-    )
+    @mpp_option(multiple=True, help="The images' own µm/px, one per --data (or one for all).")
     @click.option(
         "--class-map",
         "class_maps",
@@ -187,9 +172,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     )
     @click.option("--epochs", type=click.IntRange(min=1), default=25, show_default=True)
     @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    )
+    @device_option()
     @click.option(
         "--val-fraction",
         type=click.FloatRange(0, 1, max_open=True),
@@ -320,13 +303,13 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        from slidestream._atomic import write_text_atomic as atomic_write_text
         from slidestream.models.tissue import (
             DataSource,
             TrainConfig,
             cross_validate_tissue,
             train_tissue,
         )
-        from slidestream.models.tissue._spec import atomic_write_text
 
         if len(mpps) not in (0, 1, len(data_dirs)):
             raise click.UsageError("give one --mpp, or one per --data")
@@ -405,16 +388,9 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         type=click.Path(exists=True, file_okay=False, path_type=Path),
     )
     @click.option("--model", "model_name", default="default", show_default=True)
-    @click.option(
-        "--mpp",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="µm/px of the images (default: the model's training data).",
-    )
+    @mpp_option(help="The images' own µm/px (default: the model's training data's).")
     @click.option("--class-map", default=None, help="'lung', RAW=CLASS,... or a JSON file.")
-    @click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    )
+    @device_option()
     @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
     @_tta_option
     @_registry_option
@@ -430,15 +406,10 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     ) -> None:
         """Score a tissue model on labelled images (accuracy, balanced accuracy, macro F1,
         per-class precision/recall, confusion matrix)."""
-        import torch
-
+        from slidestream._device import resolve_device
         from slidestream.models.tissue import evaluate_tissue, load_tissue_model
 
-        dev = (
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        dev = resolve_device(device)
         model = load_tissue_model(model_name, dev, registry=registry or _default_registry())
         report = evaluate_tissue(
             data_dir, model, mpp=mpp, class_map=_parse_class_map(class_map), tta=tta

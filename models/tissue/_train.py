@@ -32,7 +32,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from slidestream._device import resolve_device
+from slidestream._device import check_device_spec, resolve_device
 from slidestream.errors import ConfigError
 
 from ._data import (
@@ -181,8 +181,7 @@ class TrainConfig:
             )
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_device_spec(self.device)
         if self.patch_size_pixels < 32 or not self.spacing_um_px > 0:
             raise ConfigError("patch_size_pixels must be >= 32 and spacing_um_px > 0")
         if self.aug_strength < 0 or not 0 <= self.scale_jitter < 1:
