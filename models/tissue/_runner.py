@@ -25,7 +25,7 @@ from torch import nn
 from slidestream._atomic import atomic_path
 from slidestream.errors import ConfigError, WeightsError
 
-from ._ensemble import ENSEMBLE_ARCHITECTURE
+from ._ensemble import ENSEMBLE_ARCHITECTURE, build_ensemble
 from ._network import ARCHITECTURE, build_network
 from ._spec import ModelSpec, read_spec, write_spec
 from ._stain_norm import he_gains, image_stain_reference, pooled_he_levels, rescale_he
@@ -445,7 +445,11 @@ def _load_safetensors(folder: Path, spec: ModelSpec, device: str | torch.device)
             f"{path}: sha256 {sha[:12]}… differs from config.json ({str(expected)[:12]}…); the "
             "file is corrupt or replaced — re-install or re-train the model"
         )
-    net = build_network(spec.architecture, spec.num_classes, spec.slidestream.get("arch_args", {}))
+    arch_args = spec.slidestream.get("arch_args", {})
+    if spec.architecture == ENSEMBLE_ARCHITECTURE:
+        net: nn.Module = build_ensemble(spec.num_classes, arch_args)
+    else:
+        net = build_network(spec.architecture, spec.num_classes, arch_args)
     try:
         state = load_file(str(path))
         net.load_state_dict(state, strict=True)
