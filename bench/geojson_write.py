@@ -10,7 +10,7 @@ extracted to a temporary folder), alternating with the current one, for a before
 on the same machine load. Wall-clock rates depend on free cores (the gzip deflate runs on worker
 threads); ``nuclei/CPU-s`` is the steadier figure on a busy machine.
 
-Usage: ``python bench/geojson.py [--nuclei 1000000] [--chunk 20000] [--out DIR] [--baseline REF]``
+Usage: ``python bench/geojson_write.py [--nuclei 1000000] [--chunk 20000] [--out DIR] [--baseline REF]``
 """
 
 from __future__ import annotations
