@@ -439,7 +439,9 @@ def check_nuclei_geometry(
     Checks what QuPath's reader needs, on the coordinates as written (rounded to 0.01 px):
     finite numbers, inside ``[0, width] x [0, height]`` when ``l0_bounds`` is given, and for
     polygons a closed ring of at least 4 positions that is OGC-valid (no self-intersection)
-    with a positive area. Vectorised (about 2-3 µs per nucleus).
+    with a positive area. Vectorised: the validity part (about 3-4 µs per nucleus) is skipped for
+    tables whose outlines the stitcher checked (``NucleusTable.outlines_valid``, in the
+    post-processing workers); the rest costs well under 1 µs per nucleus.
     """
     n = len(table)
     if n == 0:
@@ -464,7 +466,7 @@ def check_nuclei_geometry(
             open_ring = (pts[first] != pts[last]).any(axis=1)
             reason[ok[open_ring & (reason[ok] == "")]] = "a ring that is not closed"
             good = np.flatnonzero(reason == "")
-            if good.size:
+            if good.size and not table.outlines_valid:  # the stitcher checked them already
                 sub = np.concatenate(
                     [np.arange(table.offsets[i], table.offsets[i + 1]) for i in good]
                 )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Final, TypeAlias, cast
 
 import numpy as np
@@ -36,7 +37,7 @@ from scipy import ndimage
 
 from slidestream.errors import ConfigError
 
-from ._table import GEOMETRY_KEYS, NucleusTable
+from ._table import GEOMETRY_KEYS, NucleusTable, invalid_outlines
 
 __all__ = [
     "MeasureFn",
@@ -428,7 +429,49 @@ def extract_tile_nuclei(
         },
         truncated=truncated,
     )
-    return table if l0_bounds is None else clip_to_bounds(table, l0_bounds)
+    if l0_bounds is not None:
+        table = clip_to_bounds(table, l0_bounds)
+    return _validated(table)
+
+
+def _validated(table: NucleusTable) -> NucleusTable:
+    """``table`` with :attr:`NucleusTable.outlines_valid` set: outlines that rounding to 0.01 px
+    would make invalid are repaired (largest valid part), or dropped if that fails (logged)."""
+    bad = np.flatnonzero(invalid_outlines(table.coords, table.offsets))
+    if bad.size == 0:
+        return replace(table, outlines_valid=True)
+    polygons = table.polygons()
+    fixed = _largest_polygons(shapely.set_precision(shapely.make_valid(polygons[bad]), 0.01))
+    polygons[bad] = fixed
+    coords, index = shapely.get_coordinates(shapely.get_exterior_ring(polygons), return_index=True)
+    offsets = np.zeros(len(table) + 1, np.int64)
+    np.cumsum(np.bincount(index, minlength=len(table)), out=offsets[1:])
+    keep = ~invalid_outlines(coords, offsets) & (np.diff(offsets) >= 4)
+    if not keep.all():
+        logger.warning("dropped %d nuclei whose outline could not be repaired", int((~keep).sum()))
+    repaired = replace(table, coords=np.ascontiguousarray(coords, np.float64), offsets=offsets)
+    idx = np.flatnonzero(keep)
+    if idx.size < len(table):
+        polygons = repaired.polygons()[idx]
+        coords, index = shapely.get_coordinates(
+            shapely.get_exterior_ring(polygons), return_index=True
+        )
+        offsets = np.zeros(idx.size + 1, np.int64)
+        np.cumsum(np.bincount(index, minlength=idx.size), out=offsets[1:])
+        repaired = NucleusTable(
+            centroid_x=table.centroid_x[idx],
+            centroid_y=table.centroid_y[idx],
+            bbox_x0=table.bbox_x0[idx],
+            bbox_y0=table.bbox_y0[idx],
+            bbox_x1=table.bbox_x1[idx],
+            bbox_y1=table.bbox_y1[idx],
+            coords=np.ascontiguousarray(coords, np.float64),
+            offsets=offsets,
+            measurements={k: v[idx] for k, v in table.measurements.items()},
+            classes=None if table.classes is None else table.classes[idx],
+            truncated=table.truncated,
+        )
+    return replace(repaired, outlines_valid=True)
 
 
 def clip_to_bounds(table: NucleusTable, l0_bounds: tuple[float, float]) -> NucleusTable:
