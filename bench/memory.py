@@ -516,7 +516,8 @@ def main() -> None:
         wall_s = time.perf_counter() - t0
         if rc != 0:
             raise SystemExit(f"slidestream run exited with {rc}")
-        summary: dict[str, Any] = json.loads((out / slide.stem / "summary.json").read_text())
+        (folder,) = [p for p in out.iterdir() if (p / "summary.json").is_file()]
+        summary: dict[str, Any] = json.loads((folder / "summary.json").read_text())
         usage = json.loads(rusage_json.read_text())
         stats = summary["statistics"]
         timings = summary["provenance"]["timings_s"]

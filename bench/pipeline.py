@@ -73,12 +73,12 @@ def main() -> None:
     from slidestream.config import RunConfig
     from slidestream.demo_slide import DemoSlideSpec, write_demo_slide
     from slidestream.pipeline import (
-        _worker_counts,
         analyse_slide,
         load_models,
         nucleus_tile_result,
         postprocess_pool,
         submit_nucleus_tile,
+        worker_counts,
     )
     from slidestream.tile_ring import TileRing
     from slidestream.tiling import TilingConfig, detect_tissue, plan_tiles
@@ -115,7 +115,7 @@ def main() -> None:
             force=True,  # every end-to-end run redoes the slide
         )
         models = load_models(config)
-        readers, post = _worker_counts(config, models)
+        readers, post = worker_counts(config, models)
         print(
             f"device {models.device}, torch threads {torch.get_num_threads()}, "
             f"{readers} reader(s), {post} post-processing worker(s)"
@@ -141,6 +141,7 @@ def main() -> None:
             l0_per_px = nmodel.mpp / slide.mpp
             postprocess = nmodel.postprocess_for(float(slide.mpp))  # as the pipeline
             tissue_mm2 = mask.tissue_area_mm2
+            l0_bounds = (float(slide.dimensions[0]), float(slide.dimensions[1]))
         n = len(tiles)
         core_mp = n * tiling.stride_px**2 / 1e6
         core_mm2 = core_mp * nmodel.mpp**2
@@ -164,7 +165,9 @@ def main() -> None:
                 for i in range(len(batch)):
                     t = grid.tiles[b * args.batch_size + i]
                     job = (postprocess, maps[i], rgb[i], t.core, (t.l0_x, t.l0_y), l0_per_px)
-                    pending.append(submit_nucleus_tile(pool, *job, nmodel.mpp, ring=ring))
+                    pending.append(
+                        submit_nucleus_tile(pool, *job, nmodel.mpp, ring=ring, l0_bounds=l0_bounds)
+                    )
                 while len(pending) > 4 * post:
                     count += len(nucleus_tile_result(pending.pop(0)))
             for item in pending:
@@ -189,8 +192,9 @@ def main() -> None:
             t0 = time.perf_counter()
             outcome = analyse_slide(slide_path, config, models, pool=pool)
             assert outcome.summary is not None
-            nuclei_s = float(outcome.summary["provenance"]["timings_s"]["nuclei"])
-            runs.append((nuclei_s, time.perf_counter() - t0, outcome.summary))
+            summary_json = outcome.summary.to_json()
+            nuclei_s = float(summary_json["provenance"]["timings_s"]["nuclei"])
+            runs.append((nuclei_s, time.perf_counter() - t0, summary_json))
         if pool is not None:
             pool.shutdown()
         _, total_s, summary = min(runs, key=lambda r: r[0])

@@ -116,9 +116,10 @@ def main() -> None:
         profiler.dump_stats(args.profile)
         pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(25)
     assert outcome.summary is not None
-    stats = outcome.summary["statistics"]
+    summary = outcome.summary.to_json()
+    stats = summary["statistics"]
     mm2 = float(stats["tissue_area_mm2"])
-    timings = outcome.summary["provenance"]["timings_s"]
+    timings = summary["provenance"]["timings_s"]
     print(
         f"slide {args.width}x{args.height} px at {args.mpp} µm/px: {mm2:.2f} mm² of tissue, "
         f"{stats['nucleus_count']} nuclei; {args.workers} reader(s), "

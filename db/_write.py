@@ -30,13 +30,12 @@ from slidestream.db._engine import mask_url, scrub_credentials, write_connection
 from slidestream.db._migrate import check_schema
 from slidestream.db._schema import AnalysisRun, ClassStatistics, Slide, SlideStatistics
 from slidestream.errors import ConfigError, DatabaseError
+from slidestream.summary import SUMMARY_SCHEMA, ModelRecord, NucleusStatistics, Summary
 
 __all__ = ["SUMMARY_SCHEMA", "record_failure", "record_run", "record_skip"]
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_SCHEMA = "slidestream.summary/1"
-"""The ``schema`` value of the ``summary.json`` files :func:`record_run` understands."""
 
 _MAX_ATTEMPTS = 5
 _T = TypeVar("_T")
@@ -119,34 +118,12 @@ def _parse_time(value: object) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
-def _float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]
-
-
-def _int(value: object) -> int | None:
-    return None if value is None else int(value)  # type: ignore[call-overload]
-
-
 def _mapping(value: object, what: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"summary.json: {what} is {type(value).__name__}, expected an object")
     return value
-
-
-def _number_columns(stats: Mapping[str, Any]) -> dict[str, float | int | None]:
-    """The statistic columns shared by slide and class statistics."""
-    area = _mapping(stats.get("nucleus_area_um2"), "nucleus_area_um2")
-    return {
-        "nucleus_count": _int(stats.get("nucleus_count")),
-        "nuclei_per_mm2": _float(stats.get("nuclei_per_mm2")),
-        "nucleus_area_mean_um2": _float(area.get("mean")),
-        "nucleus_area_median_um2": _float(area.get("median")),
-        "nucleus_area_q1_um2": _float(area.get("q1")),
-        "nucleus_area_q3_um2": _float(area.get("q3")),
-        "mean_hematoxylin_od": _float(stats.get("mean_hematoxylin_od")),
-    }
 
 
 def models_key(models: Mapping[str, Any]) -> str:
@@ -194,6 +171,24 @@ def _upsert_slide(conn: Connection, values: dict[str, Any], *, full: bool) -> in
     return int(conn.execute(stmt).scalar_one())
 
 
+def _statistic_columns(stats: NucleusStatistics) -> dict[str, float | int | None]:
+    """The statistic columns shared by slide and class statistics."""
+    area = stats.nucleus_area_um2
+    return {
+        "nucleus_count": stats.nucleus_count,
+        "nuclei_per_mm2": stats.nuclei_per_mm2,
+        "nucleus_area_mean_um2": area.mean,
+        "nucleus_area_median_um2": area.median,
+        "nucleus_area_q1_um2": area.q1,
+        "nucleus_area_q3_um2": area.q3,
+        "mean_hematoxylin_od": stats.mean_hematoxylin_od,
+    }
+
+
+def _model_json(record: ModelRecord) -> dict[str, Any]:
+    return {"name": record.name, "sha256": record.sha256, "mpp": record.mpp}
+
+
 def _advance_latest(conn: Connection, slide_id: int, run_id: int) -> bool:
     """Make ``run_id`` the slide's latest succeeded run unless a later one is recorded.
 
@@ -224,7 +219,7 @@ def _advance_latest(conn: Connection, slide_id: int, run_id: int) -> bool:
     return True
 
 
-def record_run(engine: Engine, summary: Mapping[str, Any]) -> int:
+def record_run(engine: Engine, summary: Summary | Mapping[str, Any]) -> int:
     """Record a succeeded analysis (slide, run, statistics, per-class statistics) at once.
 
     Recording the same slide (fingerprint) with the same ``parameters_hash`` and model weight
@@ -235,9 +230,10 @@ def record_run(engine: Engine, summary: Mapping[str, Any]) -> int:
     ----------
     engine : sqlalchemy.Engine
         The database (at the head revision).
-    summary : mapping
-        The content of a ``summary.json`` (schema ``slidestream.summary/1``, see
-        ``docs/database.md``). Statistics may be ``None`` (e.g. no nuclei found).
+    summary : Summary or mapping
+        The slide's summary (:class:`slidestream.summary.Summary`, or the content of a
+        ``summary.json``, parsed with :meth:`Summary.from_json`). Statistics may be ``None``
+        (e.g. no nuclei found).
 
     Returns
     -------
@@ -253,62 +249,52 @@ def record_run(engine: Engine, summary: Mapping[str, Any]) -> int:
     DatabaseError
         The database cannot be written.
     """
-    if summary.get("schema") != SUMMARY_SCHEMA:
-        raise ConfigError(
-            f"summary.json: schema {summary.get('schema')!r}, expected {SUMMARY_SCHEMA!r}; "
-            "rerun the slide with this slidestream"
-        )
-    slide = _mapping(summary.get("slide"), "slide")
-    stats = _mapping(summary.get("statistics"), "statistics")
-    prov = _mapping(summary.get("provenance"), "provenance")
-    try:
-        fingerprint = str(slide["fingerprint"])
-        parameters_hash = str(prov["parameters_hash"])
-        name, path = str(slide["name"]), str(slide["path"])
-    except KeyError as err:
-        raise ConfigError(f"summary.json: missing field {err.args[0]!r}") from err
-    models = _mapping(prov.get("models"), "provenance.models")
+    if not isinstance(summary, Summary):
+        summary = Summary.from_json(summary)
+    slide, stats, prov = summary.slide, summary.statistics, summary.provenance
+    fingerprint, parameters_hash, name, path = (
+        slide.fingerprint,
+        prov.parameters_hash,
+        slide.name,
+        slide.path,
+    )
+    models = {role: _model_json(m) for role, m in prov.models.items()}
     slide_values = {
         "fingerprint": fingerprint,
         "path": path,
         "name": name,
-        "vendor": slide.get("vendor"),
-        "width": _int(slide.get("width")),
-        "height": _int(slide.get("height")),
-        "mpp_x": _float(slide.get("mpp_x")),
-        "mpp_y": _float(slide.get("mpp_y")),
-        "objective_power": _float(slide.get("objective_power")),
+        "vendor": slide.vendor,
+        "width": slide.width,
+        "height": slide.height,
+        "mpp_x": slide.mpp_x,
+        "mpp_y": slide.mpp_y,
+        "objective_power": slide.objective_power,
     }
     key = success_key(fingerprint, parameters_hash, models)
     run_values = {
         "slide_path": path,
         "slide_name": name,
         "status": "succeeded",
-        "parameters": dict(_mapping(prov.get("parameters"), "provenance.parameters")),
+        "parameters": dict(prov.parameters),
         "parameters_hash": parameters_hash,
-        "models": dict(models),
+        "models": models,
         "success_key": key,
-        "software_version": str(prov.get("software_version", "unknown")),
-        "started_at": _parse_time(prov.get("started_at")),
-        "finished_at": _parse_time(prov.get("finished_at")),
-        "timings": dict(_mapping(prov.get("timings_s"), "provenance.timings_s")),
-        "outputs": dict(_mapping(summary.get("outputs"), "outputs")),
+        "software_version": prov.software_version,
+        "started_at": _parse_time(prov.started_at),
+        "finished_at": _parse_time(prov.finished_at),
+        "timings": dict(prov.timings_s),
+        "outputs": dict(summary.outputs),
     }
-    slide_stats = {
-        "tissue_area_mm2": _float(stats.get("tissue_area_mm2")),
-        **_number_columns(stats),
-    }
-    class_rows = []
-    for class_name, cstats in _mapping(stats.get("classes"), "statistics.classes").items():
-        cmap = _mapping(cstats, f"statistics.classes.{class_name}")
-        class_rows.append(
-            {
-                "tissue_class": str(class_name),
-                "area_mm2": _float(cmap.get("area_mm2")),
-                "fraction": _float(cmap.get("fraction")),
-                **_number_columns(cmap),
-            }
-        )
+    slide_stats = {"tissue_area_mm2": stats.tissue_area_mm2, **_statistic_columns(stats)}
+    class_rows = [
+        {
+            "tissue_class": class_name,
+            "area_mm2": cstats.area_mm2,
+            "fraction": cstats.fraction,
+            **_statistic_columns(cstats),
+        }
+        for class_name, cstats in stats.classes.items()
+    ]
     check_schema(engine)
 
     def work(conn: Connection) -> int:

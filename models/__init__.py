@@ -1,6 +1,12 @@
-"""slidestream.models (being built)."""
+"""slidestream.models: nucleus segmentation and tissue classification (networks, weights,
+inference, post-processing, measurements, metrics).
 
-# --- nuclei (issue #3) ---
+Upstream: :mod:`slidestream.tiling` (tile batches) and :mod:`slidestream.wsi`. Nucleus models:
+:func:`load_nuclei_model` -> :class:`NucleusModel` (or the weight-free
+:class:`ClassicalSegmenter`); tissue models: :func:`load_tissue_model` -> :class:`PatchClassifier`.
+"""
+
+# nucleus segmentation
 from slidestream.models.nuclei import ClassicalSegmenter as ClassicalSegmenter
 from slidestream.models.nuclei import NucleusModel as NucleusModel
 from slidestream.models.nuclei import list_nuclei_models as list_nuclei_models
@@ -19,7 +25,7 @@ __all__ = [
     "train_nuclei",
 ]
 
-# tissue classification (issue #4)
+# tissue classification
 from slidestream.models.tissue import (
     ModelSpec,
     PatchClassifier,

@@ -1,10 +1,10 @@
 """slidestream.overlays: stitching, tissue polygons, QuPath GeoJSON, parquet and overlay PNG.
 
 Everything here works on plain arrays and level-0 pixel coordinates (QuPath's frame); every file
-is written atomically (``<name>.tmp`` beside the target, fsync, rename).
+is written atomically (:mod:`slidestream._atomic`: ``<name>.tmp`` beside the target, fsync,
+rename).
 """
 
-from ._atomic import atomic_open, atomic_path
 from ._geojson import RGB, write_nuclei_geojson, write_tissue_geojson
 from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids
 from ._nucleus_types import (
@@ -40,8 +40,6 @@ __all__ = [
     "ParquetStream",
     "TissueRegions",
     "assign_classes",
-    "atomic_open",
-    "atomic_path",
     "class_map_to_polygons",
     "class_map_to_raster",
     "density_colormap",

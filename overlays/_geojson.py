@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Final, cast
 
+import geojson
 import imagecodecs
 import numpy as np
 import numpy.typing as npt
@@ -40,10 +41,10 @@ import shapely
 from isal import isal_zlib
 from shapely.geometry.base import BaseGeometry
 
-from slidestream.errors import ConfigError
+from slidestream._atomic import atomic_open, atomic_path
+from slidestream.errors import ConfigError, GeometryError
 
 from . import _json_text as jt
-from ._atomic import atomic_open, atomic_path
 from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids, uuid5_text
 from ._parquet import ParquetStream
 from ._table import UNCLASSIFIED, NucleusTable, measurement_display_name
@@ -330,8 +331,15 @@ def write_nuclei_geojson(
     compresslevel: int = 1,
     chunk_size: int = 20_000,
     parquet_path: str | os.PathLike[str] | None = None,
+    l0_bounds: tuple[float, float] | None = None,
 ) -> int:
     """Stream nuclei to a QuPath GeoJSON FeatureCollection of detections.
+
+    Every geometry is checked before it is formatted (:func:`check_nuclei_geometry`): finite,
+    inside ``l0_bounds`` when given, and for polygons a closed ring of at least 4 positions that
+    is valid (OGC) with a positive area once rounded to 0.01 px. One bad geometry raises
+    :class:`~slidestream.errors.GeometryError` and nothing is published (QuPath rejects a whole
+    file for one bad geometry).
 
     Polygon vertices and Point coordinates are level-0 px with 2 decimals (``12345.60``),
     measurements have 4 significant digits (at most 4 decimals). Numbers are right-aligned in
@@ -362,6 +370,9 @@ def write_nuclei_geojson(
     parquet_path : str or PathLike, optional
         Also write ``nuclei.parquet`` (see :func:`write_nuclei_parquet`) in the same pass, so
         ``tables`` may be a one-shot generator; both files are published only if both succeed.
+    l0_bounds : (width, height), optional
+        The slide's level-0 size in px; a coordinate outside ``[0, width] x [0, height]`` is an
+        error (the stitcher clips outlines to the slide, :func:`clip_to_bounds`).
 
     Returns
     -------
@@ -389,6 +400,9 @@ def write_nuclei_geojson(
         for table in tables:
             for start in range(0, len(table), chunk_size):
                 chunk = table.slice(start, start + chunk_size)
+                check_nuclei_geometry(
+                    chunk, as_points=as_points, l0_bounds=l0_bounds, first_index=count, path=target
+                )
                 id_text = uuid5_text(id_namespace, count, len(chunk))
                 body = _nuclei_chunk_text(
                     chunk,
@@ -412,6 +426,75 @@ def write_nuclei_geojson(
     return count
 
 
+def check_nuclei_geometry(
+    table: NucleusTable,
+    *,
+    as_points: bool = False,
+    l0_bounds: tuple[float, float] | None = None,
+    first_index: int = 0,
+    path: str | os.PathLike[str] = "nuclei.geojson",
+) -> None:
+    """Raise :class:`GeometryError` if a nucleus of ``table`` would be written invalid.
+
+    Checks what QuPath's reader needs, on the coordinates as written (rounded to 0.01 px):
+    finite numbers, inside ``[0, width] x [0, height]`` when ``l0_bounds`` is given, and for
+    polygons a closed ring of at least 4 positions that is OGC-valid (no self-intersection)
+    with a positive area. Vectorised: the validity part (about 3-4 µs per nucleus) is skipped for
+    tables whose outlines the stitcher checked (``NucleusTable.outlines_valid``, in the
+    post-processing workers); the rest costs well under 1 µs per nucleus.
+    """
+    n = len(table)
+    if n == 0:
+        return
+    reason = np.full(n, "", dtype=object)
+    pts = table.centroids() if as_points else np.round(table.coords, 2)
+    owner = np.arange(n) if as_points else np.repeat(np.arange(n), np.diff(table.offsets))
+    bad_pt = ~np.isfinite(pts).all(axis=1)
+    if l0_bounds is not None:
+        width, height = l0_bounds
+        bad_pt |= (pts[:, 0] < 0) | (pts[:, 0] > width) | (pts[:, 1] < 0) | (pts[:, 1] > height)
+    if bad_pt.any():
+        where = "outside the slide" if l0_bounds is not None else "not finite"
+        reason[np.unique(owner[bad_pt])] = f"a coordinate is {where} or not finite"
+    if not as_points:
+        counts = np.diff(table.offsets)
+        short = counts < 4
+        reason[short & (reason == "")] = "a ring with fewer than 4 positions"
+        ok = np.flatnonzero(~short)
+        if ok.size:
+            first, last = table.offsets[:-1][ok], table.offsets[1:][ok] - 1
+            open_ring = (pts[first] != pts[last]).any(axis=1)
+            reason[ok[open_ring & (reason[ok] == "")]] = "a ring that is not closed"
+            good = np.flatnonzero(reason == "")
+            if good.size and not table.outlines_valid:  # the stitcher checked them already
+                sub = np.concatenate(
+                    [np.arange(table.offsets[i], table.offsets[i + 1]) for i in good]
+                )
+                index = np.repeat(np.arange(good.size), counts[good])
+                geoms = shapely.polygons(shapely.linearrings(pts[sub], indices=index))
+                invalid = ~shapely.is_valid(geoms) | ~(shapely.area(geoms) > 0)
+                reason[good[invalid]] = "an invalid (self-intersecting or empty) outline"
+    bad = np.flatnonzero(reason != "")
+    if bad.size:
+        i = int(bad[0])
+        raise GeometryError(
+            f"{path}: nucleus {first_index + i} has {reason[i]} "
+            f"({bad.size} of {n} nuclei in this block); nothing was written. This is a bug in "
+            "the stitching; please report it with the slide"
+        )
+
+
+def _check_structure(collection: Mapping[str, object], path: str | os.PathLike[str]) -> None:
+    """Check a FeatureCollection's GeoJSON structure with the ``geojson`` library (RFC 7946:
+    types, closed rings of >= 4 positions, numeric coordinates); raise :class:`GeometryError`."""
+    parsed = geojson.GeoJSON.to_instance(collection, strict=True)
+    if not parsed.is_valid:
+        raise GeometryError(
+            f"{path}: the GeoJSON is malformed ({parsed.errors()}); nothing was written. "
+            "Please report this"
+        )
+
+
 def _rounded_polygonal(geom: BaseGeometry) -> BaseGeometry:
     """Round to 0.01 px (QuPath's precision), repairing anything rounding made invalid."""
     g = shapely.set_precision(geom, 0.01)
@@ -431,8 +514,13 @@ def write_tissue_geojson(
     class_colors: Mapping[str, RGB] | None = None,
     mpp: float,
     id_namespace: str,
+    l0_bounds: tuple[float, float] | None = None,
 ) -> int:
     """Write tissue regions as QuPath annotations, one per class.
+
+    Geometries are clipped to ``l0_bounds``, rounded to 0.01 px, repaired if rounding made them
+    invalid, and checked: a geometry that is still invalid raises
+    :class:`~slidestream.errors.GeometryError` (nothing is written).
 
     Parameters
     ----------
@@ -446,6 +534,8 @@ def write_tissue_geojson(
         Level-0 µm/px, for the ``Area µm^2`` / ``Area mm^2`` measurements.
     id_namespace : str
         Slide fingerprint; ids are ``uuid5(NUCLEUS_ID_NAMESPACE, f"{ns}:tissue:{class}")``.
+    l0_bounds : (width, height), optional
+        The slide's level-0 size in px: regions are clipped to ``[0, width] x [0, height]``.
 
     Returns
     -------
@@ -456,10 +546,16 @@ def write_tissue_geojson(
         raise ConfigError(f"write_tissue_geojson: mpp {mpp} must be > 0 (level-0 µm/px)")
     colors = dict(class_colors or {})
     features = []
+    box = None if l0_bounds is None else shapely.box(0.0, 0.0, *l0_bounds)
     for name, geom in class_polygons.items():
-        g = _rounded_polygonal(geom)
+        g = _rounded_polygonal(geom if box is None else shapely.intersection(geom, box))
         if g.is_empty:
             continue
+        if not g.is_valid or (box is not None and not box.covers(g)):
+            raise GeometryError(
+                f"{path}: tissue region {name!r} is invalid after rounding "
+                f"({shapely.is_valid_reason(g)}); nothing was written. Please report this"
+            )
         area_um2 = float(geom.area) * mpp * mpp
         features.append(
             {
@@ -480,7 +576,9 @@ def write_tissue_geojson(
                 },
             }
         )
+    collection = {"type": "FeatureCollection", "features": features}
+    _check_structure(collection, path)
     with _open_output(Path(path), compresslevel=6) as out:
-        out.write(orjson.dumps({"type": "FeatureCollection", "features": features}))
+        out.write(orjson.dumps(collection))
         out.write(b"\n")
     return len(features)

@@ -23,9 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from shapely.geometry.base import BaseGeometry
 
+from slidestream._atomic import atomic_path
 from slidestream.errors import ConfigError
-
-from ._atomic import atomic_path
 
 __all__ = ["density_colormap", "render_overlay_png"]
 

@@ -18,7 +18,8 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._atomic import atomic_path
+from slidestream._atomic import atomic_path
+
 from ._ids import uuid5_text
 from ._table import UNCLASSIFIED, NucleusTable
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Final, TypeAlias, cast
 
 import numpy as np
@@ -36,9 +37,15 @@ from scipy import ndimage
 
 from slidestream.errors import ConfigError
 
-from ._table import GEOMETRY_KEYS, NucleusTable
+from ._table import GEOMETRY_KEYS, NucleusTable, invalid_outlines
 
-__all__ = ["MeasureFn", "extract_tile_nuclei", "pixel_edge_rings", "trace_nuclei"]
+__all__ = [
+    "MeasureFn",
+    "clip_to_bounds",
+    "extract_tile_nuclei",
+    "pixel_edge_rings",
+    "trace_nuclei",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +329,7 @@ def extract_tile_nuclei(
     mpp: float,
     measure: MeasureFn | None = None,
     simplify_tolerance_px: float = 0.0,
+    l0_bounds: tuple[float, float] | None = None,
 ) -> NucleusTable:
     """Return the nuclei this tile owns, as level-0 polygons with their measurements.
 
@@ -348,6 +356,11 @@ def extract_tile_nuclei(
     simplify_tolerance_px : float
         Outline simplification tolerance in tile px; 0 (default) keeps the exact pixel-edge
         outline, whose area is the nucleus's pixel count.
+    l0_bounds : (width, height), optional
+        The slide's level-0 size: outlines are clipped to ``[0, width] x [0, height]`` (a tile
+        at the slide's edge is padded, and an upsampled watershed can reach half a pixel past
+        it) and nuclei whose centroid lies outside are dropped. Measurements stay those of the
+        nucleus's pixels.
 
     Returns
     -------
@@ -402,7 +415,7 @@ def extract_tile_nuclei(
     ox, oy = l0_origin
     coords *= l0_per_px
     coords += (ox, oy)
-    return NucleusTable(
+    table = NucleusTable(
         centroid_x=ox + (cx[own] + 0.5) * l0_per_px,
         centroid_y=oy + (cy[own] + 0.5) * l0_per_px,
         bbox_x0=ox + boxes[:, 0] * l0_per_px,
@@ -415,4 +428,109 @@ def extract_tile_nuclei(
             k: np.asarray(v, np.float64)[own] for k, v in columns.items() if k not in GEOMETRY_KEYS
         },
         truncated=truncated,
+    )
+    if l0_bounds is not None:
+        table = clip_to_bounds(table, l0_bounds)
+    return _validated(table)
+
+
+def _validated(table: NucleusTable) -> NucleusTable:
+    """``table`` with :attr:`NucleusTable.outlines_valid` set: outlines that rounding to 0.01 px
+    would make invalid are repaired (largest valid part), or dropped if that fails (logged)."""
+    bad = np.flatnonzero(invalid_outlines(table.coords, table.offsets))
+    if bad.size == 0:
+        return replace(table, outlines_valid=True)
+    polygons = table.polygons()
+    fixed = _largest_polygons(shapely.set_precision(shapely.make_valid(polygons[bad]), 0.01))
+    polygons[bad] = fixed
+    coords, index = shapely.get_coordinates(shapely.get_exterior_ring(polygons), return_index=True)
+    offsets = np.zeros(len(table) + 1, np.int64)
+    np.cumsum(np.bincount(index, minlength=len(table)), out=offsets[1:])
+    keep = ~invalid_outlines(coords, offsets) & (np.diff(offsets) >= 4)
+    if not keep.all():
+        logger.warning("dropped %d nuclei whose outline could not be repaired", int((~keep).sum()))
+    repaired = replace(table, coords=np.ascontiguousarray(coords, np.float64), offsets=offsets)
+    idx = np.flatnonzero(keep)
+    if idx.size < len(table):
+        polygons = repaired.polygons()[idx]
+        coords, index = shapely.get_coordinates(
+            shapely.get_exterior_ring(polygons), return_index=True
+        )
+        offsets = np.zeros(idx.size + 1, np.int64)
+        np.cumsum(np.bincount(index, minlength=idx.size), out=offsets[1:])
+        repaired = NucleusTable(
+            centroid_x=table.centroid_x[idx],
+            centroid_y=table.centroid_y[idx],
+            bbox_x0=table.bbox_x0[idx],
+            bbox_y0=table.bbox_y0[idx],
+            bbox_x1=table.bbox_x1[idx],
+            bbox_y1=table.bbox_y1[idx],
+            coords=np.ascontiguousarray(coords, np.float64),
+            offsets=offsets,
+            measurements={k: v[idx] for k, v in table.measurements.items()},
+            classes=None if table.classes is None else table.classes[idx],
+            truncated=table.truncated,
+        )
+    return replace(repaired, outlines_valid=True)
+
+
+def clip_to_bounds(table: NucleusTable, l0_bounds: tuple[float, float]) -> NucleusTable:
+    """Clip every outline of ``table`` to the slide ``[0, width] x [0, height]`` (level-0 px).
+
+    Nuclei whose centroid lies outside the slide are dropped; an outline crossing the edge is
+    intersected with the slide (its largest polygon part kept) and its box shrunk to it; nuclei
+    inside (nearly all) are untouched. Measurements are kept (they describe the pixels).
+
+    Parameters
+    ----------
+    table : NucleusTable
+        Nuclei in level-0 px.
+    l0_bounds : (width, height)
+        The slide's level-0 size in px.
+
+    Returns
+    -------
+    NucleusTable
+        ``table`` itself when nothing crosses the edge, else the clipped copy.
+    """
+    width, height = l0_bounds
+    inside = (
+        (table.centroid_x >= 0)
+        & (table.centroid_x < width)
+        & (table.centroid_y >= 0)
+        & (table.centroid_y < height)
+    )
+    past_x = (table.bbox_x0 < 0) | (table.bbox_x1 > width)
+    crossing = inside & (past_x | (table.bbox_y0 < 0) | (table.bbox_y1 > height))
+    if inside.all() and not crossing.any():
+        return table
+    polygons = table.polygons()
+    box = shapely.box(0.0, 0.0, width, height)
+    bbox = np.stack([table.bbox_x0, table.bbox_y0, table.bbox_x1, table.bbox_y1], axis=1)
+    idx = np.flatnonzero(crossing)
+    if idx.size:
+        clipped = _largest_polygons(shapely.intersection(polygons[idx], box))
+        polygons[idx] = clipped
+        bbox[idx] = shapely.bounds(clipped).reshape(-1, 4)
+        inside[idx[shapely.is_empty(clipped) | ~(shapely.area(clipped) > 0)]] = False
+    keep = np.flatnonzero(inside)
+    polygons, bbox = polygons[keep], bbox[keep]
+    coords, index = shapely.get_coordinates(shapely.get_exterior_ring(polygons), return_index=True)
+    offsets = np.zeros(keep.size + 1, np.int64)
+    np.cumsum(np.bincount(index, minlength=keep.size), out=offsets[1:])
+    logger.debug(
+        "clipped %d nuclei to the slide, dropped %d outside it", idx.size, len(table) - keep.size
+    )
+    return NucleusTable(
+        centroid_x=table.centroid_x[keep],
+        centroid_y=table.centroid_y[keep],
+        bbox_x0=bbox[:, 0].copy(),
+        bbox_y0=bbox[:, 1].copy(),
+        bbox_x1=bbox[:, 2].copy(),
+        bbox_y1=bbox[:, 3].copy(),
+        coords=np.ascontiguousarray(coords, dtype=np.float64),
+        offsets=offsets,
+        measurements={k: v[keep] for k, v in table.measurements.items()},
+        classes=None if table.classes is None else table.classes[keep],
+        truncated=table.truncated,
     )

@@ -102,6 +102,10 @@ class NucleusTable:
     """(N,) tissue class name per nucleus, or None before classification."""
     truncated: int = 0
     """Nuclei owned by a tile but touching its outer border (the halo was too small)."""
+    outlines_valid: bool = False
+    """Every outline was checked OGC-valid with a positive area as written (rounded to 0.01 px)
+    by :func:`~slidestream.overlays.extract_tile_nuclei`; the GeoJSON writer then skips that
+    (costly) part of its geometry check."""
 
     def __post_init__(self) -> None:
         n = self.centroid_x.shape[0]
@@ -205,6 +209,7 @@ class NucleusTable:
             measurements={k: np.concatenate([t.measurements[k] for t in tables]) for k in names},
             classes=classes,
             truncated=truncated,
+            outlines_valid=all(t.outlines_valid for t in tables),
         )
 
     def with_classes(self, class_names: npt.ArrayLike) -> NucleusTable:
@@ -240,6 +245,7 @@ class NucleusTable:
             measurements={k: v[start:stop] for k, v in self.measurements.items()},
             classes=None if self.classes is None else self.classes[start:stop],
             truncated=self.truncated if start == 0 else 0,
+            outlines_valid=self.outlines_valid,
         )
 
     def centroids(self) -> FloatArray:
@@ -253,6 +259,17 @@ class NucleusTable:
         index = np.repeat(np.arange(len(self)), np.diff(self.offsets))
         rings = shapely.linearrings(self.coords, indices=index)
         return np.asarray(shapely.polygons(rings), dtype=object)
+
+
+def invalid_outlines(coords: FloatArray, offsets: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """(N,) True where ring ``i`` of ``coords`` (closed, >= 4 positions) is not an OGC-valid
+    polygon with a positive area once rounded to 0.01 px (as the GeoJSON writer writes it)."""
+    n = len(offsets) - 1
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    index = np.repeat(np.arange(n), np.diff(offsets))
+    geoms = shapely.polygons(shapely.linearrings(np.round(coords, 2), indices=index))
+    return np.asarray(~shapely.is_valid(geoms) | ~(shapely.area(geoms) > 0), dtype=bool)
 
 
 def rebatch_tables(tables: Iterable[NucleusTable], min_nuclei: int) -> Iterator[NucleusTable]:

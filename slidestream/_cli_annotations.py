@@ -272,10 +272,10 @@ def run_evaluate(
     registry: Path | None,
 ) -> None:
     """``evaluate tissue --slides ...``: area-weighted figures of the map inside annotations."""
+    from slidestream._device import resolve_device
     from slidestream.annotation_eval import evaluate_tissue_on_annotations
     from slidestream.config import RunConfig
     from slidestream.models.tissue import load_tissue_model, region_report
-    from slidestream.pipeline import resolve_device
 
     pairs = _pairs(slide_inputs, annotation_inputs)
     config = RunConfig(out_dir=Path(), mpp_override=slide_mpp, show_progress=False)

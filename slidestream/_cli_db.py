@@ -11,31 +11,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import click
 
+from slidestream._cli_options import DB_ENVVAR, db_option
+
 __all__ = ["DB_ENVVAR", "db_option", "default_db_url", "register"]
-
-DB_ENVVAR = "SLIDESTREAM_DB"
-"""Environment variable holding the database URL when ``--db`` is not given."""
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def db_option(func: _F) -> _F:
-    """The ``--db URL`` option (falls back on ``$SLIDESTREAM_DB``)."""
-    return click.option(
-        "--db",
-        "db_url",
-        metavar="URL",
-        envvar=DB_ENVVAR,
-        show_envvar=True,
-        help="Database URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB.",
-    )(func)
 
 
 def default_db_url(out_dir: Path) -> str:

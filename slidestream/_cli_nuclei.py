@@ -5,8 +5,6 @@ Heavy libraries (torch, MONAI, the model code) are imported inside the command b
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 import click
 
 from slidestream import _cli_annotations
+from slidestream._cli_options import device_option, mpp_option, out_option
 
 __all__ = ["register"]
 
@@ -49,110 +48,9 @@ def _collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
 
 
 def _read_rgb(path: Path) -> Any:
-    import numpy as np
-    from PIL import Image
+    from slidestream.commands import read_rgb
 
-    from slidestream.errors import ConfigError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read image ({exc}); pass PNG/JPEG/TIFF RGB") from exc
-
-
-def _write_mask(path: Path, labels: Any) -> None:
-    import numpy as np
-    from PIL import Image
-
-    from slidestream.errors import ConfigError
-
-    if int(labels.max(initial=0)) > 65535:
-        raise ConfigError(
-            f"{path}: more than 65535 nuclei do not fit a uint16 PNG; split the image"
-        )
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(labels.astype(np.uint16)).save(tmp)
-    tmp.replace(path)
-
-
-def _write_types_csv(path: Path, types: Any, labels: Any) -> int:
-    """``<stem>.types.csv``: ``id,type,p_<type>...`` for each instance id present in ``labels``."""
-    import csv
-
-    import numpy as np
-
-    from slidestream.overlays import atomic_path, type_probability_key
-
-    present = set(np.unique(labels).tolist()) - {0}
-    rows = 0
-    with atomic_path(path) as tmp, Path(tmp).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "type", *(type_probability_key(n) for n in types.names)])
-        for k, label in enumerate(types.ids.tolist()):
-            if label not in present:
-                continue
-            probs = types.probabilities[k]
-            writer.writerow(
-                [label, types.names[int(types.index[k])], *(f"{float(p):.4f}" for p in probs)]
-            )
-            rows += 1
-    return rows
-
-
-def _write_geojson(
-    path: Path, image_path: Path, labels: Any, rgb: Any, mpp: float, types: Any = None
-) -> int:
-    import numpy as np
-
-    from slidestream.models import measure_nuclei
-    from slidestream.overlays import (
-        NUCLEUS_TYPE_COLORS,
-        extract_tile_nuclei,
-        type_classification,
-        type_probability_key,
-        write_nuclei_geojson,
-    )
-
-    h, w = labels.shape
-    # A whole image is one tile without halo: nuclei on its edge are expected, so the stitcher's
-    # "nucleus touches the tile border" warning is silenced for this call.
-    stitch_logger = logging.getLogger("slidestream.overlays._stitch")
-    level = stitch_logger.level
-    stitch_logger.setLevel(logging.ERROR)
-    try:
-        table = extract_tile_nuclei(
-            labels,
-            rgb,
-            core=(0, 0, w, h),
-            l0_origin=(0.0, 0.0),
-            l0_per_px=1.0,
-            mpp=mpp,
-            measure=measure_nuclei,
-        )
-    finally:
-        stitch_logger.setLevel(level)
-    if types is not None and len(table):
-        # The table's rows are the label ids present, ascending (measure_nuclei's order).
-        ids = np.unique(labels)
-        ids = ids[ids != 0]
-        row = np.searchsorted(types.ids, ids)
-        found = (row < len(types.ids)) & (types.ids[np.minimum(row, len(types.ids) - 1)] == ids)
-        index = np.where(found, types.index[np.minimum(row, len(types.ids) - 1)], -1)
-        names = np.array(
-            [type_classification(types.names[i]) if i >= 0 else "" for i in index.tolist()]
-        )
-        probs = np.where(
-            found[:, None], types.probabilities[np.minimum(row, len(types.ids) - 1)], np.nan
-        )
-        measurements = dict(table.measurements)
-        for t, name in enumerate(types.names):
-            measurements[type_probability_key(name)] = probs[:, t].astype(np.float64)
-        table = dataclasses.replace(table, measurements=measurements).with_classes(names)
-    digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
-    return write_nuclei_geojson(
-        path, [table], id_namespace=digest, class_colors=dict(NUCLEUS_TYPE_COLORS)
-    )
+    return read_rgb(path)
 
 
 def _train_progress() -> Any:
@@ -385,9 +283,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "centroid_y; CoNSeP's layout) or points.csv (image,x,y,type; CRCHisto's). Adds detection "
         "F1 and per-type F1 (HoVer-Net's definitions).",
     )
-    @click.option(
-        "--mpp", type=click.FloatRange(min=0.01), default=None, help="µm/px of the images."
-    )
+    @mpp_option(help="The images' own µm/px (with --images).")
     @click.option(
         "--pair-radius-um",
         type=click.FloatRange(min=0, min_open=True),
@@ -402,7 +298,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         help="The pairing radius in image px instead (e.g. 6 for CRCHisto at 20x).",
     )
     @_image_model_option
-    @click.option("--device", default="cpu", show_default=True)
+    @device_option()
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def evaluate_nuclei_cmd(
         images: Path | None,
@@ -422,6 +318,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         import numpy as np
         from PIL import Image
 
+        from slidestream._device import resolve_device
         from slidestream.models.nuclei import load_nuclei_model, score_instances
         from slidestream.models.nuclei._type_metrics import (
             TypedCounts,
@@ -435,7 +332,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
                 slide_inputs=annotated["slide_inputs"],
                 annotation_inputs=annotated["annotation_inputs"],
                 slide_mpp=annotated["slide_mpp"],
-                seg=load_nuclei_model(model, device),
+                seg=load_nuclei_model(model, resolve_device(device)),
                 class_map=_cli_annotations.parse_class_map(annotated["nuclei_class_map"]),
                 pair_radius_um=pair_radius_um,
                 as_json=as_json,
@@ -448,7 +345,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
 
         if masks is None and types_csv is None:
             raise click.UsageError("give --masks, --types or both")
-        seg = load_nuclei_model(model, device)
+        seg = load_nuclei_model(model, resolve_device(device))
         type_names: tuple[str, ...] = tuple(getattr(seg, "type_names", ()))
         truth = read_typed_truth(types_csv) if types_csv is not None else None
         if truth is not None and not type_names:
@@ -535,12 +432,10 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
 
     @cli.command("segment")
     @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-    @click.option(
-        "--mpp", type=click.FloatRange(min=0.01), required=True, help="µm/px of the input images."
-    )
-    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+    @mpp_option(required=True, help="The input images' own µm/px.")
+    @out_option("dir", help="Output folder: DIR/<stem>.png uint16 instance masks.")
     @_image_model_option
-    @click.option("--device", default="cpu", show_default=True)
+    @device_option()
     @click.option(
         "--geojson",
         is_flag=True,
@@ -555,24 +450,11 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         A model with a type head also writes DIR/<stem>.types.csv
         (id,type,p_other,p_inflammatory,p_epithelial,p_spindle; id = the label in the PNG).
         """
-        from tqdm import tqdm
-
-        from slidestream.models.nuclei import load_nuclei_model
+        from slidestream.commands import segment_images
 
         files = _collect_inputs(inputs)
-        out.mkdir(parents=True, exist_ok=True)
-        seg = load_nuclei_model(model, device)
-        typed = hasattr(seg, "segment_typed") and getattr(seg, "n_types", 0) > 0
-        for path in tqdm(files, desc="segment", unit="image", disable=len(files) < 2):
-            rgb = _read_rgb(path)
-            types = None
-            if typed:
-                labels, types = seg.segment_typed(rgb, mpp)  # type: ignore[union-attr]
-            else:
-                labels = seg.segment(rgb, mpp)
-            _write_mask(out / f"{path.stem}.png", labels)
-            if types is not None:
-                _write_types_csv(out / f"{path.stem}.types.csv", types, labels)
-            if geojson:
-                n = _write_geojson(out / f"{path.stem}.geojson", path, labels, rgb, mpp, types)
-                logger.info("%s: %d nuclei", path, n)
+        report = segment_images(
+            files, out, mpp=mpp, model=model, device=device, geojson=geojson,
+            show_progress=len(files) > 1,
+        )  # fmt: skip
+        logger.info("%d masks, %d nuclei in GeoJSON", len(report.masks), report.nuclei)

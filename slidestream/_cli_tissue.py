@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from slidestream import _cli_annotations
+from slidestream._cli_options import device_option, mpp_option
 
 __all__ = ["register"]
 
@@ -109,15 +110,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         type=click.Path(dir_okay=False, writable=True, path_type=Path),
         help="Output CSV: path,label,prob_<class>...",
     )
-    @click.option(
-        "--mpp",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="µm/px of the input images (default: the model's training data).",
-    )
-    @click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    )
+    @mpp_option(help="The input images' own µm/px (default: the model's training data's).")
+    @device_option()
     @click.option("--progress/--no-progress", default=True, show_default=True)
     @_tta_option
     @_registry_option
@@ -136,19 +130,15 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         An image no larger than about one patch is classified whole; a larger one is tiled at
         the model's µm/px and its patch probabilities averaged.
         """
-        import torch
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        from slidestream._atomic import write_text_atomic as atomic_write_text
+        from slidestream._device import resolve_device
         from slidestream.models.tissue import classify_image, load_tissue_model
         from slidestream.models.tissue._data import read_rgb
-        from slidestream.models.tissue._spec import atomic_write_text
 
-        dev = (
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        dev = resolve_device(device)
         model = load_tissue_model(model_name, dev, registry=registry or _default_registry())
         files = _collect_inputs(inputs)
         if not files:
@@ -175,13 +165,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     )
     @_cli_annotations.train_options
     @_model_folder_options
-    @click.option(
-        "--mpp",
-        "mpps",
-        multiple=True,
-        type=click.FloatRange(min=0, min_open=True),
-        help="µm/px of the images, one per --data (or one for all).",
-    )
+    @mpp_option(multiple=True, help="The images' own µm/px, one per --data (or one for all).")
     @click.option(
         "--class-map",
         "class_maps",
@@ -190,9 +174,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     )
     @click.option("--epochs", type=click.IntRange(min=1), default=25, show_default=True)
     @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    )
+    @device_option()
     @click.option(
         "--val-fraction",
         type=click.FloatRange(0, 1, max_open=True),
@@ -329,13 +311,13 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        from slidestream._atomic import write_text_atomic as atomic_write_text
         from slidestream.models.tissue import (
             DataSource,
             TrainConfig,
             cross_validate_tissue,
             train_tissue,
         )
-        from slidestream.models.tissue._spec import atomic_write_text
 
         if bool(data_dirs) == bool(annotated["slide_inputs"]):
             raise click.UsageError("give --data FOLDER or --slides SLIDE --annotations FILE")
@@ -431,16 +413,9 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
     )
     @_cli_annotations.evaluate_options
     @click.option("--model", "model_name", default="default", show_default=True)
-    @click.option(
-        "--mpp",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="µm/px of the images (default: the model's training data).",
-    )
+    @mpp_option(help="The images' own µm/px (default: the model's training data's).")
     @click.option("--class-map", default=None, help="'lung', RAW=CLASS,... or a JSON file.")
-    @click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-    )
+    @device_option()
     @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
     @_tta_option
     @_registry_option
@@ -459,8 +434,6 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         per-class precision/recall, confusion matrix), or its whole-slide tissue map against
         annotated regions (--slides/--annotations: area-weighted per-class accuracy, balanced
         accuracy, Dice and confusion in mm², only where annotated)."""
-        import torch
-
         if (data_dir is None) == (not annotated["slide_inputs"]):
             raise click.UsageError("give --data FOLDER or --slides SLIDE --annotations FILE")
         if annotated["slide_inputs"]:
@@ -474,13 +447,10 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             )
             return
 
+        from slidestream._device import resolve_device
         from slidestream.models.tissue import evaluate_tissue, load_tissue_model
 
-        dev = (
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        dev = resolve_device(device)
         model = load_tissue_model(model_name, dev, registry=registry or _default_registry())
         if data_dir is None:  # checked above; narrows the type
             raise click.UsageError("give --data FOLDER")

@@ -55,20 +55,22 @@ def slide_tissue_map(path: Path, model: Any, *, config: Any) -> tuple[dict[str, 
     -------
     (class polygons in level-0 px, slide µm/px)
     """
-    from slidestream import pipeline
     from slidestream.errors import NoTissueError
+    from slidestream.pipeline import LoadedModels
+    from slidestream.pipeline.inference import tissue_pass
+    from slidestream.pipeline.stitching import clip_to_tissue
     from slidestream.tiling import detect_tissue
     from slidestream.wsi import open_slide
 
-    models = pipeline.LoadedModels(nuclei=None, tissue=model, device=str(model.device))
+    models = LoadedModels(nuclei=None, tissue=model, device=str(model.device))
     with open_slide(path, mpp=config.mpp_override) as slide:
         mask = detect_tissue(
             slide, mask_mpp=config.tissue_mask_mpp, min_tissue_area_um2=config.min_tissue_area_um2
         )
         if not mask.mask.any():
             raise NoTissueError(f"{path}: no tissue detected; check the slide")
-        regions, _, _ = pipeline._tissue_pass(slide, mask, models, config, 1)
-        return pipeline._clip_to_tissue(regions.polygons(), mask), float(slide.mpp)
+        regions = tissue_pass(slide, mask, models, config, 1).regions
+        return clip_to_tissue(regions.polygons(), mask), float(slide.mpp)
 
 
 def evaluate_tissue_on_annotations(

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from slidestream._atomic import atomic_path
 from slidestream.errors import ConfigError
 
 __all__ = [
@@ -363,9 +364,8 @@ def write_demo_slide(path: Path, spec: DemoSlideSpec | None = None) -> Path:
     spec = spec or DemoSlideSpec()
     rgb, _ = render_demo_image(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write_pyramidal_tiff(
-        tmp, rgb, mpp=spec.mpp, tile_size=256, compression="jpeg", vendor_style="aperio"
-    )
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        write_pyramidal_tiff(
+            tmp, rgb, mpp=spec.mpp, tile_size=256, compression="jpeg", vendor_style="aperio"
+        )
     return path

@@ -15,6 +15,7 @@ __all__ = [
     "AnnotationError",
     "ConfigError",
     "DatabaseError",
+    "GeometryError",
     "MissingResolutionError",
     "NoTissueError",
     "SchemaVersionError",
@@ -51,6 +52,10 @@ class ConfigError(SlidestreamError, ValueError):
 
 class AnnotationError(ConfigError):
     """An annotation file (QuPath GeoJSON, ImageScope or ASAP XML) cannot be used."""
+
+
+class GeometryError(SlidestreamError, ValueError):
+    """A geometry about to be written is invalid (QuPath would reject the whole file)."""
 
 
 class WeightsError(SlidestreamError, ValueError):

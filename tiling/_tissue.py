@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from slidestream._atomic import atomic_path
 from slidestream.errors import ConfigError
 
 from ._protocols import SlideLike
@@ -185,7 +184,7 @@ class TissueMask:
     def to_png(self, path: str | Path) -> Path:
         """Write the mask as an 8-bit greyscale PNG (255 = tissue), atomically.
 
-        The PNG is written to a temporary file in the target folder and renamed over ``path``.
+        The PNG is written as ``<name>.tmp`` in the target folder and renamed over ``path``.
 
         Returns
         -------
@@ -195,14 +194,8 @@ class TissueMask:
         from PIL import Image
 
         out = Path(path)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                Image.fromarray(self.mask.astype(np.uint8) * 255, mode="L").save(fh, format="PNG")
-            Path(tmp_name).replace(out)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_path(out) as tmp:
+            Image.fromarray(self.mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
         return out
 
     def to_polygons(self, *, simplify_m_px: float = 0.75) -> shapely.MultiPolygon:

@@ -8,7 +8,8 @@ TIFF, tifffile for OME-TIFF, plain PNG/JPEG). Coordinates are level-0 ``(x, y)``
 
 from __future__ import annotations
 
-from ._open import SLIDE_EXTENSIONS, ReaderChoice, open_slide, slide_name
+from ._open import SLIDE_EXTENSIONS, ReaderChoice, file_fingerprint, open_slide, slide_name
+from ._openslide_reader import reader_versions
 from ._slide import RegionReader, Slide, SlideInfo
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "RegionReader",
     "Slide",
     "SlideInfo",
+    "file_fingerprint",
     "open_slide",
+    "reader_versions",
     "slide_name",
 ]

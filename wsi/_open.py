@@ -70,11 +70,21 @@ def _member_files(path: Path) -> tuple[Path, ...]:
     return (path,)
 
 
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a slide's file bytes (of each file of a DICOM folder, names included).
+
+    The fingerprint of a slide that cannot be opened (so no quickhash is known); an opened
+    :class:`Slide` has its own (:attr:`Slide.fingerprint`).
+    """
+    return sha256_of_files(_member_files(Path(path).expanduser()))
+
+
 def open_slide(
     path: str | Path,
     *,
     mpp: float | None = None,
     reader: ReaderChoice = "auto",
+    require_mpp: bool = True,
     tile_cache_bytes: int | None = None,
 ) -> Slide:
     """Open a whole-slide image (context manager).
@@ -92,6 +102,10 @@ def open_slide(
         µm/px at level 0; overrides what the file says (the first link of the resolution chain).
     reader
         ``"auto"`` (default) or ``"openslide"`` to force OpenSlide pixels (the reference).
+    require_mpp
+        Raise :class:`MissingResolutionError` when no µm/px is known (default). With ``False``
+        the slide opens with its µm/px unknown (:attr:`Slide.has_mpp` is ``False`` and the
+        ``mpp`` properties raise), e.g. to show its metadata.
     tile_cache_bytes
         Capacity of the fast TIFF readers' decoded-tile cache (default 64 MiB); a server with
         many open slides passes less.
@@ -106,7 +120,7 @@ def open_slide(
     SlideOpenError
         The path is missing or no reader can open it.
     MissingResolutionError
-        No µm/px in the file and ``mpp`` not given.
+        No µm/px in the file, ``mpp`` not given and ``require_mpp`` true.
     ConfigError
         ``mpp`` is not a positive number, or ``reader`` is unknown.
 
@@ -121,25 +135,41 @@ def open_slide(
     if not slide_path.exists():
         raise SlideOpenError(f"{slide_path}: no such file or folder; check the slide path")
     if slide_path.suffix.lower() in _IMAGE_SUFFIXES and reader == "auto":
-        return _open_image(slide_path, mpp)
+        return _open_image(slide_path, mpp, require_mpp)
     cache = DEFAULT_CACHE_BYTES if tile_cache_bytes is None else int(tile_cache_bytes)
     try:
-        return _open_with_openslide(slide_path, mpp, reader, cache)
+        return _open_with_openslide(slide_path, mpp, reader, require_mpp, cache)
     except SlideOpenError as exc:
         if reader == "openslide" or slide_path.is_dir():
             raise
-        return _open_with_tifffile(slide_path, mpp, reason=str(exc.__cause__ or exc), cache=cache)
+        return _open_with_tifffile(
+            slide_path, mpp, require_mpp, reason=str(exc.__cause__ or exc), cache=cache
+        )
+
+
+def _mpp_pair(
+    path: Path,
+    mpp: float | None,
+    candidates: tuple[tuple[str, tuple[float, float] | None], ...],
+    required: bool,
+) -> tuple[float | None, float | None]:
+    found = resolve_mpp(path, explicit=mpp, candidates=candidates, required=required)
+    return (None, None) if found is None else found
 
 
 def _open_with_openslide(
-    path: Path, mpp: float | None, reader: ReaderChoice, cache: int = DEFAULT_CACHE_BYTES
+    path: Path,
+    mpp: float | None,
+    reader: ReaderChoice,
+    require_mpp: bool,
+    cache: int = DEFAULT_CACHE_BYTES,
 ) -> Slide:
     handle = open_openslide(path)
     try:
         properties = dict(handle.properties)
         vendor = properties.get("openslide.vendor", "unknown")
         background = background_from_properties(properties)
-        mpp_x, mpp_y = resolve_mpp(path, explicit=mpp, candidates=mpp_candidates(properties))
+        mpp_x, mpp_y = _mpp_pair(path, mpp, mpp_candidates(properties), require_mpp)
         level_dimensions = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
         info = SlideInfo(
             path=path,
@@ -171,10 +201,15 @@ def _open_with_openslide(
 
 
 def _open_with_tifffile(
-    path: Path, mpp: float | None, *, reason: str, cache: int = DEFAULT_CACHE_BYTES
+    path: Path,
+    mpp: float | None,
+    require_mpp: bool,
+    *,
+    reason: str,
+    cache: int = DEFAULT_CACHE_BYTES,
 ) -> Slide:
     found = open_fallback_tiff(path, reason)
-    mpp_x, mpp_y = resolve_mpp(path, explicit=mpp, candidates=found.mpp_candidates)
+    mpp_x, mpp_y = _mpp_pair(path, mpp, found.mpp_candidates, require_mpp)
     info = SlideInfo(
         path=path,
         name=slide_name(path),
@@ -196,8 +231,8 @@ def _open_with_tifffile(
     return Slide(info, tiff, fingerprint_fn=sha256_of_files)
 
 
-def _open_image(path: Path, mpp: float | None) -> Slide:
-    mpp_x, mpp_y = resolve_mpp(path, explicit=mpp, candidates=())
+def _open_image(path: Path, mpp: float | None, require_mpp: bool) -> Slide:
+    mpp_x, mpp_y = _mpp_pair(path, mpp, (), require_mpp)
     pixels = load_image_rgb(path, _WHITE)
     height, width = pixels.shape[:2]
     info = SlideInfo(

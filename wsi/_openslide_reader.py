@@ -15,7 +15,7 @@ from slidestream.errors import SlideOpenError, SlideReadError
 
 from ._resolution import mpp_from_properties, mpp_from_tiff_resolution
 
-__all__ = ["OpenSlideReader", "background_from_properties", "open_openslide"]
+__all__ = ["OpenSlideReader", "background_from_properties", "open_openslide", "reader_versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +157,15 @@ class OpenSlideReader:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def reader_versions() -> dict[str, str]:
+    """Versions of the slide-reading libraries (the OpenSlide C library included)."""
+    import openslide
+    import tifffile
+
+    return {
+        "libopenslide": str(openslide.__library_version__),
+        "openslide-python": str(openslide.__version__),
+        "tifffile": str(tifffile.__version__),
+    }

@@ -110,7 +110,8 @@ def resolve_mpp(
     *,
     explicit: float | None,
     candidates: tuple[tuple[str, tuple[float, float] | None], ...],
-) -> tuple[float, float]:
+    required: bool = True,
+) -> tuple[float, float] | None:
     """Apply the resolution chain and return ``(mpp_x, mpp_y)`` in µm/px at level 0.
 
     Parameters
@@ -122,6 +123,8 @@ def resolve_mpp(
     candidates
         ``(source name, value or None)`` in priority order, e.g. OpenSlide properties, then TIFF
         resolution tags.
+    required
+        Raise when no source has a value (else return ``None``: µm/px unknown).
 
     Raises
     ------
@@ -137,6 +140,8 @@ def resolve_mpp(
         if found is not None:
             logger.debug("%s: µm/px %.6g x %.6g from %s", path.name, found[0], found[1], source)
             return found
+    if not required:
+        return None
     raise MissingResolutionError(
         f"{path.name}: slide has no µm/px (no openslide.mpp-x, no TIFF resolution unit); "
         "pass --mpp 0.25 (or open_slide(..., mpp=0.25)) with the scanner's real value"

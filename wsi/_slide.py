@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from slidestream.errors import ConfigError, SlideReadError
+from slidestream.errors import ConfigError, MissingResolutionError, SlideReadError
 
 __all__ = ["RegionReader", "Slide", "SlideInfo"]
 
@@ -63,10 +63,10 @@ class SlideInfo:
     """(width, height) of each pyramid level in px of that level, finest first."""
     level_downsamples: tuple[float, ...]
     """Level-0 px per level px, for each level (1.0 first)."""
-    mpp_x: float
-    """µm/px along x at level 0."""
-    mpp_y: float
-    """µm/px along y at level 0."""
+    mpp_x: float | None
+    """µm/px along x at level 0 (``None``: unknown, opened with ``require_mpp=False``)."""
+    mpp_y: float | None
+    """µm/px along y at level 0 (``None``: unknown)."""
     objective_power: float | None
     """Scanner objective magnification, when the file states it (never used to infer µm/px)."""
     background_rgb: tuple[int, int, int]
@@ -86,8 +86,10 @@ class SlideInfo:
                 f"{self.path.name}: inconsistent pyramid ({len(self.level_dimensions)} levels, "
                 f"{len(self.level_downsamples)} downsamples); the slide file is malformed"
             )
+        if (self.mpp_x is None) != (self.mpp_y is None):
+            raise ConfigError(f"{self.path.name}: only one of mpp_x, mpp_y is known; pass --mpp")
         for value in (self.mpp_x, self.mpp_y):
-            if not math.isfinite(value) or value <= 0.0:
+            if value is not None and (not math.isfinite(value) or value <= 0.0):
                 raise ConfigError(f"{self.path.name}: µm/px {value!r} is not positive; pass --mpp")
 
 
@@ -161,19 +163,34 @@ class Slide:
         return self._info.level_downsamples
 
     @property
+    def has_mpp(self) -> bool:
+        """Whether the level-0 µm/px is known (from the file or the ``mpp`` argument)."""
+        return self._info.mpp_x is not None
+
+    def _known_mpp(self) -> tuple[float, float]:
+        if self._info.mpp_x is None or self._info.mpp_y is None:
+            raise MissingResolutionError(
+                f"{self._info.name}: slide has no µm/px (no openslide.mpp-x, no TIFF "
+                "resolution unit); pass --mpp 0.25 (or open_slide(..., mpp=0.25)) with the "
+                "scanner's real value"
+            )
+        return self._info.mpp_x, self._info.mpp_y
+
+    @property
     def mpp_x(self) -> float:
-        """µm/px along x at level 0."""
-        return self._info.mpp_x
+        """µm/px along x at level 0 (:class:`MissingResolutionError` when unknown)."""
+        return self._known_mpp()[0]
 
     @property
     def mpp_y(self) -> float:
-        """µm/px along y at level 0."""
-        return self._info.mpp_y
+        """µm/px along y at level 0 (:class:`MissingResolutionError` when unknown)."""
+        return self._known_mpp()[1]
 
     @property
     def mpp(self) -> float:
         """Mean of :attr:`mpp_x` and :attr:`mpp_y` (µm/px at level 0)."""
-        return 0.5 * (self._info.mpp_x + self._info.mpp_y)
+        mpp_x, mpp_y = self._known_mpp()
+        return 0.5 * (mpp_x + mpp_y)
 
     @property
     def objective_power(self) -> float | None:
@@ -298,8 +315,9 @@ class Slide:
         t_width, t_height = self._check_size(size)
         level = self.best_level_for_mpp(mpp)
         downsample = self._info.level_downsamples[level]
-        scale_x = float(mpp) / (self._info.mpp_x * downsample)  # level px per target px
-        scale_y = float(mpp) / (self._info.mpp_y * downsample)
+        mpp_x, mpp_y = self._known_mpp()
+        scale_x = float(mpp) / (mpp_x * downsample)  # level px per target px
+        scale_y = float(mpp) / (mpp_y * downsample)
         lv_x0 = float(location[0]) / downsample
         lv_y0 = float(location[1]) / downsample
         ix0, iy0 = round(lv_x0), round(lv_y0)

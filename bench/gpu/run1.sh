@@ -53,7 +53,7 @@ setsid nohup $PY -m slidestream -v train nuclei $NDATA --out /tmp/train/wide-scr
 setsid nohup $PY -m slidestream -v train nuclei $NDATA --out /tmp/train/fine-cont.safetensors --workers 6 --lr 1e-3 --init models/weights/nuclei-unet-fine.safetensors $FINE $COMMON > $LOG/train_cont.log 2>&1 < /dev/null &
 else el "no nucleus training data in .gpu (prepared with TISSUE_SWEEP=1): nucleus trainings skipped"; fi
 if [ "${TISSUE_SWEEP:-0}" = 1 ]; then
-  setsid nohup $PY tools/gpu_tissue_sweep.py --data .gpu/tissue/lc25000_lung --out /tmp/tissue --minutes $mins ${TISSUE_ARGS:-} > $LOG/tissue_sweep.log 2>&1 < /dev/null &
+  setsid nohup $PY research/gpu_tissue_sweep.py --data .gpu/tissue/lc25000_lung --out /tmp/tissue --minutes $mins ${TISSUE_ARGS:-} > $LOG/tissue_sweep.log 2>&1 < /dev/null &
 fi
 # Wait to the end of this call, then hand back what exists so far (best checkpoints so far).
 while [ $(( $(date +%s) - T0 )) -lt $(( LIMIT - 12 )) ]; do sleep 3; done

@@ -12,8 +12,9 @@ model registry.
 
 from __future__ import annotations
 
+from ._combine import combine_models
 from ._data import LUNG_CLASS_MAP, TissueDataset, discover_dataset
-from ._ensemble import ENSEMBLE_ARCHITECTURE, TissueEnsemble, combine_models
+from ._ensemble import ENSEMBLE_ARCHITECTURE, TissueEnsemble
 from ._fast_train import FastTrainConfig, fit_fast
 from ._gpu_augment import AugmentConfig, DeviceImages, augment_batch, upload_images
 from ._metrics import ClassificationReport, classification_report, evaluate_tissue

@@ -400,18 +400,14 @@ def _cnn(channels: tuple[int, ...], blocks: int, stem_stride: int) -> nn.Sequent
 def build_network(architecture: str, num_classes: int, arch_args: dict[str, Any]) -> nn.Module:
     """Instantiate our network from a spec's ``architecture`` and ``slidestream.arch_args``.
 
-    ``slidestream-tissuenet`` gives a :class:`TissueNet`; ``slidestream-tissuenet-ensemble`` a
-    :class:`~slidestream.models.tissue._ensemble.TissueEnsemble` of them.
+    ``slidestream-tissuenet`` gives a :class:`TissueNet` (an ensemble of them is built by
+    ``_ensemble.build_ensemble``; ``_runner`` dispatches on the architecture).
 
     Raises
     ------
     ConfigError
         Unknown architecture or bad arguments.
     """
-    from ._ensemble import ENSEMBLE_ARCHITECTURE, build_ensemble
-
-    if architecture == ENSEMBLE_ARCHITECTURE:
-        return build_ensemble(num_classes, arch_args)
     if architecture != ARCHITECTURE:
         raise ConfigError(
             f"architecture {architecture!r} is not a slidestream network (expected "

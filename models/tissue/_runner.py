@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidestream._atomic import atomic_path
 from slidestream.errors import ConfigError, WeightsError
 
-from ._ensemble import ENSEMBLE_ARCHITECTURE
+from ._ensemble import ENSEMBLE_ARCHITECTURE, build_ensemble
 from ._network import ARCHITECTURE, build_network
 from ._spec import ModelSpec, read_spec, write_spec
 from ._stain_norm import he_gains, image_stain_reference, pooled_he_levels, rescale_he
@@ -371,10 +372,8 @@ def save_model(net: nn.Module, spec: ModelSpec, out_dir: Path) -> ModelSpec:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(out_dir / WEIGHTS_NAME)
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp))
     block = dict(spec.slidestream)
     block["weights_sha256"] = file_sha256(out_dir / WEIGHTS_NAME)
     spec = spec.replace(slidestream=block)
@@ -446,7 +445,11 @@ def _load_safetensors(folder: Path, spec: ModelSpec, device: str | torch.device)
             f"{path}: sha256 {sha[:12]}… differs from config.json ({str(expected)[:12]}…); the "
             "file is corrupt or replaced — re-install or re-train the model"
         )
-    net = build_network(spec.architecture, spec.num_classes, spec.slidestream.get("arch_args", {}))
+    arch_args = spec.slidestream.get("arch_args", {})
+    if spec.architecture == ENSEMBLE_ARCHITECTURE:
+        net: nn.Module = build_ensemble(spec.num_classes, arch_args)
+    else:
+        net = build_network(spec.architecture, spec.num_classes, arch_args)
     try:
         state = load_file(str(path))
         net.load_state_dict(state, strict=True)

@@ -32,6 +32,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from slidestream._device import check_device_spec, resolve_device
 from slidestream.errors import ConfigError
 
 from ._data import (
@@ -180,8 +181,7 @@ class TrainConfig:
             )
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_device_spec(self.device)
         if self.patch_size_pixels < 32 or not self.spacing_um_px > 0:
             raise ConfigError("patch_size_pixels must be >= 32 and spacing_um_px > 0")
         if self.aug_strength < 0 or not 0 <= self.scale_jitter < 1:
@@ -322,11 +322,7 @@ def _load_pool(
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
+    return torch.device(resolve_device(device))
 
 
 def _make_spec(

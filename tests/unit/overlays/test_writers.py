@@ -217,7 +217,8 @@ def awkward(tables: list[NucleusTable]) -> NucleusTable:
     classes = t.classes.copy() if t.classes is not None else np.full(len(t), "Tumor")
     for i, dx in ((3, 150_000.0), (10, -700.0), (20, 2_000_000.0)):
         coords[t.offsets[i] : t.offsets[i + 1], 0] += dx
-    coords[t.offsets[30] : t.offsets[31]] %= 10.0  # a nucleus near the origin
+    near = coords[t.offsets[30] : t.offsets[31]]
+    near -= near.min(axis=0) - 0.5  # a nucleus near the origin (a valid outline moved there)
     meas["mean_r"][5] = -3.25
     meas["mean_g"][6] = 123_456.0
     meas["mean_b"][7] = 3.4e9

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from slidestream.cli import cli
+from slidestream.config import DEFAULTS
 
 
 def test_tissue_writes_mask_and_geojson(generated_slide: Path, tmp_path: Path) -> None:
@@ -81,7 +82,8 @@ def test_tiles_lists_tissue_tiles(generated_slide: Path, tmp_path: Path) -> None
     header = "index,col,row,l0_x,l0_y,l0_width,l0_height,tissue_fraction,is_partial"
     assert rows and list(rows[0]) == header.split(",")
     assert [int(r["index"]) for r in rows] == list(range(len(rows)))
-    assert all(float(r["tissue_fraction"]) >= 0.1 for r in rows)
+    assert all(float(r["tissue_fraction"]) >= DEFAULTS.min_tissue_fraction for r in rows)
+    assert "min tissue 0.02" in result.stderr  # the run's default: one table of defaults
     assert float(rows[0]["l0_width"]) == pytest.approx(256.0)
     assert "tiles kept" in result.stderr
     out = tmp_path / "tiles.csv"

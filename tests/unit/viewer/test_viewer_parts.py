@@ -6,7 +6,7 @@ import gzip
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -182,20 +182,20 @@ def test_catalogue_ignores_staging_and_symlinks_out(tmp_path: Path) -> None:
 def test_view_command_help_and_demo_prints_the_view_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import slidestream.demo_slide
-    import slidestream.pipeline
+    import slidestream.commands
     from slidestream.cli import cli
 
     result = CliRunner().invoke(cli, ["view", "--help"])
     assert result.exit_code == 0 and "--host" in result.output and "127.0.0.1" in result.output
 
-    class Outcome:
-        status = "succeeded"
-        summary: ClassVar[dict[str, Any]] = {"statistics": {}}
-        error = None
+    def fake_demo(out_dir: Path, **_: Any) -> Any:
+        return slidestream.commands.DemoReport(
+            outcome=None,  # type: ignore[arg-type]
+            lines=[f"outputs:     {out_dir}/"],
+            exit_code=0,
+        )
 
-    monkeypatch.setattr(slidestream.demo_slide, "write_demo_slide", lambda path: path)
-    monkeypatch.setattr(slidestream.pipeline, "run_batch", lambda inputs, config: [Outcome()])
+    monkeypatch.setattr(slidestream.commands, "run_demo", fake_demo)
     out = tmp_path / "demo out"
     result = CliRunner().invoke(cli, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ from slidestream.wsi import open_slide
 
 pytestmark = pytest.mark.realdata
 
-# (relative path, vendor, level-0 size, mpp, level count, expected reader)
+# (relative path, vendor, level-0 size, mpp (None: not checked), level count, expected reader)
 EXPECTED = [
     ("CMU-1-Small-Region.svs", "aperio", (2220, 2967), 0.499, 1, "fast-tiff"),
     ("test3-DAPI-2-387.ndpi", "hamamatsu", (3968, 4864), 0.22818, 7, "openslide"),
@@ -23,6 +23,8 @@ EXPECTED = [
     ("synthetic/small.svs", "aperio", (16, 16), 0.499, 1, "fast-tiff"),
     ("synthetic/dicom_boxes", "dicom", (16, 16), 0.499, 1, "openslide"),
     ("synthetic/dicom_boxes/boxes_0.dcm", "dicom", (16, 16), 0.499, 1, "openslide"),
+    ("synthetic/dicom_boxes/boxes_1.dcm", "dicom", (16, 16), 0.499, 1, "openslide"),
+    ("synthetic/highdicom_numbers", "dicom", (50, 50), 0.499, 1, "openslide"),
     ("synthetic/highdicom_numbers/sm_image_numbers.dcm", "dicom", (50, 50), 0.499, 1, "openslide"),
     ("ome_tiff/OS-1-detail.ome.tif", "ome-tiff", (1101, 1101), 0.2271, 1, "tifffile"),
     ("ome_tiff/OS-2-ndpi.ome.tif", "ome-tiff", (2202, 2202), 0.2271, 1, "tifffile"),
@@ -35,32 +37,79 @@ def slides_dir(shared_data: Path) -> Path:
     return shared_data / "slides"
 
 
-@pytest.mark.parametrize(("rel", "vendor", "size", "mpp", "levels", "reader"), EXPECTED)
-def test_real_slide_opens_with_manifest_geometry(
-    slides_dir: Path,
-    rel: str,
-    vendor: str,
-    size: tuple[int, int],
-    mpp: float | None,
-    levels: int,
-    reader: str,
-) -> None:
-    with open_slide(slides_dir / rel) as slide:
-        assert slide.vendor == vendor
-        assert slide.reader == reader
-        assert slide.dimensions == size
-        assert slide.level_count == levels
-        assert slide.level_downsamples[0] == 1.0
-        if mpp is not None:
-            assert slide.mpp_x == pytest.approx(mpp, rel=2e-4)
-            assert slide.mpp_y == pytest.approx(mpp, rel=2e-4)
-        assert len(slide.fingerprint) == 64
-        assert slide.background_rgb == (255, 255, 255)
-        w, h = slide.level_dimensions[-1]
-        patch = slide.read_region((0, 0), (w, h), level=levels - 1)
-        assert patch.shape == (h, w, 3) and patch.dtype == np.uint8
-        thumb = slide.get_thumbnail((64, 64))
-        assert max(thumb.shape[:2]) == 64 and thumb.shape[2] == 3
+#: Files that must fail cleanly: (relative path, the error on open, or None if it opens and the
+#: error comes on reading pixels).
+BROKEN = {
+    "synthetic/unopenable.tiff": SlideOpenError,
+    "synthetic/unreadable.svs": None,
+}
+_SLIDES_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "slides"
+
+
+def _entries() -> list[str]:
+    """Every slide of shared/data/slides: files, and DICOM folders as one slide each."""
+    if not _SLIDES_DIR.is_dir():
+        return []
+    out = []
+    for p in sorted(_SLIDES_DIR.rglob("*")):
+        dicom_folder = p.is_dir() and any(c.suffix == ".dcm" for c in p.iterdir())
+        if (p.is_file() and not p.name.startswith(".")) or dicom_folder:
+            out.append(p.relative_to(_SLIDES_DIR).as_posix())
+    return out
+
+
+_EXPECTED = {row[0]: row[1:] for row in EXPECTED}
+
+
+@pytest.mark.parametrize("rel", _entries())
+class TestEverySlideFormat:
+    """One reader contract run over every slide in shared/data/slides (OpenSlide formats,
+    OME-TIFF, DICOM files and folders, generic TIFF, broken files); skips without the data."""
+
+    def test_is_known(self, slides_dir: Path, rel: str) -> None:
+        # a new file in the data folder needs its expected geometry (or error) listed here
+        assert rel in _EXPECTED or rel in BROKEN, rel
+
+    def test_opens_with_its_geometry_or_fails_cleanly(self, slides_dir: Path, rel: str) -> None:
+        path = slides_dir / rel
+        if rel in BROKEN:
+            error = BROKEN[rel]
+            if error is not None:
+                with pytest.raises(error, match=path.name.replace(".", r"\.")):
+                    open_slide(path)
+                return
+            with open_slide(path) as slide, pytest.raises(SlideReadError):
+                slide.read_region((0, 0), (16, 16))
+            return
+        vendor, size, mpp, levels, reader = _EXPECTED[rel]
+        with open_slide(path, require_mpp=False) as slide:
+            assert slide.vendor == vendor
+            assert slide.reader == reader
+            assert slide.dimensions == size
+            assert slide.level_count == levels
+            assert slide.level_downsamples[0] == 1.0
+            if mpp is not None:
+                assert slide.mpp_x == pytest.approx(mpp, rel=2e-4)
+                assert slide.mpp_y == pytest.approx(mpp, rel=2e-4)
+            elif not slide.has_mpp:
+                with pytest.raises(MissingResolutionError, match="--mpp"):
+                    _ = slide.mpp
+            assert len(slide.fingerprint) == 64
+            assert slide.background_rgb == (255, 255, 255)
+            w, h = slide.level_dimensions[-1]
+            patch = slide.read_region((0, 0), (w, h), level=levels - 1)
+            assert patch.shape == (h, w, 3) and patch.dtype == np.uint8
+            thumb = slide.get_thumbnail((64, 64))
+            assert max(thumb.shape[:2]) == 64 and thumb.shape[2] == 3
+
+    def test_info_describes_it(self, slides_dir: Path, rel: str) -> None:
+        from slidestream.commands import describe_slide
+
+        if rel in BROKEN and BROKEN[rel] is not None:
+            pytest.skip("does not open")
+        info = describe_slide(slides_dir / rel)
+        assert info.width > 0 and len(info.fingerprint) == 64
+        assert info.level_count == len(info.levels)
 
 
 def test_metadata_details(slides_dir: Path) -> None:

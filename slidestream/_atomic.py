@@ -1,19 +1,33 @@
-"""Atomic file output: write ``<name>.tmp`` beside the target, fsync, then rename.
+"""Atomic file output, the one helper every package writes files with.
 
-A reader never sees a half-written output: either the previous file (or none) or the complete new
-one. When the writer raises, the temporary file is removed and the target is left untouched.
+A file is written as ``<name>.tmp`` beside its target, flushed and fsynced, then renamed onto
+the target with ``os.replace`` (atomic on POSIX within one folder) and the folder entry is
+fsynced. A reader therefore never sees a half-written output: either the previous file (or none)
+or the complete new one. When the writer raises, the temporary file is removed and the target
+is left untouched.
+
+This module is a bottom layer (like :mod:`slidestream.errors`): every package may import it, it
+imports nothing of ours.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_open", "atomic_path", "temporary_name"]
+__all__ = [
+    "atomic_open",
+    "atomic_path",
+    "temporary_name",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +61,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success fsync it and rename it onto ``path``.
 
     For writers that insist on opening the file themselves (``pyarrow.parquet.ParquetWriter``,
-    ``PIL.Image.save``). On an exception the temporary file is removed and the exception re-raised.
+    ``PIL.Image.save``, ``safetensors.save_file``, tifffile). The temporary name ends in
+    ``.tmp``, so writers that infer the format from the suffix must be told the format. On an
+    exception the temporary file is removed and the exception re-raised.
 
     Parameters
     ----------
@@ -65,6 +81,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
+        tmp.chmod(0o644)
         tmp.replace(target)
     except BaseException:
         _remove_quietly(tmp)
@@ -93,9 +110,28 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        tmp.chmod(0o644)
         tmp.replace(target)
     except BaseException:
         _remove_quietly(tmp)
         raise
     _fsync_dir(target.parent)
     logger.debug("wrote %s", target)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_open(path) as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (newlines as given); returns the path."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented UTF-8 JSON (no NaN) atomically; returns the path."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return write_text_atomic(path, text)

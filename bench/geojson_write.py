@@ -10,7 +10,8 @@ extracted to a temporary folder), alternating with the current one, for a before
 on the same machine load. Wall-clock rates depend on free cores (the gzip deflate runs on worker
 threads); ``nuclei/CPU-s`` is the steadier figure on a busy machine.
 
-Usage: ``python bench/geojson.py [--nuclei 1000000] [--chunk 20000] [--out DIR] [--baseline REF]``
+Usage: ``python bench/geojson_write.py [--nuclei 1000000] [--chunk 20000] [--out DIR]``
+``[--baseline REF]``
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from slidestream.overlays import NucleusTable, write_nuclei_geojson, write_nuclei_parquet
+from slidestream.overlays._table import invalid_outlines
 
 MEASUREMENTS = (
     "area_um2", "perimeter_um", "equivalent_diameter_um", "major_axis_um", "minor_axis_um",
@@ -66,6 +68,9 @@ def synth_table(n: int, seed: int, *, vertices: int = 20, mpp: float = 0.25) -> 
     meas["major_axis_um"] = 2 * a * mpp
     meas["minor_axis_um"] = 2 * b * mpp
     half = np.maximum(a, b)
+    # Checked once here, as the stitcher checks every tile in the post-processing workers; the
+    # writer then does only its cheap checks (as in the pipeline).
+    valid = not invalid_outlines(coords, offsets).any()
     return NucleusTable(
         centroid_x=cx,
         centroid_y=cy,
@@ -77,6 +82,7 @@ def synth_table(n: int, seed: int, *, vertices: int = 20, mpp: float = 0.25) -> 
         offsets=offsets,
         measurements=meas,
         classes=CLASSES[rng.integers(0, len(CLASSES), n)],
+        outlines_valid=valid,
     )
 
 
