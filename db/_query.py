@@ -55,13 +55,16 @@ from sqlalchemy.orm import aliased
 
 from slidestream.db._migrate import check_schema
 from slidestream.db._schema import (
+    ALL_TISSUE,
     CLASS_METRIC_COLUMNS,
     SLIDE_METRIC_COLUMNS,
+    TYPE_METRIC_COLUMNS,
     ClassStatistics,
     QCFlag,
     Slide,
     SlideMetadata,
     SlideStatistics,
+    TypeStatistics,
 )
 from slidestream.errors import ConfigError
 
@@ -73,6 +76,7 @@ __all__ = [
     "CLASS_METRICS",
     "SLIDE_METRICS",
     "SUMMARY_FIELDS",
+    "TYPE_METRICS",
     "MetricSummary",
     "query_cohort",
     "query_cohort_df",
@@ -84,6 +88,7 @@ logger = logging.getLogger(__name__)
 SLIDES: Table = Slide.__table__  # type: ignore[assignment]
 SSTATS: Table = SlideStatistics.__table__  # type: ignore[assignment]
 CSTATS: Table = ClassStatistics.__table__  # type: ignore[assignment]
+TSTATS: Table = TypeStatistics.__table__  # type: ignore[assignment]
 FLAGS: Table = QCFlag.__table__  # type: ignore[assignment]
 META: Table = SlideMetadata.__table__  # type: ignore[assignment]
 
@@ -91,6 +96,9 @@ SLIDE_METRICS: tuple[str, ...] = SLIDE_METRIC_COLUMNS
 """Metrics of the slide-level statistics (areas mm², densities per mm², nucleus areas µm²)."""
 CLASS_METRICS: tuple[str, ...] = CLASS_METRIC_COLUMNS
 """Metrics of the per-tissue-class statistics (with ``tissue_class``)."""
+TYPE_METRICS: tuple[str, ...] = TYPE_METRIC_COLUMNS
+"""Metrics of the per-nucleus-type statistics (with ``nucleus_type``, and ``tissue_class`` for
+one class instead of the whole tissue)."""
 BUILTIN_COLUMNS: tuple[str, ...] = ("vendor", "objective_power", "name", "path", "fingerprint")
 """Slide columns usable in ``by``/``where`` besides metadata keys."""
 SUMMARY_FIELDS: tuple[str, ...] = ("n", "mean", "median", "std", "q1", "q3")
@@ -114,7 +122,8 @@ class MetricSummary:
     tissue_class: str | None
     """The tissue class summarised, ``None`` for slide-level statistics."""
     metric: str
-    """The metric (a column of :data:`SLIDE_METRICS` or :data:`CLASS_METRICS`)."""
+    """The metric (a column of :data:`SLIDE_METRICS`, :data:`CLASS_METRICS` or
+    :data:`TYPE_METRICS`)."""
     n: int
     """Slides of the group with a value (``NULL`` values are left out)."""
     mean: float | None
@@ -125,13 +134,17 @@ class MetricSummary:
     """First quartile (linear interpolation, as ``percentile_cont`` / ``numpy.percentile``)."""
     q3: float | None
     """Third quartile."""
+    nucleus_type: str | None = None
+    """The nucleus type summarised (``None``: all nuclei)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The row of :func:`query_cohort`: the ``by`` columns, ``tissue_class`` (when set),
-        ``metric``, then :data:`SUMMARY_FIELDS`."""
+        ``nucleus_type`` (when set), ``metric``, then :data:`SUMMARY_FIELDS`."""
         row: dict[str, Any] = dict(self.group)
         if self.tissue_class is not None:
             row["tissue_class"] = self.tissue_class
+        if self.nucleus_type is not None:
+            row["nucleus_type"] = self.nucleus_type
         row["metric"] = self.metric
         row.update(
             n=self.n, mean=self.mean, median=self.median, std=self.std, q1=self.q1, q3=self.q3
@@ -139,15 +152,24 @@ class MetricSummary:
         return row
 
 
-def check_metrics(metrics: Sequence[str], tissue_class: str | None) -> tuple[str, ...]:
-    """The metrics, checked against those of the scope (slide level or one tissue class)."""
-    allowed = CLASS_METRICS if tissue_class is not None else SLIDE_METRICS
+def check_metrics(
+    metrics: Sequence[str], tissue_class: str | None, nucleus_type: str | None = None
+) -> tuple[str, ...]:
+    """The metrics, checked against those of the scope (slide level, one tissue class, or one
+    nucleus type in either)."""
+    if nucleus_type is not None:
+        allowed = TYPE_METRICS
+    else:
+        allowed = CLASS_METRICS if tissue_class is not None else SLIDE_METRICS
     metrics = tuple(metrics)
     if not metrics:
         raise ConfigError(f"no metric given; pass one or more of {list(allowed)}")
     for metric in metrics:
         if metric not in allowed:
             scope = f"tissue class {tissue_class!r}" if tissue_class is not None else "slides"
+            if nucleus_type is not None:
+                region = scope if tissue_class is not None else "the whole tissue"
+                scope = f"nucleus type {nucleus_type!r} in {region}"
             raise ConfigError(
                 f"metric {metric!r} does not exist for {scope}; use one of {list(allowed)}"
             )
@@ -201,11 +223,17 @@ def _cohort_parts(
     tissue_class: str | None,
     where: Mapping[str, str | Sequence[str]],
     include_flagged: bool,
+    nucleus_type: str | None = None,
 ) -> tuple[Table, FromClause, list[ColumnElement[Any]], list[ColumnElement[bool]]]:
     """The statistics table, FROM clause, group columns ``g0..`` and WHERE conditions."""
-    stats = CSTATS if tissue_class is not None else SSTATS
+    stats = SSTATS if tissue_class is None else CSTATS
+    if nucleus_type is not None:
+        stats = TSTATS
     conditions: list[ColumnElement[bool]] = [stats.c.latest == true()]
-    if tissue_class is not None:
+    if nucleus_type is not None:
+        region = ALL_TISSUE if tissue_class is None else tissue_class
+        conditions[:0] = [stats.c.tissue_class == region, stats.c.nucleus_type == nucleus_type]
+    elif tissue_class is not None:
         conditions.insert(0, stats.c.tissue_class == tissue_class)
     builtin_where, meta_where = where_conditions(stats.c.slide_id, where)
     source: FromClause = stats
@@ -416,6 +444,7 @@ def summarise_cohort(
     where: Mapping[str, str | Sequence[str]] | None = None,
     metrics: Sequence[str] = ("nuclei_per_mm2",),
     include_flagged: bool = False,
+    nucleus_type: str | None = None,
 ) -> list[MetricSummary]:
     """Summarise slide statistics per group of slides (typed rows; see :func:`query_cohort`).
 
@@ -428,9 +457,13 @@ def summarise_cohort(
         the order given.
     """
     by = tuple(by)
-    metrics = check_metrics(metrics, tissue_class)
+    metrics = check_metrics(metrics, tissue_class, nucleus_type)
     stats, source, group_cols, conditions = _cohort_parts(
-        by=by, tissue_class=tissue_class, where=where or {}, include_flagged=include_flagged
+        by=by,
+        tissue_class=tissue_class,
+        where=where or {},
+        include_flagged=include_flagged,
+        nucleus_type=nucleus_type,
     )
     check_schema(engine)
     with engine.connect() as conn:
@@ -452,6 +485,7 @@ def summarise_cohort(
                     std=std,
                     q1=q1,
                     q3=q3,
+                    nucleus_type=nucleus_type,
                 )
             )
     logger.debug("cohort query: %d groups", len(groups))
@@ -466,6 +500,7 @@ def query_cohort(
     where: Mapping[str, str | Sequence[str]] | None = None,
     metrics: Sequence[str] = ("nuclei_per_mm2",),
     include_flagged: bool = False,
+    nucleus_type: str | None = None,
 ) -> list[dict[str, Any]]:
     """Summarise slide statistics per group of slides.
 
@@ -487,14 +522,20 @@ def query_cohort(
         Metrics to summarise.
     include_flagged : bool
         Include QC-flagged slides.
+    nucleus_type : str, optional
+        Summarise the statistics of the nuclei of this type (metrics of :data:`TYPE_METRICS`),
+        inside ``tissue_class`` when given, else over the whole tissue; e.g. ``tissue_class=
+        "tumour", nucleus_type="inflammatory", metrics=["nuclei_per_mm2"]`` is the density of
+        tumour-infiltrating inflammatory cells. Slides analysed without a typing model have no
+        such rows (they are not in any group).
 
     Returns
     -------
     list of dict
         One row per (group, metric), sorted by group: the ``by`` keys with their values,
-        ``tissue_class`` (when given), ``metric``, then ``n`` (slides with a value), ``mean``,
-        ``median``, ``std`` (sample; ``None`` below 2 slides), ``q1`` and ``q3`` (linear
-        interpolation). Groups without slides do not appear.
+        ``tissue_class`` (when given), ``nucleus_type`` (when given), ``metric``, then ``n``
+        (slides with a value), ``mean``, ``median``, ``std`` (sample; ``None`` below 2 slides),
+        ``q1`` and ``q3`` (linear interpolation). Groups without slides do not appear.
 
     Raises
     ------
@@ -518,6 +559,7 @@ def query_cohort(
             where=where,
             metrics=metrics,
             include_flagged=include_flagged,
+            nucleus_type=nucleus_type,
         )
     ]
 
@@ -530,6 +572,7 @@ def query_cohort_df(
     where: Mapping[str, str | Sequence[str]] | None = None,
     metrics: Sequence[str] = ("nuclei_per_mm2",),
     include_flagged: bool = False,
+    nucleus_type: str | None = None,
 ) -> pd.DataFrame:
     """:func:`query_cohort` as a pandas DataFrame (needs pandas).
 
@@ -556,6 +599,12 @@ def query_cohort_df(
         where=where,
         metrics=metrics,
         include_flagged=include_flagged,
+        nucleus_type=nucleus_type,
     )
-    columns = [*by, *(["tissue_class"] if tissue_class is not None else []), "metric"]
+    columns = [
+        *by,
+        *(["tissue_class"] if tissue_class is not None else []),
+        *(["nucleus_type"] if nucleus_type is not None else []),
+        "metric",
+    ]
     return pd.DataFrame(rows, columns=[*columns, *SUMMARY_FIELDS])

@@ -15,6 +15,9 @@ Tables (all created by the Alembic migrations in ``slidestream.migrations``):
     The slide-level numbers of ``summary.json``, one row per succeeded run.
 ``class_statistics``
     The per-tissue-class numbers of ``summary.json``, one row per (run, class).
+``type_statistics``
+    The per-nucleus-type numbers of ``summary.json`` (typing nucleus models), one row per
+    (run, tissue class, type); ``tissue_class`` is ``""`` for the whole tissue.
 
 The slide's latest succeeded run is kept twice by ``record_run``, in the same transaction:
 ``slides.latest_run_id`` (for the slide list) and the ``latest`` column of every statistics row
@@ -50,9 +53,11 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "ALL_TISSUE",
     "CLASS_METRIC_COLUMNS",
     "RUN_STATUSES",
     "SLIDE_METRIC_COLUMNS",
+    "TYPE_METRIC_COLUMNS",
     "AnalysisRun",
     "Base",
     "ClassStatistics",
@@ -61,6 +66,7 @@ __all__ = [
     "Slide",
     "SlideMetadata",
     "SlideStatistics",
+    "TypeStatistics",
 ]
 
 NAMING_CONVENTION: dict[str, str] = {
@@ -81,10 +87,31 @@ _COMMON_METRIC_COLUMNS = (
     "nucleus_area_median_um2",
     "mean_hematoxylin_od",
 )
-SLIDE_METRIC_COLUMNS: tuple[str, ...] = ("tissue_area_mm2", *_COMMON_METRIC_COLUMNS)
+SLIDE_METRIC_COLUMNS: tuple[str, ...] = (
+    "tissue_area_mm2",
+    *_COMMON_METRIC_COLUMNS,
+    "inflammatory_epithelial_ratio",
+)
 """The queryable columns of :class:`SlideStatistics` (in its covering index)."""
-CLASS_METRIC_COLUMNS: tuple[str, ...] = ("area_mm2", "fraction", *_COMMON_METRIC_COLUMNS)
+CLASS_METRIC_COLUMNS: tuple[str, ...] = (
+    "area_mm2",
+    "fraction",
+    *_COMMON_METRIC_COLUMNS,
+    "inflammatory_epithelial_ratio",
+)
 """The queryable columns of :class:`ClassStatistics` (in its covering index)."""
+TYPE_METRIC_COLUMNS: tuple[str, ...] = (
+    "nuclei_per_mm2",
+    "nucleus_count",
+    "fraction",
+    "nucleus_area_mean_um2",
+    "nucleus_area_median_um2",
+    "eccentricity_mean",
+    "mean_hematoxylin_od",
+)
+"""The queryable columns of :class:`TypeStatistics` (in its covering index)."""
+ALL_TISSUE = ""
+"""``type_statistics.tissue_class`` of the rows about the whole tissue (not one class)."""
 
 
 class Base(DeclarativeBase):
@@ -220,6 +247,8 @@ class SlideStatistics(Base):
     nucleus_area_q1_um2: Mapped[float | None] = mapped_column(Float)
     nucleus_area_q3_um2: Mapped[float | None] = mapped_column(Float)
     mean_hematoxylin_od: Mapped[float | None] = mapped_column(Float)
+    inflammatory_epithelial_ratio: Mapped[float | None] = mapped_column(Float)
+    """Inflammatory per epithelial nucleus (typing models; ``None`` otherwise)."""
 
 
 class ClassStatistics(Base):
@@ -253,6 +282,46 @@ class ClassStatistics(Base):
     nucleus_area_median_um2: Mapped[float | None] = mapped_column(Float)
     nucleus_area_q1_um2: Mapped[float | None] = mapped_column(Float)
     nucleus_area_q3_um2: Mapped[float | None] = mapped_column(Float)
+    mean_hematoxylin_od: Mapped[float | None] = mapped_column(Float)
+    inflammatory_epithelial_ratio: Mapped[float | None] = mapped_column(Float)
+    """Inflammatory per epithelial nucleus in the class (typing models)."""
+
+
+class TypeStatistics(Base):
+    """The numbers of one nucleus type in one region (the tissue, or a class) of one run."""
+
+    __tablename__ = "type_statistics"
+    __table_args__ = (
+        # Cohort queries: one (region, type)'s latest statistics of every slide (covering).
+        Index(
+            "ix_type_statistics_latest",
+            "tissue_class",
+            "nucleus_type",
+            "latest",
+            "slide_id",
+            *TYPE_METRIC_COLUMNS,
+        ),
+    )
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("analysis_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    tissue_class: Mapped[str] = mapped_column(String(128), primary_key=True)
+    """The tissue class, or :data:`ALL_TISSUE` (``""``) for the whole tissue."""
+    nucleus_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The nucleus model's type name (``epithelial``, ``inflammatory``, ``spindle``, ``other``)."""
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    latest: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Whether this is the slide's latest succeeded run (kept by ``record_run``)."""
+    nucleus_count: Mapped[int | None] = mapped_column(Integer)
+    fraction: Mapped[float | None] = mapped_column(Float)
+    """Share of the region's nuclei that have the type, 0..1."""
+    nuclei_per_mm2: Mapped[float | None] = mapped_column(Float)
+    """Nuclei of the type per mm² of the region."""
+    nucleus_area_mean_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_median_um2: Mapped[float | None] = mapped_column(Float)
+    eccentricity_mean: Mapped[float | None] = mapped_column(Float)
+    eccentricity_median: Mapped[float | None] = mapped_column(Float)
     mean_hematoxylin_od: Mapped[float | None] = mapped_column(Float)
 
 

@@ -47,15 +47,17 @@ from slidestream.db._query import (
     SLIDE_METRICS,
     SLIDES,
     SSTATS,
+    TSTATS,
     not_flagged,
     where_conditions,
 )
-from slidestream.db._schema import AnalysisRun
+from slidestream.db._schema import ALL_TISSUE, AnalysisRun
 from slidestream.errors import ConfigError
 
 __all__ = [
     "SLIDE_COLUMNS",
     "SLIDE_SORT_KEYS",
+    "SLIDE_TYPE_COLUMNS",
     "SlidePage",
     "SlideRow",
     "count_slides",
@@ -83,6 +85,14 @@ SLIDE_COLUMNS: tuple[str, ...] = (
 """The ``slides`` columns of a slide row (sizes in level-0 px, resolutions in µm/px)."""
 SLIDE_SORT_KEYS: tuple[str, ...] = ("name", "id", *SLIDE_METRICS)
 """What the slide list can be sorted by."""
+SLIDE_TYPE_COLUMNS: tuple[str, ...] = tuple(
+    f"{t}_{m}"
+    for t in ("epithelial", "inflammatory", "spindle", "other")
+    for m in ("per_mm2", "fraction")
+)
+"""Per-type columns of a slide row (over the whole tissue): ``<type>_per_mm2`` (nuclei of the
+type per mm² of tissue) and ``<type>_fraction`` (share of the nuclei); ``None`` for runs of a
+model without a type head. A model with other type names adds its own ``<type>_*`` keys."""
 
 _CURSOR_VERSION = 1
 
@@ -110,7 +120,8 @@ class SlideRow:
     finished_at: datetime | None
     """When that run finished (UTC)."""
     statistics: Mapping[str, float | int | None]
-    """Metric (:data:`~slidestream.db.SLIDE_METRICS`) to value; ``None`` without a value."""
+    """Metric (:data:`~slidestream.db.SLIDE_METRICS`, then :data:`SLIDE_TYPE_COLUMNS`) to
+    value; ``None`` without a value."""
     flags: tuple[str, ...]
     """QC flag names, sorted."""
     metadata: Mapping[str, str]
@@ -285,6 +296,18 @@ def _attach(conn: Connection, rows: Sequence[Any]) -> list[SlideRow]:
         ):
             metadata.setdefault(slide_id, {})[key] = value
     n_cols = len(SLIDE_COLUMNS)
+    run_ids = [int(row[n_cols]) for row in rows if row[n_cols] is not None]
+    per_type: dict[int, dict[str, float | None]] = {}
+    if run_ids:
+        for run_id, name, density, fraction in conn.execute(
+            select(
+                TSTATS.c.run_id, TSTATS.c.nucleus_type, TSTATS.c.nuclei_per_mm2, TSTATS.c.fraction
+            ).where(TSTATS.c.run_id.in_(run_ids), TSTATS.c.tissue_class == ALL_TISSUE)
+        ):
+            per_type.setdefault(int(run_id), {}).update(
+                {f"{name}_per_mm2": density, f"{name}_fraction": fraction}
+            )
+    blank_types = dict.fromkeys(SLIDE_TYPE_COLUMNS)
     out = []
     for row, slide_id in zip(rows, ids, strict=True):
         out.append(
@@ -301,7 +324,11 @@ def _attach(conn: Connection, rows: Sequence[Any]) -> list[SlideRow]:
                 objective_power=row[9],
                 run_id=row[n_cols],
                 finished_at=row[n_cols + 1],
-                statistics=dict(zip(SLIDE_METRICS, row[n_cols + 2 :], strict=True)),
+                statistics={
+                    **dict(zip(SLIDE_METRICS, row[n_cols + 2 :], strict=True)),
+                    **blank_types,
+                    **per_type.get(int(row[n_cols]) if row[n_cols] is not None else -1, {}),
+                },
                 flags=tuple(flags.get(slide_id, ())),
                 metadata=metadata.get(slide_id, {}),
             )

@@ -28,7 +28,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from slidestream.db._engine import mask_url, scrub_credentials, write_connection
 from slidestream.db._migrate import check_schema
-from slidestream.db._schema import AnalysisRun, ClassStatistics, Slide, SlideStatistics
+from slidestream.db._schema import (
+    ALL_TISSUE,
+    AnalysisRun,
+    ClassStatistics,
+    Slide,
+    SlideStatistics,
+    TypeStatistics,
+)
 from slidestream.errors import ConfigError, DatabaseError
 from slidestream.summary import SUMMARY_SCHEMA, ModelRecord, NucleusStatistics, Summary
 
@@ -182,7 +189,29 @@ def _statistic_columns(stats: NucleusStatistics) -> dict[str, float | int | None
         "nucleus_area_q1_um2": area.q1,
         "nucleus_area_q3_um2": area.q3,
         "mean_hematoxylin_od": stats.mean_hematoxylin_od,
+        "inflammatory_epithelial_ratio": stats.inflammatory_epithelial_ratio,
     }
+
+
+def _type_rows(region: str, stats: NucleusStatistics) -> list[dict[str, Any]]:
+    """The ``type_statistics`` rows of one region (``ALL_TISSUE`` or a tissue class)."""
+    rows = []
+    for name, t in stats.types.items():
+        rows.append(
+            {
+                "tissue_class": region,
+                "nucleus_type": name,
+                "nucleus_count": t.nucleus_count,
+                "fraction": t.fraction,
+                "nuclei_per_mm2": t.nuclei_per_mm2,
+                "nucleus_area_mean_um2": t.nucleus_area_um2.mean,
+                "nucleus_area_median_um2": t.nucleus_area_um2.median,
+                "eccentricity_mean": t.eccentricity.mean,
+                "eccentricity_median": t.eccentricity.median,
+                "mean_hematoxylin_od": t.mean_hematoxylin_od,
+            }
+        )
+    return rows
 
 
 def _model_json(record: ModelRecord) -> dict[str, Any]:
@@ -209,7 +238,7 @@ def _advance_latest(conn: Connection, slide_id: int, run_id: int) -> bool:
     ).scalar_one_or_none()
     if moved is None:
         return False
-    for model in (SlideStatistics, ClassStatistics):
+    for model in (SlideStatistics, ClassStatistics, TypeStatistics):
         table: Table = model.__table__  # type: ignore[assignment]
         conn.execute(
             update(table)
@@ -295,6 +324,9 @@ def record_run(engine: Engine, summary: Summary | Mapping[str, Any]) -> int:
         }
         for class_name, cstats in stats.classes.items()
     ]
+    type_rows = _type_rows(ALL_TISSUE, stats)
+    for class_name, cstats in stats.classes.items():
+        type_rows += _type_rows(class_name, cstats)
     check_schema(engine)
 
     def work(conn: Connection) -> int:
@@ -324,6 +356,14 @@ def record_run(engine: Engine, summary: Summary | Mapping[str, Any]) -> int:
                 [
                     {"run_id": run_id, "slide_id": slide_id, "latest": latest, **row}
                     for row in class_rows
+                ],
+            )
+        if type_rows:
+            conn.execute(
+                TypeStatistics.__table__.insert(),  # type: ignore[attr-defined]
+                [
+                    {"run_id": run_id, "slide_id": slide_id, "latest": latest, **row}
+                    for row in type_rows
                 ],
             )
         logger.info("recorded slide %s as run %d", name, run_id)

@@ -9,6 +9,7 @@ Upstream: :mod:`slidestream.tiling` (tile batches) and :mod:`slidestream.wsi`. N
 # nucleus segmentation
 from slidestream.models.nuclei import ClassicalSegmenter as ClassicalSegmenter
 from slidestream.models.nuclei import NucleusModel as NucleusModel
+from slidestream.models.nuclei import instance_types as instance_types
 from slidestream.models.nuclei import list_nuclei_models as list_nuclei_models
 from slidestream.models.nuclei import load_nuclei_model as load_nuclei_model
 from slidestream.models.nuclei import measure_nuclei as measure_nuclei
@@ -18,6 +19,7 @@ from slidestream.models.nuclei import train_nuclei as train_nuclei
 __all__ = [
     "ClassicalSegmenter",
     "NucleusModel",
+    "instance_types",
     "list_nuclei_models",
     "load_nuclei_model",
     "measure_nuclei",

@@ -16,7 +16,15 @@ Measurement names (per detection, same set on every nucleus; a non-finite value 
 QuPath v0.4 cannot read NaN) are :data:`~slidestream.overlays.MEASUREMENT_DISPLAY_NAMES`:
 ``Area µm^2``, ``Perimeter µm``, ``Equivalent diameter µm``, ``Major axis µm``, ``Minor axis µm``,
 ``Eccentricity``, ``Solidity``, ``Circularity``, ``Red: Mean``, ``Green: Mean``, ``Blue: Mean``,
-``Hematoxylin OD: Mean``, ``Eosin OD: Mean``; unknown measurement keys are written as-is.
+``Hematoxylin OD: Mean``, ``Eosin OD: Mean``, and for a typing model ``Type probability:
+<Type>``; unknown measurement keys are written as-is.
+
+Classification: with ``classify_by="type"`` (the default of ``slidestream run`` for a typing
+model) a detection's QuPath classification is its nucleus type (``Epithelial``,
+``Inflammatory``, ``Spindle``, ``Other``, fixed colours: :data:`NUCLEUS_TYPE_COLORS`) and the
+tissue class of its region goes into the object's metadata (``"metadata":{"tissue_class":
+"Tumor"}``: QuPath >= 0.5 keeps string metadata on the object); with ``classify_by="tissue"``
+the classification is the tissue class and the type goes into ``metadata.nucleus_type``.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final, cast
+from typing import IO, Final, Literal, cast
 
 import geojson
 import imagecodecs
@@ -46,6 +55,7 @@ from slidestream.errors import ConfigError, GeometryError
 
 from . import _json_text as jt
 from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids, uuid5_text
+from ._nucleus_types import NUCLEUS_TYPE_COLORS, type_classification
 from ._parquet import ParquetStream
 from ._table import UNCLASSIFIED, NucleusTable, measurement_display_name
 
@@ -60,6 +70,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RGB = tuple[int, int, int]
+
+ClassifyBy = Literal["tissue", "type"]
+"""What a nucleus detection's QuPath classification is: its tissue class, or its nucleus type."""
 
 _HEADER: Final = b'{"type":"FeatureCollection","features":[\n'
 _FOOTER: Final = b"\n]}\n"
@@ -181,22 +194,76 @@ class _Rows:
         return b"".join(self.parts)
 
 
-def _classification_field(
-    table: NucleusTable, class_colors: Mapping[str, RGB], min_width: int
+def _metadata_text(key: str, value: str) -> bytes:
+    """``"metadata":{"key":"value"},`` (QuPath >= 0.5 object metadata); empty without a value."""
+    if value in ("", UNCLASSIFIED):
+        return b""
+    return b'"metadata":' + orjson.dumps({key: value}) + b","
+
+
+def _label_field(
+    n: int, labels: npt.NDArray[np.str_] | None, render: Callable[[str], bytes], min_width: int
 ) -> tuple[npt.NDArray[np.uint8], int]:
-    """Per-nucleus ``"classification":{...},`` text, shape (n, w), left-aligned.
+    """Per-nucleus text of a label (``render(label)``), shape (n, w), left-aligned.
 
     Shorter texts are padded with spaces up to ``min_width`` (fixed per file, so the output does
     not depend on the chunking) and with NUL beyond, which is removed afterwards.
     """
-    n = len(table)
-    if table.classes is None:
+    if labels is None:
         return np.full((n, min_width), 32, np.uint8), min_width
-    names, inverse = np.unique(table.classes, return_inverse=True)
-    texts = [_classification_text(str(name), class_colors) for name in names]
+    names, inverse = np.unique(labels, return_inverse=True)
+    texts = [render(str(name)) for name in names]
     width = max([min_width, *map(len, texts)])
     padded = [t.ljust(min_width).ljust(width, b"\0") for t in texts]
     return jt.lookup(padded, inverse.ravel()), width
+
+
+def _qupath_types(table: NucleusTable) -> npt.NDArray[np.str_] | None:
+    """The QuPath classification name of each nucleus's type (``""``: untyped)."""
+    if table.types is None:
+        return None
+    names, inverse = np.unique(table.types, return_inverse=True)
+    mapped = np.array([type_classification(str(t)) if t else "" for t in names], dtype=np.str_)
+    return mapped[inverse.ravel()]
+
+
+@dataclass(frozen=True, slots=True)
+class _Labelling:
+    """How one file labels its detections: classification and metadata, fixed widths."""
+
+    classify_by: ClassifyBy
+    class_colors: Mapping[str, RGB]
+    """Colour of each classification name of this file (tissue classes or QuPath types)."""
+    class_min_width: int
+    metadata_key: str
+    metadata_min_width: int
+
+    @classmethod
+    def make(
+        cls,
+        classify_by: ClassifyBy,
+        tissue_colors: Mapping[str, RGB],
+        type_colors: Mapping[str, RGB],
+    ) -> _Labelling:
+        colors = dict(type_colors if classify_by == "type" else tissue_colors)
+        others = tissue_colors if classify_by == "type" else type_colors
+        key = "tissue_class" if classify_by == "type" else "nucleus_type"
+        return cls(
+            classify_by=classify_by,
+            class_colors=colors,
+            class_min_width=max((len(_classification_text(c, colors)) for c in colors), default=0),
+            metadata_key=key,
+            metadata_min_width=max((len(_metadata_text(key, c)) for c in others), default=0),
+        )
+
+    def labels(
+        self, table: NucleusTable
+    ) -> tuple[npt.NDArray[np.str_] | None, npt.NDArray[np.str_] | None]:
+        """(classification names, metadata values) of the nuclei of ``table``."""
+        types = _qupath_types(table)
+        if self.classify_by == "type":
+            return types, table.classes if types is not None else None
+        return table.classes, types
 
 
 def _leave_out_non_finite(
@@ -221,7 +288,7 @@ def _leave_out_non_finite(
 
 
 def _properties(
-    table: NucleusTable, class_colors: Mapping[str, RGB], class_min_width: int
+    table: NucleusTable, labelling: _Labelling
 ) -> tuple[_Rows, Callable[[npt.NDArray[np.uint8], int], None]]:
     """Layout of ``"properties":{...}}},\\n`` and a function filling it into rows at a column.
 
@@ -229,8 +296,16 @@ def _properties(
     """
     rows = _Rows()
     rows.add(b'"properties":{"objectType":"detection",')
-    classification, class_width = _classification_field(table, class_colors, class_min_width)
-    class_col = rows.add(b" " * class_width, class_min_width)
+    names, meta = labelling.labels(table)
+    colors, key = labelling.class_colors, labelling.metadata_key
+    classification, class_width = _label_field(
+        len(table), names, lambda c: _classification_text(c, colors), labelling.class_min_width
+    )
+    class_col = rows.add(b" " * class_width, labelling.class_min_width)
+    metadata, meta_width = _label_field(
+        len(table), meta, lambda v: _metadata_text(key, v), labelling.metadata_min_width
+    )
+    meta_col = rows.add(b" " * meta_width, labelling.metadata_min_width)
     rows.add(b'"measurements":{')
     keys = table.measurement_names
     values = np.stack([table.measurements[k] for k in keys], axis=1) if keys else None
@@ -245,6 +320,7 @@ def _properties(
 
     def fill(out: npt.NDArray[np.uint8], at: int) -> None:
         out[:, at + class_col : at + class_col + class_width] = classification
+        out[:, at + meta_col : at + meta_col + meta_width] = metadata
         for col, field in zip(cols, fields, strict=True):
             field.write(out, at + col)
         if values is not None:
@@ -259,8 +335,7 @@ def _nuclei_chunk_text(
     id_text: npt.NDArray[np.uint8],
     *,
     as_points: bool,
-    class_colors: Mapping[str, RGB],
-    class_min_width: int = 0,
+    labelling: _Labelling,
 ) -> bytes | memoryview:
     """Serialise the nuclei of ``table`` as features, each followed by ``,\\n``.
 
@@ -271,7 +346,7 @@ def _nuclei_chunk_text(
     head = _Rows()
     head.add(b'{"type":"Feature","id":"')
     id_col = head.add(b" " * 36)
-    tail, fill_tail = _properties(table, class_colors, class_min_width)
+    tail, fill_tail = _properties(table, labelling)
     if as_points:
         x, y = jt.fixed_field(table.centroids(), 2, min_int_digits=_COORD_DIGITS).split(2)
         head.add(b'","geometry":{"type":"Point","coordinates":[')
@@ -332,6 +407,8 @@ def write_nuclei_geojson(
     chunk_size: int = 20_000,
     parquet_path: str | os.PathLike[str] | None = None,
     l0_bounds: tuple[float, float] | None = None,
+    classify_by: ClassifyBy = "tissue",
+    type_colors: Mapping[str, RGB] | None = None,
 ) -> int:
     """Stream nuclei to a QuPath GeoJSON FeatureCollection of detections.
 
@@ -373,6 +450,14 @@ def write_nuclei_geojson(
     l0_bounds : (width, height), optional
         The slide's level-0 size in px; a coordinate outside ``[0, width] x [0, height]`` is an
         error (the stitcher clips outlines to the slide, :func:`clip_to_bounds`).
+    classify_by : {"tissue", "type"}
+        The QuPath classification of a nucleus: its tissue class (``NucleusTable.classes``,
+        the default) or its nucleus type (``NucleusTable.types``, as
+        :func:`type_classification` names it); the other one is written as object metadata
+        (``tissue_class`` / ``nucleus_type``). Tables without types are classified by tissue
+        class either way.
+    type_colors : mapping, optional
+        QuPath type classification -> ``(r, g, b)`` (default :data:`NUCLEUS_TYPE_COLORS`).
 
     Returns
     -------
@@ -384,9 +469,15 @@ def write_nuclei_geojson(
             f"write_nuclei_geojson: compresslevel {compresslevel} is out of range; "
             f"use 0 to {_MAX_COMPRESSLEVEL} (1 is fast and compact)"
         )
+    if classify_by not in ("tissue", "type"):
+        raise ConfigError(f"classify_by={classify_by!r} is unknown; use 'tissue' or 'type'")
     target = Path(path)
-    colors = dict(class_colors or {})
-    class_min_width = max((len(_classification_text(c, colors)) for c in colors), default=0)
+    labelling = _Labelling.make(
+        classify_by,
+        dict(class_colors or {}),
+        dict(NUCLEUS_TYPE_COLORS if type_colors is None else type_colors),
+    )
+    untyped = _Labelling.make("tissue", dict(class_colors or {}), {})
     count = 0
     pending: bytes | memoryview = b""
     with contextlib.ExitStack() as stack:
@@ -408,8 +499,7 @@ def write_nuclei_geojson(
                     chunk,
                     id_text,
                     as_points=as_points,
-                    class_colors=colors,
-                    class_min_width=class_min_width,
+                    labelling=labelling if chunk.types is not None else untyped,
                 )
                 if pending:
                     out.write(pending)

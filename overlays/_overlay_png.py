@@ -134,6 +134,8 @@ def render_overlay_png(
     fill_alpha: float = 0.4,
     heat_alpha: float = 0.75,
     title: str | None = None,
+    density_of: str | None = None,
+    type_legend: Sequence[tuple[str, RGB, int]] = (),
 ) -> tuple[int, int]:
     """Render and atomically write the overview PNG.
 
@@ -159,6 +161,12 @@ def render_overlay_png(
         Opacity of the class fill and of the heat map.
     title : str, optional
         Title line (e.g. the slide name and nucleus count).
+    density_of : str, optional
+        What ``nucleus_centroids_l0`` are, for the density panel's caption and colour bar (e.g.
+        ``"Inflammatory"``: "Inflammatory nuclei per mm²"); default all nuclei.
+    type_legend : sequence of (name, (r, g, b), count)
+        Nucleus types with their fixed colour and count on the slide, listed under the tissue
+        classes (typing models).
 
     Returns
     -------
@@ -225,7 +233,7 @@ def render_overlay_png(
     items = list(class_polygons)
     total_um2 = sum(float(g.area) for g in class_polygons.values()) * mpp * mpp
     left_w = width // 2 - _PAD
-    legend_lines = max(1, len(items))
+    legend_lines = max(1, len(items)) + (len(type_legend) + 1 if type_legend else 0)
     legend_h = max(legend_lines * line_h, 70) + 24
     height = title_h + caption_h + h + _PAD + legend_h + _PAD
     canvas = Image.new("RGB", (width, height), _BG)
@@ -235,7 +243,8 @@ def render_overlay_png(
     y0 = title_h + caption_h
     x_right = width - _PAD - w
     draw.text((_PAD, title_h), "Tissue classes", fill=_INK, font=font)
-    draw.text((x_right, title_h), "Nucleus density", fill=_INK, font=font)
+    density_caption = f"{density_of} nucleus density" if density_of else "Nucleus density"
+    draw.text((x_right, title_h), txt(density_caption), fill=_INK, font=font)
     canvas.paste(tissue, (_PAD, y0))
     canvas.paste(Image.fromarray(heat_panel, "RGB"), (x_right, y0))
     for x in (_PAD, x_right):
@@ -265,12 +274,31 @@ def render_overlay_png(
         draw.text((_PAD + swatch + 6, yy - 1), txt(text), fill=_INK, font=font_small)
     if not items:
         draw.text((_PAD, ly + 20), "no tissue regions", fill=_MUTED, font=font_small)
+    if type_legend:
+        ty = ly + 20 + max(1, len(items)) * line_h
+        total = sum(count for _, _, count in type_legend)
+        draw.text(
+            (_PAD, ty), "Nucleus type  (count, share of nuclei)", fill=_MUTED, font=font_small
+        )
+        for i, (name, color, count) in enumerate(type_legend):
+            yy = ty + 20 + i * line_h
+            draw.ellipse(
+                (_PAD + 2, yy + 2, _PAD + swatch - 2, yy + swatch - 2), fill=color, outline=_INK
+            )
+            share = 100 * count / total if total else 0.0
+            draw.text(
+                (_PAD + swatch + 6, yy - 1),
+                txt(f"{name}  {count:,}  ({share:.0f} %)"),
+                fill=_INK,
+                font=font_small,
+            )
 
     # legend: density colour bar
     cb_w = min(w, max(160, width // 2 - 3 * _PAD))
     cx = max(_PAD + left_w // 2 + _PAD, x_right)
     cx = min(cx, width - _PAD - cb_w)
-    draw.text((cx, ly), txt("Nuclei per mm²"), fill=_MUTED, font=font_small)
+    unit = f"{density_of} nuclei per mm²" if density_of else "Nuclei per mm²"
+    draw.text((cx, ly), txt(unit), fill=_MUTED, font=font_small)
     bar = _colormap(np.linspace(0, 1, cb_w)[None, :].repeat(12, axis=0))
     canvas.paste(Image.fromarray(bar, "RGB"), (cx, ly + 20))
     draw.rectangle((cx - 1, ly + 19, cx + cb_w, ly + 32), outline=_INK)

@@ -2,8 +2,10 @@
 
 Columns: ``id`` (the same uuid5 as the GeoJSON feature), ``index`` (running nucleus index),
 ``centroid_x``, ``centroid_y``, ``bbox_x0``, ``bbox_y0``, ``bbox_x1``, ``bbox_y1`` (level-0 px,
-float64), every measurement under its ``measure_nuclei`` key (``area_um2``, ..., float64) and
-``tissue_class`` (string; null for unclassified nuclei).
+float64), every measurement under its ``measure_nuclei`` key (``area_um2``, ..., float64; for a
+typing model also ``p_<type>``, the nucleus's mean type probabilities), ``tissue_class`` (string;
+null for unclassified nuclei) and, for a typing model, ``type`` (the type with the highest
+probability, e.g. ``inflammatory``; the column is absent for a model without a type head).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def _arrow_chunk(
     else:
         mask = table.classes == UNCLASSIFIED
         cols["tissue_class"] = pa.array(table.classes.tolist(), pa.string(), mask=mask)
+    if table.types is not None:
+        cols["type"] = pa.array(table.types.tolist(), pa.string(), mask=table.types == "")
     return pa.table(cols)
 
 

@@ -100,6 +100,9 @@ class NucleusTable:
     """``measure_nuclei`` key (``area_um2``, ...) -> (N,) float64, in the units the key names."""
     classes: npt.NDArray[np.str_] | None = None
     """(N,) tissue class name per nucleus, or None before classification."""
+    types: npt.NDArray[np.str_] | None = None
+    """(N,) nucleus type name per nucleus (the nucleus model's names, e.g. ``inflammatory``), or
+    None (a model without a type head, or before typing)."""
     truncated: int = 0
     """Nuclei owned by a tile but touching its outer border (the halo was too small)."""
     outlines_valid: bool = False
@@ -119,6 +122,8 @@ class NucleusTable:
         }
         if self.classes is not None:
             columns["classes"] = self.classes
+        if self.types is not None:
+            columns["types"] = self.types
         for name, col in columns.items():
             if col.shape != (n,):
                 raise ConfigError(
@@ -194,6 +199,12 @@ class NucleusTable:
                 ]
             )
 
+        types: npt.NDArray[np.str_] | None = None
+        if any(t.types is not None for t in tables):
+            types = np.concatenate(
+                [t.types if t.types is not None else np.full(len(t), "") for t in tables]
+            )
+
         def cat(name: str) -> FloatArray:
             return np.concatenate([getattr(t, name) for t in tables])
 
@@ -208,6 +219,7 @@ class NucleusTable:
             offsets=offsets,
             measurements={k: np.concatenate([t.measurements[k] for t in tables]) for k in names},
             classes=classes,
+            types=types,
             truncated=truncated,
             outlines_valid=all(t.outlines_valid for t in tables),
         )
@@ -228,6 +240,16 @@ class NucleusTable:
             )
         return replace(self, classes=classes)
 
+    def with_types(self, type_names: npt.ArrayLike) -> NucleusTable:
+        """Return a copy with one nucleus type name per nucleus (``""``: untyped)."""
+        types = np.asarray(type_names, dtype=np.str_)
+        if types.shape != (len(self),):
+            raise ConfigError(
+                f"NucleusTable.with_types: got {types.shape} type names for {len(self)} "
+                "nuclei; pass exactly one name per nucleus"
+            )
+        return replace(self, types=types)
+
     def slice(self, start: int, stop: int) -> NucleusTable:
         """Return nuclei ``start:stop`` as a new table (views, offsets re-based to 0)."""
         start, stop, _ = slice(start, stop).indices(len(self))
@@ -244,6 +266,7 @@ class NucleusTable:
             offsets=self.offsets[start : stop + 1] - c0,
             measurements={k: v[start:stop] for k, v in self.measurements.items()},
             classes=None if self.classes is None else self.classes[start:stop],
+            types=None if self.types is None else self.types[start:stop],
             truncated=self.truncated if start == 0 else 0,
             outlines_valid=self.outlines_valid,
         )

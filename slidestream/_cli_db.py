@@ -237,6 +237,15 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         "--class", "tissue_class", metavar="CLASS", help="Statistics of one tissue class."
     )
     @click.option(
+        "--type",
+        "nucleus_type",
+        metavar="TYPE",
+        help="Statistics of the nuclei of one type (epithelial, inflammatory, spindle, other), "
+        "inside --class or over the whole tissue; metrics: nuclei_per_mm2, nucleus_count, "
+        "fraction, nucleus_area_mean_um2, nucleus_area_median_um2, eccentricity_mean, "
+        "mean_hematoxylin_od.",
+    )
+    @click.option(
         "--where",
         "where",
         multiple=True,
@@ -297,6 +306,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         db_url: str | None,
         by: tuple[str, ...],
         tissue_class: str | None,
+        nucleus_type: str | None,
         where: tuple[str, ...],
         metrics: tuple[str, ...],
         fmt: str,
@@ -311,7 +321,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         """Cohort statistics: per group n, mean, median, std, q1, q3 of slide metrics.
 
         Each slide counts once, with its latest succeeded run; QC-flagged slides are left out
-        unless --include-flagged.
+        unless --include-flagged. E.g. tumour-infiltrating lymphocytes per diagnosis:
+        query --by diagnosis --class tumour --type inflammatory --metric nuclei_per_mm2
         """
         from slidestream.db import SUMMARY_FIELDS, open_database, query_cohort
 
@@ -322,6 +333,8 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             "--sort": sort != "name",
             "--desc": descending,
         }
+        if list_only and (tissue_class or nucleus_type):
+            raise click.UsageError("--class/--type summarise a cohort: not with --slides")
         if not list_only and any(paging.values()):
             used = ", ".join(name for name, given in paging.items() if given)
             raise click.UsageError(f"{used}: only with --slides")
@@ -351,17 +364,34 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
                 where=where_map,
                 metrics=metrics or ("nuclei_per_mm2",),
                 include_flagged=include_flagged,
+                nucleus_type=nucleus_type,
             )
         finally:
             engine.dispose()
-        columns = [*by, *(["tissue_class"] if tissue_class else []), "metric", *SUMMARY_FIELDS]
+        columns = [
+            *by,
+            *(["tissue_class"] if tissue_class else []),
+            *(["nucleus_type"] if nucleus_type else []),
+            "metric",
+            *SUMMARY_FIELDS,
+        ]
         click.echo(_render(rows, columns, fmt))
 
 
 def _slide_columns() -> list[str]:
-    from slidestream.db import SLIDE_METRICS
+    from slidestream.db import SLIDE_METRICS, SLIDE_TYPE_COLUMNS
 
-    return ["name", "fingerprint", "vendor", "run_id", *SLIDE_METRICS, "flags", "metadata", "path"]
+    return [
+        "name",
+        "fingerprint",
+        "vendor",
+        "run_id",
+        *SLIDE_METRICS,
+        *(c for c in SLIDE_TYPE_COLUMNS if c.endswith("_per_mm2")),
+        "flags",
+        "metadata",
+        "path",
+    ]
 
 
 def _list_slides(

@@ -27,6 +27,8 @@ _RUN_FLAGS = (
     "batch_size",
     "postprocess_workers",
     "nuclei_as",
+    "nuclei_classification",
+    "overlay_type",
     "tissue_mask_mpp",
     "min_tissue_area_um2",
     "min_tissue_fraction",

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULTS",
     "OPTIONS",
     "NucleiAs",
+    "NucleiClassification",
     "Option",
     "RunConfig",
     "config_tree",
@@ -59,6 +60,10 @@ __all__ = [
 ]
 
 NucleiAs = Literal["polygons", "points"]
+
+NucleiClassification = Literal["type", "tissue"]
+"""What a nucleus detection's QuPath classification is: its nucleus type (typing models) or the
+tissue class of its region."""
 
 MPP_RANGE = click.FloatRange(0.01, 100.0)
 """Every ``--mpp`` (an input's own µm/px): 0.01 to 100 µm/px."""
@@ -257,6 +262,30 @@ OPTIONS: tuple[Option, ...] = (
         result=True,
     ),
     Option(
+        field="nuclei_classification",
+        section="nuclei",
+        key="classification",
+        flag="--nuclei-classification",
+        kind=str,
+        param=click.Choice(["type", "tissue"]),
+        default="type",
+        help="QuPath classification of each nucleus: its nucleus type (a typing model; the "
+        "tissue class then goes into the object's metadata) or its region's tissue class.",
+        result=True,
+    ),
+    Option(
+        field="overlay_type",
+        section="nuclei",
+        key="overlay_type",
+        flag="--overlay-type",
+        kind=str,
+        param=click.Choice(["inflammatory", "epithelial", "spindle", "other", "all"]),
+        default="inflammatory",
+        help="Nucleus type whose density overlay.png maps over the tissue classes (typing "
+        "models; 'all': every nucleus).",
+        result=True,
+    ),
+    Option(
         field="nuclei_tile_size_px",
         section="nuclei",
         key="tile_size_px",
@@ -353,6 +382,8 @@ class _Defaults:
     min_class_island_um2: float
     nuclei_model: str
     nuclei_as: NucleiAs
+    nuclei_classification: NucleiClassification
+    overlay_type: str
     nuclei_tile_size_px: int
     nucleus_halo_um: float
     device: str
@@ -396,6 +427,8 @@ class RunConfig:
     postprocess_workers: int | None = DEFAULTS.postprocess_workers
     force: bool = DEFAULTS.force
     nuclei_as: NucleiAs = DEFAULTS.nuclei_as
+    nuclei_classification: NucleiClassification = DEFAULTS.nuclei_classification
+    overlay_type: str = DEFAULTS.overlay_type
     nuclei_tile_size_px: int = DEFAULTS.nuclei_tile_size_px
     nucleus_halo_um: float = DEFAULTS.nucleus_halo_um
     min_tissue_fraction: float = DEFAULTS.min_tissue_fraction

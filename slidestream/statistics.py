@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from slidestream.summary import ClassStatistics, SlideStatistics, ValueSummary
+from slidestream.summary import ClassStatistics, SlideStatistics, TypeStatistics, ValueSummary
 
 __all__ = ["StatisticsAccumulator"]
 
@@ -29,20 +30,57 @@ def _per_mm2(count: int, area_mm2: float) -> float | None:
     return float(count / area_mm2) if area_mm2 > 0 else None
 
 
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return float(numerator / denominator) if denominator > 0 else None
+
+
+def _type_block(
+    type_names: Sequence[str],
+    types: npt.NDArray[np.int16],
+    area: npt.NDArray[np.float64],
+    ecc: npt.NDArray[np.float64],
+    hema: npt.NDArray[np.float64],
+    region_area_mm2: float,
+) -> tuple[dict[str, TypeStatistics], float | None]:
+    """Per-type statistics of the nuclei of one region, and its inflammatory/epithelial ratio."""
+    out: dict[str, TypeStatistics] = {}
+    total = int(types.size)
+    for t, name in enumerate(type_names):
+        sel = types == t
+        n = int(sel.sum())
+        out[name] = TypeStatistics(
+            nucleus_count=n,
+            fraction=_ratio(n, total),
+            nuclei_per_mm2=_per_mm2(n, region_area_mm2),
+            nucleus_area_um2=_summary(area[sel]),
+            eccentricity=_summary(ecc[sel]),
+            mean_hematoxylin_od=float(hema[sel].mean()) if n else None,
+        )
+    ratio = None
+    if "inflammatory" in out and "epithelial" in out:
+        ratio = _ratio(out["inflammatory"].nucleus_count, out["epithelial"].nucleus_count)
+    return out, ratio
+
+
 @dataclass(slots=True)
 class StatisticsAccumulator:
-    """Collects nucleus measurements per tissue class during the streaming pass.
+    """Collects nucleus measurements per tissue class (and nucleus type) during the stream.
 
     Parameters
     ----------
     class_names
         Tissue classes of the slide, in model order.
+    type_names
+        Nucleus types of the nucleus model (empty: no type head, no per-type statistics).
     """
 
     class_names: Sequence[str]
+    type_names: Sequence[str] = ()
     _area: list[npt.NDArray[np.float32]] = field(default_factory=list)
     _hema: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    _ecc: list[npt.NDArray[np.float32]] = field(default_factory=list)
     _cls: list[npt.NDArray[np.int16]] = field(default_factory=list)
+    _type: list[npt.NDArray[np.int16]] = field(default_factory=list)
 
     def add(
         self,
@@ -50,11 +88,25 @@ class StatisticsAccumulator:
         area_um2: npt.ArrayLike,
         hematoxylin_od: npt.ArrayLike,
         class_index: npt.ArrayLike,
+        type_index: npt.ArrayLike | None = None,
+        eccentricity: npt.ArrayLike | None = None,
     ) -> None:
-        """Add one chunk of nuclei (aligned 1-D arrays; class -1 = outside every class)."""
-        self._area.append(np.asarray(area_um2, dtype=np.float32).ravel())
+        """Add one chunk of nuclei (aligned 1-D arrays; class -1 = outside every class).
+
+        ``type_index`` (index into ``type_names``, -1 = untyped) and ``eccentricity`` are
+        needed when the accumulator has ``type_names``.
+        """
+        area = np.asarray(area_um2, dtype=np.float32).ravel()
+        self._area.append(area)
         self._hema.append(np.asarray(hematoxylin_od, dtype=np.float32).ravel())
         self._cls.append(np.asarray(class_index, dtype=np.int16).ravel())
+        if self.type_names:
+            if type_index is None or eccentricity is None:
+                raise ValueError(
+                    "StatisticsAccumulator with type_names needs type_index and eccentricity"
+                )
+            self._type.append(np.asarray(type_index, dtype=np.int16).ravel())
+            self._ecc.append(np.asarray(eccentricity, dtype=np.float32).ravel())
 
     @property
     def count(self) -> int:
@@ -83,11 +135,28 @@ class StatisticsAccumulator:
         -------
         SlideStatistics
             Tissue area, nucleus count, density, area quartiles and mean haematoxylin OD, for the
-            whole tissue and per class (with the class's area and fraction of the tissue).
+            whole tissue and per class (with the class's area and fraction of the tissue); with
+            ``type_names``, the same per nucleus type, overall and per class x type.
         """
-        area = np.concatenate(self._area).astype(np.float64) if self._area else np.zeros(0)
-        hema = np.concatenate(self._hema).astype(np.float64) if self._hema else np.zeros(0)
-        cls = np.concatenate(self._cls) if self._cls else np.zeros(0, dtype=np.int16)
+
+        def cat(chunks: list[npt.NDArray[Any]], dtype: Any) -> npt.NDArray[Any]:
+            return np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype)
+
+        area = cat(self._area, np.float64)
+        hema = cat(self._hema, np.float64)
+        cls = cat(self._cls, np.int16)
+        typ = cat(self._type, np.int16)
+        ecc = cat(self._ecc, np.float64)
+        typed = bool(self.type_names)
+
+        def by_type(sel: npt.NDArray[np.bool_] | slice, region_mm2: float) -> dict[str, Any]:
+            if not typed:
+                return {}
+            types, ratio = _type_block(
+                self.type_names, typ[sel], area[sel], ecc[sel], hema[sel], region_mm2
+            )
+            return {"types": types, "inflammatory_epithelial_ratio": ratio}
+
         classes: dict[str, ClassStatistics] = {}
         for index, name in enumerate(self.class_names):
             sel = cls == index
@@ -102,6 +171,7 @@ class StatisticsAccumulator:
                 nuclei_per_mm2=_per_mm2(n, c_area),
                 nucleus_area_um2=_summary(area[sel]),
                 mean_hematoxylin_od=float(hema[sel].mean()) if n else None,
+                **by_type(sel, c_area),
             )
         n_all = int(area.size)
         return SlideStatistics(
@@ -111,4 +181,5 @@ class StatisticsAccumulator:
             nucleus_area_um2=_summary(area),
             mean_hematoxylin_od=float(hema.mean()) if n_all else None,
             classes=classes,
+            **by_type(slice(None), float(tissue_area_mm2)),
         )

@@ -8,9 +8,10 @@ through it.
 Versioning: :data:`SUMMARY_SCHEMA` names the schema. Adding a field (with a default) keeps the
 name, and readers ignore keys they do not know, so an older summary still reads (its new fields
 take their defaults). Renaming or removing a field, or changing its meaning, needs a new name.
-To extend the statistics (e.g. per nucleus type), add a field with a default to
-:class:`SlideStatistics` (``types: Mapping[str, NucleusStatistics] = {}``) and its parsing in
-:func:`_slide_statistics`.
+To extend the statistics, add a field with a default to :class:`NucleusStatistics` (or
+:class:`TypeStatistics`) and its parsing in :func:`_nucleus_fields`. Per nucleus type
+(``statistics.types`` and ``statistics.classes.<class>.types``) every number is defined once, in
+:class:`TypeStatistics`.
 
 Frames and units: slide sizes in level-0 px, µm/px, areas µm² (nuclei) and mm² (tissue), optical
 densities in OD units, times in seconds and ISO 8601 UTC timestamps.
@@ -40,6 +41,7 @@ __all__ = [
     "SlideRecord",
     "SlideStatistics",
     "Summary",
+    "TypeStatistics",
     "ValueSummary",
 ]
 
@@ -75,6 +77,24 @@ class ValueSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TypeStatistics:
+    """The nuclei of one nucleus type inside a region (the whole tissue, or one tissue class)."""
+
+    nucleus_count: int = 0
+    """Nuclei of the type in the region."""
+    fraction: float | None = None
+    """Share of the region's nuclei that have the type, 0..1 (``None`` without nuclei)."""
+    nuclei_per_mm2: float | None = None
+    """Nuclei of the type per mm² of the region (``None`` when its area is 0)."""
+    nucleus_area_um2: ValueSummary = field(default_factory=ValueSummary)
+    """Areas of those nuclei in µm²."""
+    eccentricity: ValueSummary = field(default_factory=ValueSummary)
+    """Eccentricity of the ellipse of equal second moments (0 circle .. 1 line), unitless."""
+    mean_hematoxylin_od: float | None = None
+    """Mean haematoxylin optical density of those nuclei (OD units)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NucleusStatistics:
     """Nucleus statistics of a region (the whole tissue, or one tissue class)."""
 
@@ -86,6 +106,13 @@ class NucleusStatistics:
     """Nucleus areas in µm²."""
     mean_hematoxylin_od: float | None = None
     """Mean haematoxylin optical density of the nuclei (OD units)."""
+    types: Mapping[str, TypeStatistics] = field(default_factory=dict)
+    """Nucleus type (the model's names: ``epithelial``, ``inflammatory``, ``spindle``,
+    ``other``) -> its statistics in the region; every type of the model is listed (count 0 when
+    absent); empty when the nucleus model has no type head."""
+    inflammatory_epithelial_ratio: float | None = None
+    """Inflammatory nuclei per epithelial nucleus in the region (``None`` without a type head,
+    or without epithelial nuclei)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -322,6 +349,20 @@ def _values(value: object, what: str, source: str) -> ValueSummary:
     )
 
 
+def _type_statistics(value: object, what: str, source: str) -> TypeStatistics:
+    m = _mapping(value, what, source)
+    return TypeStatistics(
+        nucleus_count=_opt_int(m.get("nucleus_count"), f"{what}.nucleus_count", source) or 0,
+        fraction=_opt_float(m.get("fraction"), f"{what}.fraction", source),
+        nuclei_per_mm2=_opt_float(m.get("nuclei_per_mm2"), f"{what}.nuclei_per_mm2", source),
+        nucleus_area_um2=_values(m.get("nucleus_area_um2"), f"{what}.nucleus_area_um2", source),
+        eccentricity=_values(m.get("eccentricity"), f"{what}.eccentricity", source),
+        mean_hematoxylin_od=_opt_float(
+            m.get("mean_hematoxylin_od"), f"{what}.mean_hematoxylin_od", source
+        ),
+    )
+
+
 def _nucleus_fields(m: Mapping[str, Any], what: str, source: str) -> dict[str, Any]:
     return {
         "nucleus_count": _opt_int(m.get("nucleus_count"), f"{what}.nucleus_count", source),
@@ -329,6 +370,13 @@ def _nucleus_fields(m: Mapping[str, Any], what: str, source: str) -> dict[str, A
         "nucleus_area_um2": _values(m.get("nucleus_area_um2"), f"{what}.nucleus_area_um2", source),
         "mean_hematoxylin_od": _opt_float(
             m.get("mean_hematoxylin_od"), f"{what}.mean_hematoxylin_od", source
+        ),
+        "types": {
+            str(name): _type_statistics(t, f"{what}.types.{name}", source)
+            for name, t in _mapping(m.get("types"), f"{what}.types", source).items()
+        },
+        "inflammatory_epithelial_ratio": _opt_float(
+            m.get("inflammatory_epithelial_ratio"), f"{what}.inflammatory_epithelial_ratio", source
         ),
     }
 

@@ -26,12 +26,14 @@ from slidestream.models.nuclei._registry import (
     load_nuclei_model,
 )
 from slidestream.models.nuclei._train import TrainConfig, TrainResult, train_nuclei
+from slidestream.models.nuclei._types import InstanceTypes, instance_types
 
 __all__ = [
     "MEASUREMENT_KEYS",
     "SHIPPED_WEIGHTS",
     "ClassicalSegmenter",
     "DataSource",
+    "InstanceTypes",
     "NetworkConfig",
     "NucleusModel",
     "NucleusNet",
@@ -40,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_network",
+    "instance_types",
     "list_nuclei_models",
     "load_nuclei_model",
     "make_targets",

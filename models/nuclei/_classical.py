@@ -31,6 +31,8 @@ class ClassicalSegmenter:
 
     name = "classical"
     weights_sha256 = ""
+    type_names: tuple[str, ...] = ()
+    """No nucleus types (no type head)."""
 
     def __init__(
         self, *, mpp: float = 0.5, min_area_um2: float = 6.0, seed_h_um: float = 0.6

@@ -42,6 +42,11 @@ class NucleusModelLike(Protocol):
     weights_sha256: str
 
     @property
+    def type_names(self) -> tuple[str, ...]:
+        """Nucleus types of the type head, in channel order (empty: no type head)."""
+        ...
+
+    @property
     def postprocess_config(self) -> Any:
         """Post-processing thresholds (with ``to_dict()``), or ``None``."""
         ...
@@ -120,7 +125,10 @@ class LoadedModels:
                 name=str(self.nuclei.name),
                 sha256=str(self.nuclei.weights_sha256),
                 mpp=float(self.nuclei.mpp),
-                details={"postprocess": None if pp is None else pp.to_dict()},
+                details={
+                    "postprocess": None if pp is None else pp.to_dict(),
+                    "types": list(self.nuclei.type_names),
+                },
             ),
             "tissue": ModelRecord(
                 name=str(self.tissue.name),
@@ -140,6 +148,7 @@ class _ClassicalAsModel:
     """
 
     postprocess_config = None
+    type_names: tuple[str, ...] = ()
 
     def __init__(self, segmenter: Any) -> None:
         self.segmenter = segmenter

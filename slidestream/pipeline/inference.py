@@ -8,6 +8,7 @@ next batch is inferred; tiles reach the pool through a :class:`~slidestream.tile
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -202,6 +203,7 @@ def submit_nucleus_tile(
     *,
     ring: TileRing | None = None,
     l0_bounds: tuple[float, float] | None = None,
+    type_names: tuple[str, ...] = (),
 ) -> Future[NucleusTable] | NucleusTable:
     """Run :func:`process_nucleus_tile` on a tile in ``pool``, or here when ``pool`` is None.
 
@@ -210,7 +212,7 @@ def submit_nucleus_tile(
 
     Returns a Future (pool) or the tile's NucleusTable; :func:`nucleus_tile_result` takes either.
     """
-    rest = (core, l0_origin, l0_per_px, mpp, l0_bounds)
+    rest = (core, l0_origin, l0_per_px, mpp, l0_bounds, type_names)
     if pool is None:
         return process_nucleus_tile(postprocess, maps, np.ascontiguousarray(rgb), *rest)
     ref = ring.put(maps, rgb) if ring is not None else None
@@ -236,10 +238,13 @@ def _process_ring_tile(
     l0_per_px: float,
     mpp: float,
     l0_bounds: tuple[float, float] | None,
+    type_names: tuple[str, ...],
 ) -> NucleusTable:
     """Worker: :func:`process_nucleus_tile` on a tile read from a :class:`TileRing` slot."""
     maps, rgb = ref.load()
-    return process_nucleus_tile(postprocess, maps, rgb, core, l0_origin, l0_per_px, mpp, l0_bounds)
+    return process_nucleus_tile(
+        postprocess, maps, rgb, core, l0_origin, l0_per_px, mpp, l0_bounds, type_names
+    )
 
 
 def process_nucleus_tile(
@@ -251,6 +256,7 @@ def process_nucleus_tile(
     l0_per_px: float,
     mpp: float,
     l0_bounds: tuple[float, float] | None = None,
+    type_names: tuple[str, ...] = (),
 ) -> NucleusTable:
     """Worker: instance labels from model maps, then the nuclei this tile owns (level-0).
 
@@ -261,10 +267,20 @@ def process_nucleus_tile(
     measurements use the finer labels. The RGB is enlarged by pixel replication, so colour and
     optical-density means are means of the tile's own pixels (interpolated colours would lower
     the mean OD, which is convex in intensity).
+
+    With ``type_names`` (a typing model: the last ``len(type_names)`` channels of ``maps`` are
+    its per-pixel type probabilities) every nucleus also gets measurements ``p_<type>``, the
+    mean type probability over its pixels (:func:`slidestream.models.nuclei.instance_types`).
     """
+    from slidestream.models import measure_nuclei
     from slidestream.overlays import extract_tile_nuclei
 
     labels = postprocess(maps)
+    measure = measure_nuclei
+    if type_names:
+        measure = functools.partial(
+            _measure_typed, type_probs=maps[-len(type_names) :], type_names=type_names
+        )
     u = labels.shape[0] // rgb.shape[0]  # (maps are channels-last RGB for the classical model)
     if u > 1:
         rgb = np.ascontiguousarray(rgb.repeat(u, axis=0).repeat(u, axis=1))
@@ -278,8 +294,34 @@ def process_nucleus_tile(
         l0_origin=l0_origin,
         l0_per_px=l0_per_px,
         mpp=mpp,
+        measure=measure,
         l0_bounds=l0_bounds,
     )
+
+
+def _measure_typed(
+    labels: npt.NDArray[np.int32],
+    rgb: npt.NDArray[np.uint8],
+    mpp: float,
+    *,
+    type_probs: npt.NDArray[Any],
+    type_names: tuple[str, ...],
+) -> dict[str, npt.NDArray[Any]]:
+    """``measure_nuclei`` plus ``p_<type>`` columns (mean type probability per instance)."""
+    from slidestream.models import instance_types, measure_nuclei
+    from slidestream.overlays import type_probability_key
+
+    columns = measure_nuclei(labels, rgb, mpp)
+    ids = np.asarray(columns["label"], np.int64)
+    types = instance_types(labels, type_probs, type_names)
+    probs = np.full((ids.size, len(type_names)), np.nan, np.float64)
+    if types.ids.size and ids.size:
+        row = np.minimum(np.searchsorted(types.ids, ids), types.ids.size - 1)
+        found = types.ids[row] == ids
+        probs[found] = types.probabilities[row[found]]
+    for t, name in enumerate(type_names):
+        columns[type_probability_key(name)] = probs[:, t]
+    return columns
 
 
 def nucleus_stream(
@@ -327,6 +369,7 @@ def nucleus_tables(
     l0_bounds = (float(slide.dimensions[0]), float(slide.dimensions[1]))
     # A refining preset refines its watershed only as far as the slide's own resolution needs.
     postprocess = nmodel.postprocess_for(float(slide.mpp))
+    type_names = tuple(nmodel.type_names)
     pending: deque[Future[NucleusTable] | NucleusTable] = deque()
     bar = Progress(len(grid), "nuclei", show_progress)
     # Slots for every tile that can be in flight: max_pending plus one batch.
@@ -349,6 +392,7 @@ def nucleus_tables(
                         float(nmodel.mpp),
                         ring=ring,
                         l0_bounds=l0_bounds,
+                        type_names=type_names,
                     )
                 )
             while len(pending) > max_pending:

@@ -220,7 +220,8 @@ def _analyse(
         class_polygons = clip_to_tissue(tissue.regions.polygons(), mask)
         write_tissue(stage, slide, mask, class_polygons, tissue.class_colors)
         t0 = time.perf_counter()
-        nuclei = ClassifiedNuclei(tissue)
+        type_names = tuple(models.nuclei.type_names)
+        nuclei = ClassifiedNuclei(tissue, type_names=type_names)
         tile_tables = nucleus_tables(
             slide,
             nuclei_stream,
@@ -236,6 +237,7 @@ def _analyse(
             nuclei.stream(tile_tables),
             as_points=config.nuclei_as == "points",
             class_colors=tissue.class_colors,
+            classify_by=config.nuclei_classification,
         )
         timings["nuclei"] = time.perf_counter() - t0
         if nuclei.truncated:
@@ -246,7 +248,16 @@ def _analyse(
                 config.nucleus_halo_um,
             )
         t0 = time.perf_counter()
-        write_overlay(stage, slide, class_polygons, tissue.class_colors, nuclei.centroids)
+        write_overlay(
+            stage,
+            slide,
+            class_polygons,
+            tissue.class_colors,
+            nuclei.centroids,
+            type_index=nuclei.type_index,
+            type_names=type_names,
+            overlay_type=config.overlay_type,
+        )
         timings["overlay"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         statistics = nuclei.statistics(

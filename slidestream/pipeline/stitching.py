@@ -2,7 +2,8 @@
 
 Nucleus tables come from the post-processing workers in tile order (each nucleus reported by
 exactly one tile, outlines clipped to the slide); here they are concatenated into blocks of at
-least :data:`NUCLEI_PER_BLOCK` nuclei, given the tissue class under their centroid, counted into
+least :data:`NUCLEI_PER_BLOCK` nuclei, given the tissue class under their centroid and (for a
+typing model) the type of highest mean probability (``p_<type>`` measurements), counted into
 the slide statistics and passed on to the writers.
 """
 
@@ -27,7 +28,13 @@ if TYPE_CHECKING:
     from slidestream.overlays import NucleusTable, TissueRegions
     from slidestream.tiling import TissueMask
 
-__all__ = ["NUCLEI_PER_BLOCK", "ClassifiedNuclei", "class_areas_on_mask", "clip_to_tissue"]
+__all__ = [
+    "NUCLEI_PER_BLOCK",
+    "ClassifiedNuclei",
+    "class_areas_on_mask",
+    "clip_to_tissue",
+    "nucleus_type_index",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,23 @@ def class_areas_on_mask(
     return areas
 
 
+def nucleus_type_index(table: NucleusTable, type_names: tuple[str, ...]) -> npt.NDArray[np.int8]:
+    """(N,) index of each nucleus's type: the argmax of its ``p_<type>`` measurements (-1 where
+    they are missing or not finite, i.e. no type-map pixel under the nucleus)."""
+    from slidestream.overlays import type_probability_key
+
+    n = len(table)
+    if n == 0:
+        return np.zeros(0, dtype=np.int8)
+    probs = np.stack(
+        [table.measurements.get(type_probability_key(t), np.full(n, np.nan)) for t in type_names],
+        axis=1,
+    )
+    ok = np.isfinite(probs).all(axis=1)
+    index = np.where(ok, np.argmax(np.where(ok[:, None], probs, 0.0), axis=1), -1)
+    return index.astype(np.int8)
+
+
 @dataclass(slots=True)
 class ClassifiedNuclei:
     """Classifies and counts a slide's nucleus stream while the writers consume it.
@@ -97,31 +121,52 @@ class ClassifiedNuclei:
     """
 
     tissue: TissuePass
+    type_names: tuple[str, ...] = ()
+    """Nucleus types of the model (empty: no type head)."""
     _stats: StatisticsAccumulator = field(init=False)
     _centroids: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    _types: list[npt.NDArray[np.int8]] = field(default_factory=list)
     truncated: int = 0
     """Nuclei that touched a tile border (halo too small)."""
 
     def __post_init__(self) -> None:
         from slidestream.overlays import UNCLASSIFIED
 
-        self._stats = StatisticsAccumulator((*self.tissue.class_names, UNCLASSIFIED))
+        self._stats = StatisticsAccumulator(
+            (*self.tissue.class_names, UNCLASSIFIED), type_names=self.type_names
+        )
 
     def stream(self, tile_tables: Iterable[NucleusTable]) -> Iterator[NucleusTable]:
-        """Blocks of classified nuclei, in tile order."""
+        """Blocks of classified (and typed) nuclei, in tile order."""
         from slidestream.overlays import rebatch_tables
 
         for table in rebatch_tables(tile_tables, NUCLEI_PER_BLOCK):
             names, index = self.tissue.regions.assign(table.centroid_x, table.centroid_y)
             table = table.with_classes(names)
+            type_index = None
+            if self.type_names:
+                type_index = nucleus_type_index(table, self.type_names)
+                labels = np.array([*self.type_names, ""], dtype=np.str_)
+                table = table.with_types(labels[type_index])
+                self._types.append(type_index)
             self._stats.add(
                 area_um2=table.measurements["area_um2"],
                 hematoxylin_od=table.measurements["hematoxylin_od"],
                 class_index=index,
+                type_index=type_index,
+                eccentricity=table.measurements.get("eccentricity"),
             )
             self._centroids.append(np.stack([table.centroid_x, table.centroid_y], axis=1))
             self.truncated += table.truncated
             yield table
+
+    @property
+    def type_index(self) -> npt.NDArray[np.int8]:
+        """(N,) index into :attr:`type_names` of every nucleus's type (-1: untyped; empty
+        without a type head), aligned with :attr:`centroids`."""
+        if not self._types:
+            return np.zeros(0, dtype=np.int8)
+        return np.concatenate(self._types)
 
     @property
     def count(self) -> int:

@@ -114,8 +114,13 @@ def write_nuclei(
     *,
     as_points: bool,
     class_colors: Mapping[str, tuple[int, int, int]],
+    classify_by: str = "tissue",
 ) -> int:
-    """Stream the classified nuclei into the GeoJSON and the parquet table; returns the count."""
+    """Stream the classified nuclei into the GeoJSON and the parquet table; returns the count.
+
+    ``classify_by`` (``"type"`` or ``"tissue"``) is the detections' QuPath classification for
+    typed nuclei (:func:`slidestream.overlays.write_nuclei_geojson`).
+    """
     from slidestream.overlays import write_nuclei_geojson
 
     return write_nuclei_geojson(
@@ -126,6 +131,7 @@ def write_nuclei(
         class_colors=class_colors,
         parquet_path=stage / OUTPUT_NAMES["nuclei_parquet"],
         l0_bounds=(float(slide.dimensions[0]), float(slide.dimensions[1])),
+        classify_by="type" if classify_by == "type" else "tissue",
     )
 
 
@@ -135,19 +141,44 @@ def write_overlay(
     class_polygons: Mapping[str, BaseGeometry],
     class_colors: Mapping[str, tuple[int, int, int]],
     centroids: npt.NDArray[np.float64],
+    *,
+    type_index: npt.NDArray[np.int8] | None = None,
+    type_names: tuple[str, ...] = (),
+    overlay_type: str = "all",
 ) -> None:
-    """The overview PNG: thumbnail, class regions and nucleus density."""
-    from slidestream.overlays import render_overlay_png
+    """The overview PNG: thumbnail, class regions and nucleus density.
+
+    For typed nuclei (``type_index`` into ``type_names``, aligned with ``centroids``) the density
+    panel maps the nuclei of ``overlay_type`` (``"all"``: every nucleus) and the legend lists
+    every type with its fixed colour and count.
+    """
+    import numpy as np
+
+    from slidestream.overlays import NUCLEUS_TYPE_COLORS, render_overlay_png, type_classification
 
     thumb = slide.get_thumbnail((2048, 2048))
+    density_of, legend, points = None, [], centroids
+    title = f"{len(centroids):,} nuclei"
+    if type_names and type_index is not None and len(type_index) == len(centroids):
+        counts = np.bincount(type_index[type_index >= 0], minlength=len(type_names))
+        for t, name in enumerate(type_names):
+            q = type_classification(name)
+            legend.append((q, NUCLEUS_TYPE_COLORS.get(q, (128, 128, 128)), int(counts[t])))
+        if overlay_type in type_names:
+            points = centroids[type_index == type_names.index(overlay_type)]
+            density_of = type_classification(overlay_type)
+            title += f", {len(points):,} {overlay_type}"
     render_overlay_png(
         stage / OUTPUT_NAMES["overlay_png"],
         thumb,
         thumb_l0_scale=thumb.shape[1] / slide.dimensions[0],
         class_polygons=dict(class_polygons),
         class_colors=dict(class_colors),
-        nucleus_centroids_l0=centroids,
+        nucleus_centroids_l0=points,
         slide_mpp=float(slide.mpp),
+        density_of=density_of,
+        type_legend=legend,
+        title=title,
     )
 
 

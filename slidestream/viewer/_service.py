@@ -28,7 +28,12 @@ from sqlalchemy import Engine
 
 from slidestream.db import latest_runs, list_slides
 from slidestream.errors import ConfigError, SlideOpenError, SlidestreamError
-from slidestream.overlays import MEASUREMENT_DISPLAY_NAMES, UNCLASSIFIED
+from slidestream.overlays import (
+    MEASUREMENT_DISPLAY_NAMES,
+    NUCLEUS_TYPE_CLASSES,
+    NUCLEUS_TYPE_COLORS,
+    UNCLASSIFIED,
+)
 
 from ._cache import ByteLRU
 from ._catalog import ResultCatalog, SlideEntry
@@ -53,13 +58,11 @@ logger = logging.getLogger(__name__)
 RGB = tuple[int, int, int]
 
 TYPE_COLOURS: Final[Mapping[str, RGB]] = {
-    "epithelial": (220, 50, 47),
-    "inflammatory": (40, 170, 70),
-    "spindle": (38, 110, 220),
-    "other": (230, 160, 20),
+    **{t: NUCLEUS_TYPE_COLORS[q] for t, q in NUCLEUS_TYPE_CLASSES.items()},
     UNCLASSIFIED: (128, 128, 128),
 }
-"""Colours of nucleus types (when ``nuclei.parquet`` has a ``type`` column)."""
+"""Colours of nucleus types (when ``nuclei.parquet`` has a ``type`` column): the fixed colours
+of the QuPath detections (:data:`slidestream.overlays.NUCLEUS_TYPE_COLORS`)."""
 _THUMBNAIL_PX: Final = 320
 
 

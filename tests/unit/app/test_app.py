@@ -352,11 +352,15 @@ def test_summary_schema_is_documented_field_by_field() -> None:
         ("slide", schema.SlideRecord),
         ("statistics", schema.SlideStatistics),
         ("statistics.classes.<class>", schema.ClassStatistics),
+        ("statistics.types.<type>", schema.TypeStatistics),
+        ("statistics.classes.<class>.types.<type>", schema.TypeStatistics),
         ("provenance", schema.Provenance),
         ("provenance.models.<role>", schema.ModelRecord),
     ):
         fields |= {f"{block}.{f.name}".replace("<class>", "x").replace("<role>", "r")
-                   for f in dataclasses.fields(cls)}  # fmt: skip
+                   .replace("<type>", "t") for f in dataclasses.fields(cls)}  # fmt: skip
     fields |= {"schema", "outputs"}
-    documented = {d.replace("<class>", "x").replace("<role>", "r") for d in documented}
+    documented = {
+        d.replace("<class>", "x").replace("<role>", "r").replace("<type>", "t") for d in documented
+    }
     assert documented == fields, (sorted(fields - documented), sorted(documented - fields))

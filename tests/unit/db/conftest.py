@@ -212,8 +212,11 @@ def build_summary(
     classes: dict[str, float | None] | None = None,
     parameters_hash: str | None = None,
     fingerprint: str | None = None,
+    types: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """A summary.json for slide ``name``; ``classes`` maps class name to nuclei per mm²."""
+    """A summary.json for slide ``name``; ``classes`` maps class name to nuclei per mm²;
+    ``types`` maps a region (``""``: the whole tissue, or a class) to type -> nuclei per mm²
+    (area 10 mm² per class, 20 mm² of tissue: counts follow; ratio inflammatory/epithelial)."""
     summary = copy.deepcopy(_BASE_SUMMARY)
     summary["slide"].update(
         name=name, path=f"/data/{name}.svs", fingerprint=fingerprint or f"fp-{name}"
@@ -225,6 +228,26 @@ def build_summary(
     stats["classes"] = {
         cls: {"area_mm2": 10.0, "fraction": 0.5, **_stats(dens)} for cls, dens in classes.items()
     }
+    for region, per_type in (types or {}).items():
+        block = stats if region == "" else stats["classes"][region]
+        area = 20.0 if region == "" else 10.0
+        counts = {t: round(d * area) for t, d in per_type.items()}
+        total = sum(counts.values())
+        block["types"] = {
+            t: {
+                "nucleus_count": counts[t],
+                "fraction": counts[t] / total if total else None,
+                "nuclei_per_mm2": d,
+                "nucleus_area_um2": {"mean": 40.0, "median": 39.0, "q1": 30.0, "q3": 50.0},
+                "eccentricity": {"mean": 0.5, "median": 0.5, "q1": 0.4, "q3": 0.6},
+                "mean_hematoxylin_od": 0.5,
+            }
+            for t, d in per_type.items()
+        }
+        if counts.get("epithelial"):
+            block["inflammatory_epithelial_ratio"] = (
+                counts.get("inflammatory", 0) / counts["epithelial"]
+            )
     summary["statistics"] = stats
     return summary
 

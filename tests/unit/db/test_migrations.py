@@ -42,8 +42,9 @@ def test_migrations_ship_with_env_and_versions() -> None:
         "0001_initial.py",
         "0002_cohort_metadata.py",
         "0003_cohort_scale.py",
+        "0004_nucleus_types.py",
     ]
-    assert head_revision() == "0003"
+    assert head_revision() == "0004"
 
 
 def test_upgrade_head_equals_models(fresh_engine: Engine) -> None:
@@ -280,5 +281,51 @@ def test_upgrade_from_0002_keeps_data_and_sets_latest(fresh_db_url: str) -> None
         upgrade(engine)
         assert query_cohort(engine, by=["diagnosis"], tissue_class="tumour")[0]["n"] == 2
         assert _diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0003_adds_type_statistics_and_keeps_data(
+    fresh_db_url: str, make_summary
+) -> None:
+    """A database of the previous release (0003, with data) upgrades to 0004: old rows and
+    queries unchanged, the new columns NULL, typed runs recorded and queried by type."""
+    from slidestream.db import list_slides
+
+    engine = connect(fresh_db_url)
+    try:
+        upgrade(engine, "0002")
+        _fill_at_0002(engine)
+        if engine.dialect.name == "postgresql":  # the fill gave explicit ids: move the sequences
+            with engine.begin() as conn:
+                for table in ("slides", "analysis_runs"):
+                    conn.exec_driver_sql(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                        f"(SELECT max(id) FROM {table}))"
+                    )
+        upgrade(engine, "0003")
+        upgrade(engine)
+        assert current_revision(engine) == "0004"
+        assert _diff(engine) == []
+        before = query_cohort(engine, by=["diagnosis"], tissue_class="tumour")
+        assert [(r["diagnosis"], r["n"], r["mean"]) for r in before] == [("LUAD", 2, 3.5)]
+        assert all(s["inflammatory_epithelial_ratio"] is None for s in list_slides(engine))
+        assert query_cohort(engine, nucleus_type="inflammatory") == []
+        types = {"tumour": {"inflammatory": 300.0, "epithelial": 600.0}}
+        record_run(engine, make_summary("typed", types=types))
+        rows = query_cohort(engine, tissue_class="tumour", nucleus_type="inflammatory")
+        assert [(r["n"], r["mean"]) for r in rows] == [(1, 300.0)]
+        ratio = query_cohort(
+            engine, tissue_class="tumour", metrics=["inflammatory_epithelial_ratio"]
+        )
+        assert ratio[0]["mean"] == pytest.approx(0.5)
+        downgrade(engine, "0003")
+        assert "type_statistics" not in inspect(engine).get_table_names()
+        upgrade(engine)
+        assert _diff(engine) == []
+        # the typed run's slide and class rows survived the round trip (its type rows did not)
+        after = query_cohort(engine, by=["diagnosis"], tissue_class="tumour")
+        assert (after[0]["diagnosis"], after[0]["n"], after[0]["mean"]) == ("LUAD", 2, 3.5)
+        assert query_cohort(engine, nucleus_type="inflammatory", tissue_class="tumour") == []
     finally:
         engine.dispose()

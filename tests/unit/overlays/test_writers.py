@@ -365,3 +365,74 @@ def test_rebatch_tables_keeps_order_and_outputs(tmp_path: Path, tables: list[Nuc
     for name in per_tile_pq.column_names:  # NaN-aware (one measurement is NaN)
         a, b = batched_pq[name].to_numpy(), per_tile_pq[name].to_numpy()
         np.testing.assert_array_equal(a, b)
+
+
+def _typed(tables: list[NucleusTable]) -> list[NucleusTable]:
+    """The classified tables with a type per nucleus (and ``p_*`` measurements)."""
+    names = np.array(["epithelial", "inflammatory", "spindle", "other", ""])
+    out = []
+    for t in tables:
+        k = np.arange(len(t)) % 5
+        probs = {f"p_{n}": (k == i).astype(np.float64) * 0.7 + 0.1 for i, n in enumerate(names[:4])}
+        out.append(replace(t, measurements={**t.measurements, **probs}).with_types(names[k]))
+    return out
+
+
+@pytest.mark.parametrize("classify_by", ["type", "tissue"])
+def test_typed_nuclei_are_classified_by_type_with_tissue_class_as_metadata(
+    tmp_path: Path, tables: list[NucleusTable], shared_tools: Path, classify_by: str
+) -> None:
+    from slidestream.overlays import NUCLEUS_TYPE_COLORS
+
+    typed = _typed(tables)
+    path = tmp_path / "nuclei.geojson.gz"
+    pq_path = tmp_path / "nuclei.parquet"
+    n = write_nuclei_geojson(
+        path, typed, id_namespace="fp", class_colors=COLORS, chunk_size=37,
+        parquet_path=pq_path, classify_by=classify_by,  # type: ignore[arg-type]
+    )  # fmt: skip
+    validate(shared_tools, path)
+    features = json.loads(gzip.decompress(path.read_bytes()))["features"]
+    assert len(features) == n == sum(len(t) for t in tables)
+    types = np.concatenate([t.types for t in typed])  # type: ignore[misc]
+    classes = np.concatenate([t.classes for t in typed])  # type: ignore[misc]
+    for f, t, c in zip(features, types, classes, strict=True):
+        props = f["properties"]
+        qt = t.capitalize() if t else None
+        tissue = None if c == "Unclassified" else str(c)
+        if classify_by == "type":
+            assert props.get("classification", {}).get("name") == qt
+            if qt:
+                assert props["classification"]["color"] == list(NUCLEUS_TYPE_COLORS[qt])
+            assert props.get("metadata", {}).get("tissue_class") == tissue
+        else:
+            assert props.get("classification", {}).get("name") == tissue
+            assert props.get("metadata", {}).get("nucleus_type") == qt
+        assert "Type probability: Inflammatory" in props["measurements"]
+    table = pq.read_table(pq_path)
+    assert table.column("type").to_pylist() == [t or None for t in types.tolist()]
+    assert table.column("p_inflammatory").to_numpy()[1] == pytest.approx(0.8)
+    # the text does not depend on the chunking
+    again = tmp_path / "again.geojson.gz"
+    write_nuclei_geojson(
+        again, typed, id_namespace="fp", class_colors=COLORS, chunk_size=1000,
+        classify_by=classify_by,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert gzip.decompress(again.read_bytes()) == gzip.decompress(path.read_bytes())
+
+
+def test_overlay_png_with_type_legend(tmp_path: Path) -> None:
+    thumb = np.full((120, 160, 3), 230, np.uint8)
+    poly = shapely.box(100, 100, 1500, 1100)
+    pts = np.random.default_rng(0).uniform(200, 1000, (300, 2))
+    w, h = render_overlay_png(
+        tmp_path / "o.png", thumb, thumb_l0_scale=0.1, class_polygons={"Tumor": poly},
+        class_colors=COLORS, nucleus_centroids_l0=pts, slide_mpp=0.5, density_of="Inflammatory",
+        type_legend=[("Epithelial", (220, 50, 50), 700), ("Inflammatory", (40, 110, 255), 300)],
+    )  # fmt: skip
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.size == (w, h)
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    # the legend's type swatches are drawn in their fixed colours
+    for colour in ((220, 50, 50), (40, 110, 255)):
+        assert (pixels == colour).all(axis=1).any()
