@@ -457,21 +457,26 @@ class TileLoader:
         indices = torch.from_numpy(self.dataset.indices)
         l0_xy = torch.from_numpy(self.dataset.l0_xy)
         source, self._started = self._started, None
-        for expected, item in enumerate(source if source is not None else self._loader):
-            if isinstance(item, _Failure):
-                raise SlideReadError(item.message)
-            b, images = item
-            if b != expected:  # the loader is sequential; anything else is a bug
-                raise RuntimeError(f"tile loader: got batch {b}, expected batch {expected}")
-            if images.device != self.device:
-                images = images.to(self.device, non_blocking=non_blocking)
-            start = b * batch_size
-            stop = start + int(images.shape[0])
-            yield TileBatch(
-                images=images.permute(0, 3, 1, 2),
-                indices=indices[start:stop].clone(),
-                l0_xy=l0_xy[start:stop].clone(),
-            )
+        batches = source if source is not None else iter(self._loader)
+        try:
+            for expected, item in enumerate(batches):
+                if isinstance(item, _Failure):
+                    raise SlideReadError(item.message)
+                b, images = item
+                if b != expected:  # the loader is sequential; anything else is a bug
+                    raise RuntimeError(f"tile loader: got batch {b}, expected batch {expected}")
+                if images.device != self.device:
+                    images = images.to(self.device, non_blocking=non_blocking)
+                start = b * batch_size
+                stop = start + int(images.shape[0])
+                yield TileBatch(
+                    images=images.permute(0, 3, 1, 2),
+                    indices=indices[start:stop].clone(),
+                    l0_xy=l0_xy[start:stop].clone(),
+                )
+        finally:
+            if isinstance(batches, _ThreadedIterator):
+                batches.close()  # stop the reader threads now, even if the pass was abandoned
 
 
 def make_loader(

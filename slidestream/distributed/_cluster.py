@@ -132,7 +132,7 @@ def _client_for(target: Any, timeout_s: float) -> Any:
     from distributed import Client
 
     try:
-        return Client(target, timeout=timeout_s, set_as_default=False)  # type: ignore[no-untyped-call]
+        return Client(target, timeout=timeout_s)  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ClusterError(
