@@ -54,9 +54,11 @@ def _with_run_flags(func: Any) -> Any:
     "--dask",
     "dask_scheduler",
     default=None,
-    metavar="ADDRESS",
-    help="Run slides as tasks on a Dask distributed cluster (scheduler address); OUT must be "
-    "shared storage.",
+    metavar="ADDRESS|local[:N]",
+    help="Run slides as tasks on a Dask cluster: a scheduler address (tcp://HOST:8786; start it "
+    "with `dask scheduler` and `dask worker ADDRESS`), or local[:N] for N worker processes on "
+    "this machine (default: one per core). OUT and the slides must be storage every worker "
+    "sees at the same path (checked before any slide).",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run_command(

@@ -132,3 +132,32 @@ def test_cli_reports_a_bad_dask_value_on_one_line(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "local:N" in result.output and "Traceback" not in result.output
     assert not list(out.glob(".*partial")) if out.exists() else True
+
+
+def test_slurm_example_builds_one_thread_workers_and_takes_a_cluster_object() -> None:
+    """docs/dask_slurm.py: its SLURMCluster job runs one-thread worker processes (checked on the
+    job script: nothing is submitted), and run_batch_dask accepts a cluster object (tested with
+    the LocalCluster-compatible interface in tests/integration/test_dask.py)."""
+    pytest.importorskip("dask_jobqueue")
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[3] / "docs" / "dask_slurm.py"
+    spec = importlib.util.spec_from_file_location("dask_slurm_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cluster = example.make_cluster(
+        queue="cpu",
+        account="lab",
+        cores=4,
+        memory="16GB",
+        walltime="01:00:00",
+        dashboard_address=":0",
+    )
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p cpu" in script and "#SBATCH -A lab" in script
+    assert "--nworkers 4" in script and "--nthreads 1" in script
+    assert "--nanny" in script or "--no-nanny" not in script
