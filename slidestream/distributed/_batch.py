@@ -93,6 +93,9 @@ def run_batch_dask(
             logger.info(
                 "%d slide(s) on %d Dask worker(s), batch %s", len(slides), len(reports), batch
             )
+            # Largest slide first (Dask runs higher priorities first): a huge slide started
+            # last would keep one worker busy while the others idle.
+            rank = {p: r for r, p in enumerate(sorted(resolved, key=_size_bytes))}
             futures = [
                 client.submit(
                     analyse_on_worker,
@@ -102,6 +105,7 @@ def run_batch_dask(
                     batch,
                     pure=False,
                     key=f"slidestream-{batch}-{i}-{slide_name(path)}",
+                    priority=rank[path],
                 )
                 for i, (p, path) in enumerate(zip(slides, resolved, strict=True))
             ]
@@ -119,6 +123,16 @@ def run_batch_dask(
         else:
             rec.write_failures()
     return [results[i] for i in sorted(results)]
+
+
+def _size_bytes(path: Path) -> int:
+    """Bytes of a slide file (or of a DICOM folder's files); 0 when unreadable."""
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _record(i: int, outcome: SlideOutcome, results: dict[int, SlideOutcome], rec: Recorder) -> None:
