@@ -18,10 +18,12 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
 from slidestream.config import RunConfig
+from slidestream.errors import ClusterError
 from slidestream.inputs import discover_slides
 from slidestream.pipeline import Recorder, SlideOutcome, shared_names
 
@@ -112,6 +114,17 @@ def run_batch_dask(
             follow = _Follow(client, futures, slides, config, reports[0])
             try:
                 follow.run(lambda i, outcome: _record(i, outcome, results, rec))
+            except (OSError, TimeoutError, CancelledError) as exc:  # the scheduler went away
+                _cancel(client, futures)
+                reason = (
+                    "the client lost its connection to the scheduler"
+                    if isinstance(exc, CancelledError)
+                    else " ".join(str(exc).split()) or type(exc).__name__
+                )
+                raise ClusterError(
+                    f"lost the Dask scheduler after {len(results)} of {len(slides)} slide(s) "
+                    f"({reason}); rerun the same command: finished slides are up to date"
+                ) from exc
             except BaseException:
                 _cancel(client, futures)
                 raise
