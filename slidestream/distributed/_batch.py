@@ -91,18 +91,22 @@ def run_batch_dask(
     results: dict[int, SlideOutcome] = {}
     try:
         with connect(scheduler) as client:
-            reports = check_cluster(client, config, resolved, batch=batch)
+            reports = check_cluster(
+                client, config.with_options(show_progress=False), resolved, batch=batch
+            )
             logger.info(
                 "%d slide(s) on %d Dask worker(s), batch %s", len(slides), len(reports), batch
             )
             # Largest slide first (Dask runs higher priorities first): a huge slide started
             # last would keep one worker busy while the others idle.
             rank = {p: r for r, p in enumerate(sorted(resolved, key=_size_bytes))}
+            # Progress is the client's: a worker's tile bars would go to its own stderr.
+            task_config = config.with_options(show_progress=False)
             futures = [
                 client.submit(
                     analyse_on_worker,
                     path,
-                    config,
+                    task_config,
                     slide_name(Path(p)) in shared,
                     batch,
                     pure=False,
