@@ -358,3 +358,26 @@ def test_ctrl_c_in_the_client_cancels_and_leaves_nothing_partial(
         time.sleep(1.0)  # nothing may appear afterwards either
     assert not list(out.glob(".*partial")), "staging folder left behind"
     assert not list(out.glob("*/summary.json")), "an interrupted slide was published"
+
+
+@pytest.mark.slow
+def test_a_retried_task_returns_what_its_batch_already_published(
+    slides: dict[str, Path], tmp_path: Path
+) -> None:
+    """A worker lost after publishing but before returning makes Dask run the task again: the
+    retry finds the batch id in the published summary and does not analyse the slide again
+    (another batch, or --force in a new batch, does)."""
+    from slidestream.distributed import analyse_on_worker
+
+    config = _config(tmp_path).with_options(db_url=None, force=True)
+    path = slides["alpha"].resolve()
+    first = analyse_on_worker(path, config, False, "batch-1").outcome
+    assert first.status == "done" and first.summary is not None
+    assert first.summary.provenance.execution["batch"] == "batch-1"
+    again = analyse_on_worker(path, config, False, "batch-1").outcome
+    assert again.status == "done" and again.summary == first.summary  # not redone
+    assert again.fingerprint == first.fingerprint
+    assert again.parameters_hash == first.parameters_hash
+    other = analyse_on_worker(path, config, False, "batch-2").outcome
+    assert other.status == "done" and other.summary is not None
+    assert other.summary.provenance.started_at != first.summary.provenance.started_at
