@@ -4,8 +4,9 @@ For each worker count, alternated ``--repeats`` times: a ``LocalCluster(processe
 many nanny (daemonic) workers is started, the pre-flight check loads the models on every worker
 (timed apart: a long-lived cluster pays it once), then the batch runs (``--force``, so every
 slide is analysed). Prints the batch wall time (pre-flight excluded and included), the speed-up
-over one worker, and each slide's own time, which shows where the speed-up stops (cores shared
-with the client, the scheduler and, on a busy machine, other jobs).
+over one worker, each slide's own time and the workers' CPU seconds per slide: when the CPU per
+slide stays the same while each slide takes longer, the workers are waiting for cores (shared
+with the client, the scheduler and, on a busy machine, other jobs): that is where it stops.
 
 Usage: ``python bench/dask_workers.py [--slides 4] [--workers 1,2] [--repeats 2]
 [--nuclei-model default] [--width 1792 --height 1408]``
@@ -15,10 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this (worker) process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -51,7 +59,7 @@ def main() -> None:
             f"{len(slides)} slides of {args.width} x {args.height} px at 0.5 µm/px, nuclei model "
             f"{args.nuclei_model}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}"
         )
-        results: dict[int, list[tuple[float, float, list[float]]]] = {n: [] for n in counts}
+        results: dict[int, list[tuple[float, float, list[float], float]]] = {n: [] for n in counts}
         for repeat in range(args.repeats):
             for n in counts:
                 out = root / f"out-{n}-{repeat}"
@@ -71,24 +79,33 @@ def main() -> None:
                 ):
                     t0 = time.perf_counter()
                     check_cluster(client, config, slides, batch=f"warm{n}{repeat}")
+                    cpu0 = sum(client.run(_cpu_s).values())
                     t1 = time.perf_counter()
                     outcomes = run_batch_dask(slides, config, scheduler=client)
                     t2 = time.perf_counter()
+                    cpu = sum(client.run(_cpu_s).values()) - cpu0
                 assert all(o.status == "done" for o in outcomes), [o.reason for o in outcomes]
                 per_slide = [o.seconds for o in outcomes]
-                results[n].append((t2 - t1, t1 - t0, per_slide))
+                results[n].append((t2 - t1, t1 - t0, per_slide, cpu / len(slides)))
                 print(
                     f"  repeat {repeat + 1}, {n} worker(s): batch {t2 - t1:.1f} s (models "
                     f"{t1 - t0:.1f} s), per slide {' '.join(f'{s:.1f}' for s in per_slide)} s, "
-                    f"load {os.getloadavg()[0]:.1f}"
+                    f"workers' CPU {cpu / len(slides):.1f} s/slide, load {os.getloadavg()[0]:.1f}"
                 )
         base = statistics.median(r[0] for r in results[counts[0]])
-        print("workers | batch s (median) | with models s | per slide s (median) | speed-up")
+        print(
+            "workers | batch s (median) | with models s | per slide s (median) | "
+            "worker CPU s/slide | speed-up"
+        )
         for n in counts:
             batch = statistics.median(r[0] for r in results[n])
             warm = statistics.median(r[0] + r[1] for r in results[n])
             slide = statistics.median(s for r in results[n] for s in r[2])
-            print(f"{n:7d} | {batch:16.1f} | {warm:13.1f} | {slide:20.1f} | {base / batch:.2f}x")
+            cpu = statistics.median(r[3] for r in results[n])
+            print(
+                f"{n:7d} | {batch:16.1f} | {warm:13.1f} | {slide:20.1f} | {cpu:18.1f} | "
+                f"{base / batch:.2f}x"
+            )
 
 
 if __name__ == "__main__":
