@@ -381,3 +381,22 @@ def test_a_retried_task_returns_what_its_batch_already_published(
     other = analyse_on_worker(path, config, False, "batch-2").outcome
     assert other.status == "done" and other.summary is not None
     assert other.summary.provenance.started_at != first.summary.provenance.started_at
+
+
+@pytest.mark.slow
+def test_an_up_to_date_slide_restores_a_lost_database_row(
+    slides: dict[str, Path], tmp_path: Path
+) -> None:
+    """A slide published by a worker whose result never reached the client (scheduler or
+    client lost) is up to date on the rerun; recording it then restores its database row,
+    and recording it again writes nothing."""
+    from slidestream.pipeline import run_batch
+
+    out = tmp_path / "out"
+    run_batch([slides["beta"]], _config(out).with_options(db_url=None))  # published, unrecorded
+    config = _config(out)
+    for _ in range(2):
+        (again,) = run_batch([slides["beta"]], config)
+        assert (again.status, again.skip_reason) == ("skipped", "up_to_date")
+        runs = _records(out)[1]
+        assert [(r[0], r[1]) for r in runs] == [("succeeded", "beta")]
