@@ -56,9 +56,11 @@ def _with_run_flags(func: Any) -> Any:
     "--dask",
     "dask_scheduler",
     default=None,
-    metavar="ADDRESS",
-    help="Run slides as tasks on a Dask distributed cluster (scheduler address); OUT must be "
-    "shared storage.",
+    metavar="ADDRESS|local[:N]",
+    help="Run slides as tasks on a Dask cluster: a scheduler address (tcp://HOST:8786; start it "
+    "with `dask scheduler` and `dask worker ADDRESS`), or local[:N] for N worker processes on "
+    "this machine (default: one per core). OUT and the slides must be storage every worker "
+    "sees at the same path (checked before any slide).",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run_command(
@@ -96,11 +98,28 @@ def run_command(
         show_progress=not no_progress and sys.stderr.isatty(),
         **options,
     )
+    if dask_scheduler:
+        _quiet_dask()
     report = run_slides(list(inputs), config, dask_scheduler=dask_scheduler)
     for line in report.lines:
         click.echo(line, err=True)
     if report.exit_code:
         raise SystemExit(report.exit_code)
+
+
+def _quiet_dask() -> None:
+    """Keep Dask's own INFO lines (cluster start, every connection) off the console unless
+    ``-v -v``: ``distributed`` sets its loggers' levels when imported, after the CLI's set-up, and
+    the worker processes of ``--dask local[:N]`` read the environment variable."""
+    import logging
+    import os
+
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    import distributed  # noqa: F401  (configures its loggers on import)
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 @click.command("demo")

@@ -43,11 +43,15 @@ class BatchReport:
 
 
 def run_slides(
-    inputs: Sequence[Path], config: RunConfig, *, dask_scheduler: str | None = None
+    inputs: Sequence[Path], config: RunConfig, *, dask_scheduler: str | Any | None = None
 ) -> BatchReport:
-    """``slidestream run``: a local batch, or Dask tasks with ``dask_scheduler``; recorded."""
+    """``slidestream run``: a local batch, or Dask tasks with ``dask_scheduler``; recorded.
+
+    ``dask_scheduler`` is what :func:`slidestream.distributed.run_batch_dask` takes: a scheduler
+    address, ``local[:N]``, a ``distributed.Client`` or a cluster object (``SLURMCluster``).
+    """
     with Recorder(config) as recorder:
-        if dask_scheduler:
+        if dask_scheduler is not None and dask_scheduler != "":
             from slidestream.distributed import run_batch_dask
 
             outcomes = run_batch_dask(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "AnnotationError",
+    "ClusterError",
     "ConfigError",
     "DatabaseError",
     "GeometryError",
@@ -60,6 +61,10 @@ class GeometryError(SlidestreamError, ValueError):
 
 class WeightsError(SlidestreamError, ValueError):
     """A weights file is missing, corrupt or does not fit its model."""
+
+
+class ClusterError(SlidestreamError, ConnectionError):
+    """A Dask cluster cannot be reached or used (scheduler, workers, shared storage, models)."""
 
 
 class DatabaseError(SlidestreamError):

@@ -194,6 +194,9 @@ class Provenance:
     """The resolved configuration tree (``{section: {key: value}}``)."""
     workers: Mapping[str, int] = field(default_factory=dict)
     """``readers`` and ``postprocess`` process counts."""
+    execution: Mapping[str, str] = field(default_factory=dict)
+    """How those workers ran: ``host`` (``local`` or ``dask-worker <address>``), ``tile_reading``
+    and ``postprocess`` (``processes``, ``threads`` or ``inline``), and the ``reason``."""
     timings_s: Mapping[str, float] = field(default_factory=dict)
     tissue_mask_mpp: float | None = None
     tissue_stain_gains: tuple[float, ...] | None = None
@@ -281,6 +284,10 @@ class Summary:
             workers={
                 str(k): int(v)
                 for k, v in _mapping(prov.get("workers"), "provenance.workers", source).items()
+            },
+            execution={
+                str(k): str(v)
+                for k, v in _mapping(prov.get("execution"), "provenance.execution", source).items()
             },
             timings_s={
                 str(k): float(v)

@@ -15,7 +15,7 @@ from ._annotations import (
     pair_annotations,
     read_annotations,
 )
-from ._dataset import SlideOpener, TileBatch, TileDataset, TileLoader, make_loader
+from ._dataset import ReaderKind, SlideOpener, TileBatch, TileDataset, TileLoader, make_loader
 from ._grid import (
     SlideExtent,
     SlideGeometry,
@@ -36,6 +36,7 @@ __all__ = [
     "AnnotationSet",
     "PatchLocations",
     "PatchSamplingConfig",
+    "ReaderKind",
     "SlideExtent",
     "SlideGeometry",
     "SlideLike",

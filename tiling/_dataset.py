@@ -11,6 +11,10 @@ the batch crosses the process boundary without a copy (no per-tile tensors, no `
 no re-sharing). :class:`TileBatch` exposes it as ``(N, 3, H, W)`` through a zero-copy
 ``permute`` view.
 
+Where a process may not start children (a daemonic process, such as a Dask worker run by its
+nanny), ``make_loader(..., workers_as="threads")`` reads the same batches, in the same order, on
+background threads of this process instead; each thread opens its own slide handle.
+
 Read errors never cross the process boundary as raw tracebacks: the loader's workers turn a
 :class:`~slidestream.errors.SlidestreamError` into a small failure record, and the main process
 re-raises it as a one-line :class:`~slidestream.errors.SlideReadError` naming the file and region.
@@ -18,13 +22,17 @@ re-raises it as a one-line :class:`~slidestream.errors.SlideReadError` naming th
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import queue
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -37,12 +45,18 @@ from ._protocols import SlideLike
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SlideOpener", "TileBatch", "TileDataset", "TileLoader", "make_loader"]
+__all__ = ["ReaderKind", "SlideOpener", "TileBatch", "TileDataset", "TileLoader", "make_loader"]
 
 logger = logging.getLogger(__name__)
 
 #: Opens a slide from ``(path, mpp_override)``; must be a module-level function to pickle.
 SlideOpener = Callable[[Path, float | None], SlideLike]
+
+ReaderKind = Literal["processes", "threads"]
+"""How a loader's readers run: DataLoader worker processes, or threads of this process."""
+
+#: Seconds a reader thread or the consumer waits on a queue before checking for a stop.
+_POLL_S = 0.2
 
 #: Tile µm/px within this relative distance of the slide's µm/px is read at level 0 unresampled.
 _NATIVE_TOLERANCE = 0.01
@@ -290,6 +304,113 @@ class _BatchedTiles:
         return b, images
 
 
+class _ThreadedBatches:
+    """The items of :class:`_BatchedTiles`, read ahead by ``threads`` threads, in batch order.
+
+    Thread ``k`` reads batches ``k, k + threads, ...`` with its own copy of the dataset (its own
+    slide handle: a slide's decoded-tile cache is not thread-safe) into its own queue of
+    ``prefetch_factor`` batches; iterating takes batch ``b`` from queue ``b % threads``. Each
+    ``iter()`` starts a fresh set of threads, which stop when the iterator is exhausted, closed or
+    garbage collected.
+    """
+
+    def __init__(
+        self, dataset: TileDataset, batch_size: int, threads: int, prefetch_factor: int
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.threads = threads
+        self.prefetch_factor = prefetch_factor
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> _ThreadedIterator:
+        return _ThreadedIterator(self)
+
+
+class _ThreadedIterator:
+    """One pass of :class:`_ThreadedBatches` (see there)."""
+
+    def __init__(self, source: _ThreadedBatches) -> None:
+        self._n_batches = len(source)
+        n_threads = max(1, min(source.threads, self._n_batches))
+        self._stop = threading.Event()
+        self._queues: list[queue.Queue[Any]] = [
+            queue.Queue(maxsize=source.prefetch_factor) for _ in range(n_threads)
+        ]
+        self._next = 0
+        self._threads = [
+            threading.Thread(
+                target=_read_batches,
+                args=(
+                    _BatchedTiles(copy.copy(source.dataset), source.batch_size),
+                    range(k, self._n_batches, n_threads),
+                    self._queues[k],
+                    self._stop,
+                ),
+                name=f"tile-reader-{k}",
+                daemon=True,
+            )
+            for k in range(n_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._finalizer = weakref.finalize(self, self._stop.set)
+
+    def __iter__(self) -> _ThreadedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        b = self._next
+        if b >= self._n_batches:
+            self.close()
+            raise StopIteration
+        q = self._queues[b % len(self._queues)]
+        while True:
+            try:
+                item = q.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise StopIteration from None
+        self._next = b + 1
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the reader threads and wait for them (idempotent)."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+def _read_batches(
+    batches: _BatchedTiles, which: range, out: queue.Queue[Any], stop: threading.Event
+) -> None:
+    """Reader thread: put ``batches[b]`` for each ``b`` of ``which`` into ``out``, in order."""
+    try:
+        for b in which:
+            item: Any
+            try:
+                item = batches[b]
+            except Exception as exc:  # re-raised by the consumer, in its thread
+                item = exc
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set() or isinstance(item, BaseException):
+                return
+    finally:
+        batches.dataset.close()
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -336,21 +457,26 @@ class TileLoader:
         indices = torch.from_numpy(self.dataset.indices)
         l0_xy = torch.from_numpy(self.dataset.l0_xy)
         source, self._started = self._started, None
-        for expected, item in enumerate(source if source is not None else self._loader):
-            if isinstance(item, _Failure):
-                raise SlideReadError(item.message)
-            b, images = item
-            if b != expected:  # the loader is sequential; anything else is a bug
-                raise RuntimeError(f"tile loader: got batch {b}, expected batch {expected}")
-            if images.device != self.device:
-                images = images.to(self.device, non_blocking=non_blocking)
-            start = b * batch_size
-            stop = start + int(images.shape[0])
-            yield TileBatch(
-                images=images.permute(0, 3, 1, 2),
-                indices=indices[start:stop].clone(),
-                l0_xy=l0_xy[start:stop].clone(),
-            )
+        batches = source if source is not None else iter(self._loader)
+        try:
+            for expected, item in enumerate(batches):
+                if isinstance(item, _Failure):
+                    raise SlideReadError(item.message)
+                b, images = item
+                if b != expected:  # the loader is sequential; anything else is a bug
+                    raise RuntimeError(f"tile loader: got batch {b}, expected batch {expected}")
+                if images.device != self.device:
+                    images = images.to(self.device, non_blocking=non_blocking)
+                start = b * batch_size
+                stop = start + int(images.shape[0])
+                yield TileBatch(
+                    images=images.permute(0, 3, 1, 2),
+                    indices=indices[start:stop].clone(),
+                    l0_xy=l0_xy[start:stop].clone(),
+                )
+        finally:
+            if isinstance(batches, _ThreadedIterator):
+                batches.close()  # stop the reader threads now, even if the pass was abandoned
 
 
 def make_loader(
@@ -361,6 +487,7 @@ def make_loader(
     device: str | torch.device = "cpu",
     prefetch_factor: int = 2,
     multiprocessing_context: str | None = None,
+    workers_as: ReaderKind = "processes",
 ) -> TileLoader:
     """Stream ``dataset`` in batches, in order, with a bounded prefetch queue.
 
@@ -380,6 +507,9 @@ def make_loader(
         flight, so memory does not grow with the slide).
     multiprocessing_context
         ``"fork"``, ``"spawn"``, ``"forkserver"`` or None (the platform default).
+    workers_as
+        ``"processes"`` (DataLoader workers) or ``"threads"``: ``num_workers`` threads of this
+        process, for a process that may not start children (daemonic); same batches, same order.
 
     Returns
     -------
@@ -402,7 +532,14 @@ def make_loader(
         raise ConfigError(f"make_loader: num_workers={num_workers!r}; expected >= 0")
     if prefetch_factor < 1:
         raise ConfigError(f"make_loader: prefetch_factor={prefetch_factor!r}; expected >= 1")
+    if workers_as not in ("processes", "threads"):
+        raise ConfigError(
+            f"make_loader: workers_as={workers_as!r}; expected 'processes' or 'threads'"
+        )
     target = torch.device(device)
+    if workers_as == "threads" and num_workers > 0:
+        threaded = _ThreadedBatches(dataset, batch_size, num_workers, prefetch_factor)
+        return TileLoader(threaded, target, dataset, batch_size)
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra = {

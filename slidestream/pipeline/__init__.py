@@ -20,6 +20,7 @@ Each stage takes and returns typed values (:class:`SlidePlan`, :class:`TileStrea
 :class:`SlideOutcome`). This package is the only place the subpackages meet.
 """
 
+from ._execution import Execution, WorkerKind, plan_execution, postprocess_executor
 from ._models import (
     LoadedModels,
     NucleusModelLike,
@@ -47,6 +48,7 @@ __all__ = [
     "FAILURES_NAME",
     "FAILURE_COLUMNS",
     "ClassifiedNuclei",
+    "Execution",
     "LoadedModels",
     "NucleusModelLike",
     "OutcomeStatus",
@@ -57,6 +59,7 @@ __all__ = [
     "TileStream",
     "TissueModelLike",
     "TissuePass",
+    "WorkerKind",
     "analyse_guarded",
     "analyse_slide",
     "cpu_count",
@@ -64,6 +67,8 @@ __all__ = [
     "load_models",
     "nucleus_tile_result",
     "output_folder",
+    "plan_execution",
+    "postprocess_executor",
     "postprocess_pool",
     "process_nucleus_tile",
     "read_summary",

@@ -14,7 +14,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from .stream import TileStream, read_sample, tile_stream
 
 if TYPE_CHECKING:
     from slidestream.overlays import NucleusTable, TissueRegions
-    from slidestream.tiling import TissueMask
+    from slidestream.tiling import ReaderKind, TissueMask
     from slidestream.wsi import Slide
 
 __all__ = [
@@ -81,7 +81,13 @@ class TissuePass:
 
 
 def tissue_pass(
-    slide: Slide, mask: TissueMask, models: LoadedModels, config: RunConfig, readers: int
+    slide: Slide,
+    mask: TissueMask,
+    models: LoadedModels,
+    config: RunConfig,
+    readers: int,
+    *,
+    reader_kind: ReaderKind = "processes",
 ) -> TissuePass:
     """Classify the tissue patches of ``slide`` (at the classifier's µm/px) into regions."""
     from slidestream.overlays import tissue_class_regions
@@ -102,6 +108,7 @@ def tissue_pass(
         readers=readers,
         batch_size=max(config.batch_size, 16),
         device=models.device,
+        reader_kind=reader_kind,
     )
     grid = stream.grid
     class_names = tuple(str(c) for c in spec.class_names)
@@ -192,7 +199,7 @@ PostprocessFn = Callable[[npt.NDArray[Any]], npt.NDArray[np.int32]]
 
 
 def submit_nucleus_tile(
-    pool: ProcessPoolExecutor | None,
+    pool: Executor | None,
     postprocess: PostprocessFn,
     maps: npt.NDArray[Any],
     rgb: npt.NDArray[np.uint8],
@@ -205,7 +212,8 @@ def submit_nucleus_tile(
     l0_bounds: tuple[float, float] | None = None,
     type_names: tuple[str, ...] = (),
 ) -> Future[NucleusTable] | NucleusTable:
-    """Run :func:`process_nucleus_tile` on a tile in ``pool``, or here when ``pool`` is None.
+    """Run :func:`process_nucleus_tile` on a tile in ``pool`` (processes or threads), or here
+    when ``pool`` is None.
 
     With a ``ring``, the tile's maps and pixels travel through its shared memory (the slot is freed
     when the Future is done); without one, or when no slot is free, they are pickled.
@@ -325,7 +333,13 @@ def _measure_typed(
 
 
 def nucleus_stream(
-    slide: Slide, mask: TissueMask, models: LoadedModels, config: RunConfig, readers: int
+    slide: Slide,
+    mask: TissueMask,
+    models: LoadedModels,
+    config: RunConfig,
+    readers: int,
+    *,
+    reader_kind: ReaderKind = "processes",
 ) -> TileStream:
     """Plan the nucleus tiles (halo = ``nucleus_halo_um``) and open their loader."""
     from slidestream.tiling import TilingConfig
@@ -345,6 +359,7 @@ def nucleus_stream(
         readers=readers,
         batch_size=config.batch_size,
         device=models.device,
+        reader_kind=reader_kind,
     )
 
 
@@ -352,7 +367,7 @@ def nucleus_tables(
     slide: Slide,
     stream: TileStream,
     models: LoadedModels,
-    pool: ProcessPoolExecutor | None,
+    pool: Executor | None,
     *,
     max_pending: int,
     show_progress: bool,
@@ -360,8 +375,9 @@ def nucleus_tables(
 ) -> Iterator[NucleusTable]:
     """Stream the nuclei of every tissue tile, in tile order, as NucleusTables (level-0).
 
-    ``batch_size`` is the loader's. Tiles go to ``pool`` through a
-    :class:`~slidestream.tile_ring.TileRing`; outlines are clipped to the slide.
+    ``batch_size`` is the loader's. Tiles go to a process ``pool`` through a
+    :class:`~slidestream.tile_ring.TileRing` (a thread pool shares them as they are); outlines
+    are clipped to the slide.
     """
     nmodel = models.nuclei
     grid = stream.grid
@@ -373,7 +389,8 @@ def nucleus_tables(
     pending: deque[Future[NucleusTable] | NucleusTable] = deque()
     bar = Progress(len(grid), "nuclei", show_progress)
     # Slots for every tile that can be in flight: max_pending plus one batch.
-    ring = TileRing(max_pending + batch_size + 1) if pool is not None else None
+    in_processes = isinstance(pool, ProcessPoolExecutor)
+    ring = TileRing(max_pending + batch_size + 1) if in_processes else None
     try:
         for n_batches, batch in enumerate(stream.loader, start=1):
             maps = nmodel.predict(batch.images)

@@ -5,7 +5,7 @@
 
 * writes a database row for it: ``record_run`` (done), ``record_skip`` (skipped: no tissue),
   ``record_failure`` (failed); an up-to-date slide was recorded when it was done, so it adds no
-  row;
+  row (its summary is recorded again, idempotently, which restores a row that was lost);
 * rewrites ``OUT/failures.csv`` after every failure (columns :data:`FAILURE_COLUMNS`), and
   removes it at the end of a batch without failures;
 * gives the console summary (:meth:`Recorder.summary_lines`) and the exit code.
@@ -108,14 +108,18 @@ class Recorder:
         self.outcomes.append(outcome)
         if outcome.status == "failed":
             self.write_failures()
-        if outcome.status == "skipped" and outcome.skip_reason == "up_to_date":
+        up_to_date = outcome.status == "skipped" and outcome.skip_reason == "up_to_date"
+        if up_to_date and outcome.summary is None:
             return
         engine = self._db()
         if engine is None:
             return
         from slidestream.db import record_failure, record_run, record_skip
 
-        if outcome.status == "done" and outcome.summary is not None:
+        # An up-to-date slide was recorded when it was done; recording its summary again writes
+        # nothing (record_run is idempotent) but restores a row lost between publishing and
+        # recording (a client or scheduler lost mid-batch).
+        if (outcome.status == "done" or up_to_date) and outcome.summary is not None:
             record_run(engine, outcome.summary)
             return
         common: dict[str, Any] = {

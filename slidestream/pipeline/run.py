@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +22,9 @@ from slidestream.config import RunConfig
 from slidestream.errors import SlidestreamError
 from slidestream.inputs import discover_slides
 
-from ._models import LoadedModels, load_models, worker_counts
-from .inference import nucleus_stream, nucleus_tables, postprocess_pool, tissue_pass
+from ._execution import Execution, plan_execution, postprocess_executor
+from ._models import LoadedModels, load_models
+from .inference import nucleus_stream, nucleus_tables, tissue_pass
 from .outcome import SlideOutcome
 from .plan import plan_slide, shared_names
 from .record import Recorder
@@ -51,6 +53,16 @@ class _Identity:
 
     name: str
     fingerprint: str | None = None
+    stage: Path | None = None
+    """The slide's staging folder while it is being written (removed if the slide stops)."""
+
+
+def _drop_stage(ident: _Identity) -> None:
+    """Remove the staging folder of a slide that failed or was interrupted (no partial folder
+    survives; the slide's previous results, if any, are untouched)."""
+    if ident.stage is not None:
+        shutil.rmtree(ident.stage, ignore_errors=True)
+        ident.stage = None
 
 
 def _now() -> str:
@@ -62,8 +74,9 @@ def analyse_slide(
     config: RunConfig,
     models: LoadedModels,
     *,
-    pool: ProcessPoolExecutor | None = None,
+    pool: Executor | None = None,
     shared_name: bool = False,
+    execution: Execution | None = None,
 ) -> SlideOutcome:
     """Analyse one slide and publish its outputs in its output folder.
 
@@ -76,9 +89,12 @@ def analyse_slide(
     models
         Loaded models (see :func:`load_models`).
     pool
-        Post-processing process pool; ``None`` post-processes in this process.
+        Post-processing pool (processes or threads, see :func:`postprocess_executor`); ``None``
+        post-processes in this thread.
     shared_name
         Another slide of the batch has the same name (see :func:`output_folder`).
+    execution
+        How tile reading and post-processing run here (default: :func:`plan_execution`).
 
     Returns
     -------
@@ -92,7 +108,13 @@ def analyse_slide(
     """
     from slidestream.wsi import slide_name
 
-    return _analyse(path, config, models, pool, shared_name, _Identity(slide_name(path)))
+    execution = execution if execution is not None else plan_execution(config, models)
+    ident = _Identity(slide_name(path))
+    try:
+        return _analyse(path, config, models, pool, shared_name, execution, ident)
+    except BaseException:
+        _drop_stage(ident)
+        raise
 
 
 def analyse_guarded(
@@ -100,8 +122,9 @@ def analyse_guarded(
     config: RunConfig,
     models: LoadedModels,
     *,
-    pool: ProcessPoolExecutor | None = None,
+    pool: Executor | None = None,
     shared_name: bool = False,
+    execution: Execution | None = None,
 ) -> SlideOutcome:
     """:func:`analyse_slide`, with a failure turned into a ``failed`` outcome (one-line reason).
 
@@ -114,9 +137,11 @@ def analyse_guarded(
 
     started_at, t0 = _now(), time.perf_counter()
     ident = _Identity(slide_name(path))
+    execution = execution if execution is not None else plan_execution(config, models)
     try:
-        return _analyse(path, config, models, pool, shared_name, ident)
+        return _analyse(path, config, models, pool, shared_name, execution, ident)
     except _SLIDE_ERRORS as exc:
+        _drop_stage(ident)
         if isinstance(exc, SlidestreamError):
             logger.error("%s", exc)
             logger.debug("traceback of the failure", exc_info=True)
@@ -126,6 +151,9 @@ def analyse_guarded(
             reason = f"{path}: {type(exc).__name__}: {exc}"
         reason = " ".join(reason.split())  # one line
         error_class = type(exc).__name__
+    except BaseException:  # an interrupt, a cancelled Dask task: nothing partial stays
+        _drop_stage(ident)
+        raise
     fingerprint = ident.fingerprint
     if fingerprint is None and Path(path).exists():
         try:
@@ -150,8 +178,9 @@ def _analyse(
     path: Path,
     config: RunConfig,
     models: LoadedModels,
-    pool: ProcessPoolExecutor | None,
+    pool: Executor | None,
     shared_name: bool,
+    execution: Execution,
     ident: _Identity,
 ) -> SlideOutcome:
     from slidestream.tiling import detect_tissue
@@ -159,7 +188,8 @@ def _analyse(
 
     started_at, t_start = _now(), time.perf_counter()
     timings: dict[str, float] = {}
-    readers, post_workers = worker_counts(config, models)
+    readers, post_workers = execution.readers, execution.postprocess
+    reader_kind = execution.kind  # (no readers: read in this thread either way)
     with open_slide(path, mpp=config.mpp_override, require_mpp=False) as slide:
         ident.name, ident.fingerprint = slide.name, slide.fingerprint
         slide_mpp = slide.mpp  # MissingResolutionError (with the --mpp fix) when unknown
@@ -207,13 +237,15 @@ def _analyse(
                 seconds=time.perf_counter() - t_start,
                 **identity,
             )
-        stage = staging_dir(plan.output_dir)
+        stage = ident.stage = staging_dir(plan.output_dir)
 
         # read -> inference. The nucleus readers start now and read ahead during the tissue pass.
-        nuclei_stream = nucleus_stream(slide, mask, models, config, readers)
+        nuclei_stream = nucleus_stream(
+            slide, mask, models, config, readers, reader_kind=reader_kind
+        )
         nuclei_stream.loader.start()
         t0 = time.perf_counter()
-        tissue = tissue_pass(slide, mask, models, config, readers)
+        tissue = tissue_pass(slide, mask, models, config, readers, reader_kind=reader_kind)
         class_area_mm2 = class_areas_on_mask(tissue.regions, mask, tissue.class_names)
         timings["tissue_classification"] = time.perf_counter() - t0
         # stitching + writing
@@ -282,10 +314,15 @@ def _analyse(
             truncated=nuclei.truncated,
             started_at=started_at,
         )
+        summary = dataclasses.replace(
+            summary,
+            provenance=dataclasses.replace(summary.provenance, execution=execution.record()),
+        )
         logger.debug("%s: %.2f µm/px, %d nuclei", path, slide_mpp, n_written)
         # publishing: summary.json last
         write_summary(stage, summary)
         publish(stage, plan.output_dir)
+        ident.stage = None
     return SlideOutcome(
         status="done",
         output_dir=plan.output_dir,
@@ -319,16 +356,17 @@ def run_batch(
     slides = discover_slides(inputs)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     models = load_models(config)
-    readers, post_workers = worker_counts(config, models)
+    execution = plan_execution(config, models)
     logger.info(
-        "%d slide(s); device %s, %d reader(s), %d post-processing worker(s)",
+        "%d slide(s); device %s, %d reader(s), %d post-processing worker(s) (%s)",
         len(slides),
         models.device,
-        readers,
-        post_workers,
+        execution.readers,
+        execution.postprocess,
+        execution.kind,
     )
     shared = shared_names(slides)
-    pool = postprocess_pool(post_workers)
+    pool = postprocess_executor(execution)
     outcomes: list[SlideOutcome] = []
     bar: Any = None
     if config.show_progress:
@@ -345,6 +383,7 @@ def run_batch(
                 models,
                 pool=pool,
                 shared_name=slide_name(Path(path)) in shared,
+                execution=execution,
             )
             outcome = dataclasses.replace(outcome, path=path)
             outcomes.append(outcome)

@@ -3,7 +3,8 @@
 Tile readers are DataLoader workers started from a fork server (forking this process after
 torch has started its thread pools can deadlock a child, and spawn would re-import torch for
 every slide). The fork server imports torch and the slide readers once, so a reader starts in
-tens of ms.
+tens of ms. A process that may not start children (:func:`can_start_processes` is false: a Dask
+worker under its nanny) reads with threads instead (``reader_kind="threads"``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,17 @@ import numpy as np
 from slidestream.config import RunConfig
 
 if TYPE_CHECKING:
-    from slidestream.tiling import TileGrid, TileLoader, TilingConfig, TissueMask
+    from slidestream.tiling import ReaderKind, TileGrid, TileLoader, TilingConfig, TissueMask
     from slidestream.wsi import Slide
 
-__all__ = ["LOADER_CONTEXT", "TileStream", "preload_forkserver", "read_sample", "tile_stream"]
+__all__ = [
+    "LOADER_CONTEXT",
+    "TileStream",
+    "can_start_processes",
+    "preload_forkserver",
+    "read_sample",
+    "tile_stream",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,17 @@ LOADER_CONTEXT = "forkserver"
 _LOADER_PRELOAD = ("torch", "slidestream.tiling", "slidestream.wsi")
 """Modules the fork server imports once, so that each reader forked from it starts in tens of
 ms instead of re-importing torch and the slide readers (~1 s per reader, twice per slide)."""
+
+
+def can_start_processes() -> bool:
+    """Whether this process may start child processes (it is not daemonic).
+
+    A Dask worker started by a nanny (``dask worker``, ``LocalCluster(processes=True)``) is a
+    daemonic process: ``multiprocessing`` refuses to start a child of one.
+    """
+    import multiprocessing as mp
+
+    return not mp.current_process().daemon
 
 
 @functools.cache
@@ -68,11 +87,14 @@ def tile_stream(
     readers: int,
     batch_size: int,
     device: str,
+    reader_kind: ReaderKind = "processes",
 ) -> TileStream:
-    """Plan the tissue tiles of ``tiling`` and open their batch loader."""
+    """Plan the tissue tiles of ``tiling`` and open their batch loader (``readers`` worker
+    processes, or threads with ``reader_kind="threads"``)."""
     from slidestream.tiling import TileDataset, make_loader, plan_tiles
 
-    preload_forkserver()
+    if reader_kind == "processes" and readers > 0:
+        preload_forkserver()
     grid = plan_tiles(slide, tiling, mask)
     dataset = TileDataset(
         slide.path,
@@ -87,6 +109,7 @@ def tile_stream(
         num_workers=readers,
         device=device,
         multiprocessing_context=LOADER_CONTEXT,
+        workers_as=reader_kind,
     )
     return TileStream(grid=grid, loader=loader, tiling=tiling)
 

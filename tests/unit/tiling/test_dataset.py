@@ -11,7 +11,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from slidestream.errors import SlideReadError
+from slidestream.errors import ConfigError, SlideReadError
 from slidestream.tiling import (
     SlideLike,
     TileBatch,
@@ -224,3 +224,49 @@ def test_read_tiles_into_fills_a_preallocated_array(generated_slide: Path) -> No
     with pytest.raises(ConfigError, match="outside"):
         dataset.read_tiles_into(len(dataset) - 1, out)
     dataset.close()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_readers_yield_the_same_batches_in_order(
+    generated_slide: Path, threads: int
+) -> None:
+    """Threads (for a daemonic process, e.g. a Dask worker under a nanny) read the same pixels
+    in the same order as worker processes, and stop when the pass ends."""
+    import threading
+
+    grid, loader = _fork_loader(generated_slide, 0)
+    _, expected = _collect(list(loader))
+    dataset = TileDataset(generated_slide, grid.tiles, tile_mpp=CFG.tile_mpp, tile_size_px=96)
+    threaded = make_loader(
+        dataset, batch_size=4, num_workers=threads, device="cpu", workers_as="threads"
+    )
+    assert len(threaded) == len(loader)
+    threaded.start()
+    order, pixels = _collect(list(threaded))
+    assert order == list(range(len(grid)))
+    for index, image in expected.items():
+        np.testing.assert_array_equal(pixels[index], image)
+    # an abandoned pass stops its threads too
+    it = iter(threaded)
+    next(it)
+    del it
+    import gc
+
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread.name.startswith("tile-reader-"):
+            thread.join(timeout=5)
+    assert not [t for t in threading.enumerate() if t.name.startswith("tile-reader-")]
+
+
+def test_thread_reader_error_reaches_the_caller() -> None:
+    slide = _open_corrupt(Path("bad.svs"), None)
+    grid = plan_tiles(slide, CFG)
+    dataset = TileDataset(
+        "bad.svs", grid.tiles, tile_mpp=0.5, tile_size_px=96, opener=_open_corrupt
+    )
+    loader = make_loader(dataset, batch_size=2, num_workers=2, workers_as="threads")
+    with pytest.raises(SlideReadError, match=r"bad\.svs: cannot read tile"):
+        list(loader)
+    with pytest.raises(ConfigError, match="workers_as"):
+        make_loader(dataset, batch_size=2, num_workers=2, workers_as="fibres")  # type: ignore[arg-type]
