@@ -111,9 +111,25 @@ def test_all_outputs_present_and_consistent(run_result: Path) -> None:
     )
     assert sum(c.nucleus_count or 0 for c in classes.values()) == stats.nucleus_count
     assert stats.nuclei_per_mm2 == pytest.approx(stats.nucleus_count / stats.tissue_area_mm2)
-    # every nucleus carries a class that is one of the model's
-    names = {f["properties"]["classification"]["name"] for f in nuclei}
-    assert names <= set(classes)
+    # the default (typing) model: every detection is classified by its nucleus type, with a
+    # fixed colour, and carries its region's tissue class as metadata and type probabilities
+    from slidestream.overlays import NUCLEUS_TYPE_COLORS
+
+    types = table.column("type").to_pylist()
+    for f, t, c in zip(nuclei, types, table.column("tissue_class").to_pylist(), strict=True):
+        props = f["properties"]
+        assert props["classification"]["name"] == t.capitalize()
+        assert props["classification"]["color"] == list(NUCLEUS_TYPE_COLORS[t.capitalize()])
+        assert props["metadata"]["tissue_class"] == c and c in classes
+        assert "Type probability: Epithelial" in props["measurements"]
+    # per-type counts: overall and per class, adding up, and matching the parquet table
+    assert {n: s.nucleus_count for n, s in stats.types.items()} == {
+        n: types.count(n) for n in stats.types
+    }
+    assert sum(s.nucleus_count for s in stats.types.values()) == stats.nucleus_count
+    for c in classes.values():
+        assert sum(s.nucleus_count for s in c.types.values()) == c.nucleus_count
+    assert len(set(types)) >= 3  # the demo has tumour, lymphocyte-rich and stromal regions
     prov = summary.provenance
     assert prov.models["nuclei"].sha256 and prov.models["tissue"].sha256
     assert summary.slide.fingerprint and summary.slide.output_dir == "small-demo"
