@@ -53,6 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import aliased
 
+from slidestream.db._columns import check_columns
 from slidestream.db._migrate import check_schema
 from slidestream.db._schema import (
     CLASS_METRIC_COLUMNS,
@@ -433,6 +434,7 @@ def summarise_cohort(
         by=by, tissue_class=tissue_class, where=where or {}, include_flagged=include_flagged
     )
     check_schema(engine)
+    check_columns(engine, builtin=BUILTIN_COLUMNS, by=by, where=where or {})
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             groups = _aggregate_in_database(conn, stats, source, group_cols, conditions, metrics)
