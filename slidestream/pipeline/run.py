@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from slidestream.errors import SlidestreamError
 from slidestream.inputs import discover_slides
 
 from ._models import LoadedModels, load_models, worker_counts
+from ._signals import sigint_ignored
 from .claim import SlideClaim, claim_folder, lock_path
 from .inference import nucleus_stream, nucleus_tables, postprocess_pool, tissue_pass
 from .outcome import SlideOutcome
@@ -362,6 +364,17 @@ def _stage_outputs(
     return summary
 
 
+def _started_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The post-processing pool with all its processes started now, ignoring Ctrl-C (see
+    :mod:`._signals`; the pool would otherwise start them at the first tiles, with SIGINT)."""
+    with sigint_ignored():
+        pool = postprocess_pool(workers)
+        if pool is not None:
+            for _ in range(workers):
+                pool.submit(os.getpid)  # each submit to a busy pool starts one process
+    return pool
+
+
 def stop_workers(pool: ProcessPoolExecutor | None, *, grace_s: float = 2.0) -> int:
     """Stop every child process of this one (post-processing pool, tile readers) at once.
 
@@ -418,7 +431,7 @@ def run_batch(
         post_workers,
     )
     shared = shared_names(slides)
-    pool = postprocess_pool(post_workers)
+    pool = _started_pool(post_workers)
     outcomes: list[SlideOutcome] = []
     bar: Any = None
     if config.show_progress:
