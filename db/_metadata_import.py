@@ -252,10 +252,17 @@ def import_metadata_csv(
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the metadata CSV ({err}); check the path") from err
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
         raise ConfigError(
-            f"{path}: cannot read the metadata CSV ({err}); pass a UTF-8 CSV"
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}; Excel's 'CSV' "
+            "is cp1252); save it as 'CSV UTF-8 (Comma delimited)' or convert it, e.g. "
+            f"`iconv -f cp1252 -t utf-8 '{path}' > metadata-utf8.csv`"
         ) from err
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(

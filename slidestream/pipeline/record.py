@@ -113,7 +113,10 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on some network file systems
+            logger.warning("%s: cannot lock the folder (%s); merging without a lock", folder, exc)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -149,3 +149,14 @@ def test_cohort_import_refuses_conflicting_rows(
     patients.write_text("patient_id,sex\np1,F\np1,M\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="patient 'p1' has two values for 'sex'"):
         import_metadata_csv(engine, patients, key="patient")
+
+
+def test_cohort_import_of_a_cp1252_csv_names_the_line(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    meta = tmp_path / "excel.csv"
+    meta.write_bytes("name,site\r\na,Malmö\r\n".encode("cp1252"))
+    result = CliRunner().invoke(cli, ["cohort", "import", str(meta), "--db", db_url])
+    assert result.exit_code == 1
+    _one_line_error(result.output)
+    assert "line 2" in result.output and "UTF-8" in result.output
