@@ -29,15 +29,18 @@ __all__ = ["register", "stop_on_signals"]
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into :class:`~slidestream.errors.Interrupted` in this process.
 
-    The batch then unwinds as for Ctrl-C: the slide in progress removes its staging folder and
-    releases its lock, every worker process is stopped, ``failures.csv`` is merged, and the CLI
-    prints one line. Further signals during that clean-up (a few seconds) are ignored.
+    Every worker process gets SIGTERM at once (in the handler); the batch then unwinds as for
+    Ctrl-C: the slide in progress removes its staging folder and releases its lock, the workers
+    are reaped, ``failures.csv`` is merged, and the CLI prints one line. Further signals during
+    that clean-up (a few seconds) are ignored.
     """
     from slidestream.errors import Interrupted
+    from slidestream.pipeline import terminate_children
 
     def handler(signum: int, frame: FrameType | None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        terminate_children()  # before unwinding frees what starting workers still read
         raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

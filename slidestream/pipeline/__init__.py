@@ -29,6 +29,7 @@ from ._models import (
     load_models,
     worker_counts,
 )
+from ._signals import terminate_children
 from .claim import LockOwner, SlideClaim, claim_folder, lock_path
 from .inference import (
     TissuePass,
@@ -86,5 +87,6 @@ __all__ = [
     "stop_workers",
     "submit_nucleus_tile",
     "sync_results",
+    "terminate_children",
     "worker_counts",
 ]

@@ -11,11 +11,12 @@ the interrupt into one clean stop (:func:`slidestream.pipeline.run.stop_workers`
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["sigint_ignored"]
+__all__ = ["sigint_ignored", "terminate_children"]
 
 
 @contextlib.contextmanager
@@ -34,3 +35,18 @@ def sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def terminate_children() -> int:
+    """Send SIGTERM to every child process now; returns how many.
+
+    Called from the interrupt handler itself, before the batch unwinds: unwinding releases the
+    loaders' queues and semaphores, and a tile reader still starting would then fail on a
+    removed semaphore and print its traceback. A child killed by SIGTERM's default action
+    prints nothing. :func:`slidestream.pipeline.run.stop_workers` then reaps them.
+    """
+    children = multiprocessing.active_children()
+    for child in children:
+        with contextlib.suppress(OSError, ValueError):
+            child.terminate()
+    return len(children)

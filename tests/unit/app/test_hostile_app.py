@@ -370,3 +370,26 @@ def test_failed_slide_leaves_no_staging_and_no_lock(
     (outcome,) = run_batch([slide], config)
     assert outcome.status == "failed" and "overlay renderer broke" in (outcome.reason or "")
     assert sorted(p.name for p in out.iterdir()) == [FAILURES_NAME]
+
+
+def test_signal_while_readers_start_is_delivered_after_the_start() -> None:
+    """An interrupt during ``iter(loader)`` (reader processes starting) is held back until
+    every reader is started, so none is left unknown to the clean-up."""
+    from slidestream._cli_run import stop_on_signals
+    from slidestream.tiling._dataset import _start_readers
+
+    started: list[str] = []
+
+    class Loader:
+        def __iter__(self) -> Any:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+            started.append("all readers")
+            return iter(())
+
+    with pytest.raises(Interrupted), stop_on_signals():
+        _start_readers(Loader())
+        for _ in range(1000):
+            pass
+    assert started == ["all readers"]
