@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test test-hostile lint typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
+
+# The fault-injection suite of issue 21 (slow: real CLI processes, signals, a database outage;
+# about 4 min on 2 cores). CI runs it after `make test`.
+test-hostile: $(STAMP)
+	$(BIN)/python -m pytest -n 0 -q -m slow tests/integration/test_hostile_cli.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

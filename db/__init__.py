@@ -1,7 +1,8 @@
 """slidestream.db: the statistics database (SQLAlchemy 2 models, migrations, cohort queries).
 
 Open a database with :func:`open_database` (``create=True`` creates the schema of a fresh
-database), record runs with :func:`record_run` / :func:`record_failure`, import cohort metadata
+database), record runs with :func:`record_run` / :func:`record_failure` (results on disk not yet
+recorded: :func:`record_if_missing`), import cohort metadata
 with :func:`import_metadata_csv`, summarise with :func:`query_cohort` (typed:
 :func:`summarise_cohort`) and list slides page by page with :func:`slide_page` or streamed with
 :func:`iter_slides`. Every write and query
@@ -69,7 +70,13 @@ from slidestream.db._slides import (
     list_slides,
     slide_page,
 )
-from slidestream.db._write import SUMMARY_SCHEMA, record_failure, record_run, record_skip
+from slidestream.db._write import (
+    SUMMARY_SCHEMA,
+    record_failure,
+    record_if_missing,
+    record_run,
+    record_skip,
+)
 
 __all__ = [
     "BUILTIN_COLUMNS",
@@ -117,6 +124,7 @@ __all__ = [
     "query_cohort_df",
     "query_slide_values",
     "record_failure",
+    "record_if_missing",
     "record_run",
     "record_skip",
     "slide_page",

@@ -30,8 +30,23 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE_OPTION = "slidestream_write"
 
 
+#: Query-string keys whose values are credentials (``?password=...``), masked like the password.
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "pass", "sslpassword", "secret"})
+
+
+def _secret_values(parsed: URL) -> list[str]:
+    """The credentials of a URL: its password and the values of secret query-string keys."""
+    secrets = [str(parsed.password)] if parsed.password else []
+    for key, value in parsed.query.items():
+        if key.lower() in _SECRET_QUERY_KEYS:
+            values = value if isinstance(value, tuple) else (value,)
+            secrets += [str(v) for v in values if v]
+    return secrets
+
+
 def mask_url(url: str | URL) -> str:
-    """Render a database URL with its password replaced by ``***``.
+    """Render a database URL with its password (``user:password@`` or ``?password=``) replaced
+    by ``***``.
 
     Parameters
     ----------
@@ -47,11 +62,22 @@ def mask_url(url: str | URL) -> str:
     --------
     >>> mask_url("postgresql+psycopg://ann:s3cret@db.example/cohort")
     'postgresql+psycopg://ann:***@db.example/cohort'
+    >>> mask_url("postgresql+psycopg://ann@db.example/cohort?password=s3cret&sslmode=require")
+    'postgresql+psycopg://ann@db.example/cohort?password=***&sslmode=require'
     """
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except exc.ArgumentError:
         return "<unparsable database URL>"
+    text = parsed.set(query={}).render_as_string(hide_password=True)
+    if not parsed.query:
+        return text
+    pairs = []
+    for key, value in parsed.query.items():
+        values = value if isinstance(value, tuple) else (value,)
+        secret = key.lower() in _SECRET_QUERY_KEYS
+        pairs += [f"{key}={'***' if secret else v}" for v in values]
+    return f"{text}?{'&'.join(pairs)}"
 
 
 def scrub_credentials(text: str, url: str | URL) -> str:
@@ -67,15 +93,16 @@ def scrub_credentials(text: str, url: str | URL) -> str:
     Returns
     -------
     str
-        ``text`` with every occurrence of the password replaced by ``***``.
+        ``text`` with every occurrence of the password (and of a ``?password=`` value)
+        replaced by ``***``, on one line (a driver's multi-line message is joined).
     """
     try:
-        password = make_url(url).password
+        secrets = _secret_values(make_url(url))
     except exc.ArgumentError:
-        return text
-    if password:
-        text = text.replace(str(password), "***")
-    return text
+        secrets = []
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return " ".join(text.split())
 
 
 def _parse(url: str | URL) -> URL:
@@ -119,7 +146,16 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     if backend == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                in_way = isinstance(err, FileExistsError | NotADirectoryError)
+                problem = "a file is in the way" if in_way else (err.strerror or str(err))
+                raise DatabaseError(
+                    f"{mask_url(parsed)}: cannot create the database folder {folder} "
+                    f"({problem}); pass a --db in a folder you can write"
+                ) from err
         engine = create_engine(parsed, **engine_kwargs)
         _setup_sqlite(engine)
     else:

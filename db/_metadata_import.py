@@ -90,6 +90,27 @@ def _upsert_values(
     conn.execute(stmt, rows)
 
 
+def _check_conflicts(
+    given: dict[tuple[str, str], tuple[str, int, str]],
+    targets: list[str],
+    pairs: Mapping[str, str],
+    ident: str,
+    line: int,
+    key: str,
+) -> None:
+    """Refuse a second, different value for a (slide or patient, key) of one import."""
+    for target in targets:
+        for name, value in pairs.items():
+            first = given.setdefault((target, name), (value, line, ident))
+            if first[0] != value:
+                who = repr(ident) if first[2] == ident else f"{first[2]!r} (= {ident!r})"
+                raise ConfigError(
+                    f"metadata: {key} {who} has two values for {name!r}: {first[0]!r} (line "
+                    f"{first[1]}) and {value!r} (line {line}); keep one row per {key} (or make "
+                    "the values equal) and import again; nothing was imported"
+                )
+
+
 def import_metadata(
     engine: Engine,
     rows: Iterable[Mapping[str, str | None]],
@@ -116,7 +137,9 @@ def import_metadata(
     Raises
     ------
     ConfigError
-        No identifying column, or an unknown ``key``.
+        No identifying column, an unknown ``key``, or two rows giving one slide (or patient)
+        different values for one key (named in the message, with both values and their lines:
+        the data row ``i`` is line ``i + 1`` of a CSV file); nothing is imported then.
     """
     materialised = [dict(row) for row in rows]
     columns = list(materialised[0]) if materialised else []
@@ -139,7 +162,8 @@ def import_metadata(
         matched_rows = 0
         touched: set[int] = set()
         values = 0
-        for row in materialised:
+        given: dict[tuple[str, str], tuple[str, int, str]] = {}
+        for number, row in enumerate(materialised, start=2):
             ident = (row.get(id_col or "") or "").strip()
             pairs = {
                 str(k).strip(): str(v).strip()
@@ -147,6 +171,7 @@ def import_metadata(
                 if k is not None and k != id_col and v is not None and str(v).strip() != ""
             }
             if key == "patient":
+                _check_conflicts(given, [f"patient:{ident}"], pairs, ident, number, key)
                 _upsert_values(
                     conn,
                     _PATIENT_META,
@@ -174,6 +199,9 @@ def import_metadata(
             if not slide_ids:
                 unmatched.append(ident)
                 continue
+            if key == "slide":
+                own = {k: v for k, v in pairs.items() if k in row or k.strip() in row}
+                _check_conflicts(given, [str(i) for i in slide_ids], own, ident, number, key)
             matched_rows += 1
             batch = [
                 {"slide_id": sid, "key": k, "value": v}
@@ -224,10 +252,17 @@ def import_metadata_csv(
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the metadata CSV ({err}); check the path") from err
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
         raise ConfigError(
-            f"{path}: cannot read the metadata CSV ({err}); pass a UTF-8 CSV"
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}; Excel's 'CSV' "
+            "is cp1252); save it as 'CSV UTF-8 (Comma delimited)' or convert it, e.g. "
+            f"`iconv -f cp1252 -t utf-8 '{path}' > metadata-utf8.csv`"
         ) from err
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(

@@ -283,13 +283,20 @@ class _connection:  # noqa: N801 - used like a function
         self._conn: Connection | None = None
 
     def __enter__(self) -> Connection:
+        url = self._engine.url
         try:
             conn = self._engine.connect()
         except sa_exc.OperationalError as err:
             raise DatabaseError(
-                f"{mask_url(self._engine.url)}: cannot connect to the database: "
-                f"{scrub_credentials(str(err.orig), self._engine.url).strip()}; check the URL "
+                f"{mask_url(url)}: cannot connect to the database: "
+                f"{scrub_credentials(str(err.orig), url)}; check the URL "
                 "and that the server is running"
+            ) from err
+        except sa_exc.DBAPIError as err:  # e.g. SQLite: "file is not a database"
+            raise DatabaseError(
+                f"{mask_url(url)}: cannot open the database: "
+                f"{scrub_credentials(str(err.orig), url)}; pass the --db of a slidestream "
+                "database (sqlite:///FILE or postgresql+psycopg://USER@HOST/DB)"
             ) from err
         if self._write:
             conn.execution_options(slidestream_write=True)

@@ -53,6 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import aliased
 
+from slidestream.db._columns import check_columns
 from slidestream.db._migrate import check_schema
 from slidestream.db._schema import (
     ALL_TISSUE,
@@ -466,6 +467,7 @@ def summarise_cohort(
         nucleus_type=nucleus_type,
     )
     check_schema(engine)
+    check_columns(engine, builtin=BUILTIN_COLUMNS, by=by, where=where or {})
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             groups = _aggregate_in_database(conn, stats, source, group_cols, conditions, metrics)

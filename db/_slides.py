@@ -40,8 +40,10 @@ from sqlalchemy import (
     tuple_,
 )
 
+from slidestream.db._columns import check_columns
 from slidestream.db._migrate import check_schema
 from slidestream.db._query import (
+    BUILTIN_COLUMNS,
     FLAGS,
     META,
     SLIDE_METRICS,
@@ -389,6 +391,7 @@ def slide_page(
     cursor = None if after is None else _decode_cursor(after, sort=sort, descending=descending)
     conditions = _filters(where or {}, include_flagged)
     check_schema(engine)
+    check_columns(engine, builtin=BUILTIN_COLUMNS, where=where or {})
     with engine.connect() as conn:
         rows: list[Any] = []
         nulls_from = 0
@@ -464,6 +467,7 @@ def iter_slides(
         raise ConfigError(f"batch_size {batch_size}: need >= 1")
     conditions = _filters(where or {}, include_flagged)
     check_schema(engine)
+    check_columns(engine, builtin=BUILTIN_COLUMNS, where=where or {})
     statements = [_valued_select(sort, descending, None, conditions)]
     if sort not in ("name", "id"):
         statements.append(_null_select(sort, descending, None, conditions))
@@ -510,6 +514,7 @@ def count_slides(
     """
     conditions = _filters(where or {}, include_flagged)
     check_schema(engine)
+    check_columns(engine, builtin=BUILTIN_COLUMNS, where=where or {})
     with engine.connect() as conn:
         stmt = select(func.count()).select_from(SLIDES).where(*conditions)
         return int(conn.execute(stmt).scalar_one())

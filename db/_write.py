@@ -39,7 +39,7 @@ from slidestream.db._schema import (
 from slidestream.errors import ConfigError, DatabaseError
 from slidestream.summary import SUMMARY_SCHEMA, ModelRecord, NucleusStatistics, Summary
 
-__all__ = ["SUMMARY_SCHEMA", "record_failure", "record_run", "record_skip"]
+__all__ = ["SUMMARY_SCHEMA", "record_failure", "record_if_missing", "record_run", "record_skip"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_in_transaction(engine: Engine, work: Callable[[Connection], _T]) -> _T:
                 continue
             raise DatabaseError(
                 f"{mask_url(engine.url)}: write failed: "
-                f"{scrub_credentials(str(err.orig), engine.url).strip()}; "
+                f"{scrub_credentials(str(err.orig), engine.url)}; "
                 "check the database server and retry"
             ) from err
     raise AssertionError("unreachable")  # pragma: no cover
@@ -370,6 +370,59 @@ def record_run(engine: Engine, summary: Summary | Mapping[str, Any]) -> int:
         return int(run_id)
 
     return run_in_transaction(engine, work)
+
+
+def summary_success_key(summary: Summary) -> str:
+    """The :func:`success_key` of a summary (what :func:`record_run` stores it under)."""
+    prov = summary.provenance
+    models = {role: _model_json(m) for role, m in prov.models.items()}
+    return success_key(summary.slide.fingerprint, prov.parameters_hash, models)
+
+
+def record_if_missing(engine: Engine, summary: Summary | Mapping[str, Any]) -> int | None:
+    """Record a succeeded analysis unless it is recorded already (reconciling files and rows).
+
+    A read-only look-up by success key first, so reconciling a folder whose results are all
+    recorded takes no write lock; a missing one is recorded with :func:`record_run` (which is
+    idempotent itself, so two processes reconciling at once still give one run).
+
+    Parameters
+    ----------
+    engine : sqlalchemy.Engine
+        The database (at the head revision).
+    summary : Summary or mapping
+        A published ``summary.json`` (parsed, or its content).
+
+    Returns
+    -------
+    int or None
+        The id of the run recorded now, or ``None`` when it was recorded before.
+
+    Raises
+    ------
+    ConfigError
+        ``summary`` does not have the expected shape.
+    DatabaseError
+        The database cannot be read or written.
+    """
+    if not isinstance(summary, Summary):
+        summary = Summary.from_json(summary)
+    check_schema(engine)
+    run_table: Table = AnalysisRun.__table__  # type: ignore[assignment]
+    key = summary_success_key(summary)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(
+                select(run_table.c.id).where(run_table.c.success_key == key)
+            ).scalar_one_or_none()
+    except sa_exc.DBAPIError as err:
+        raise DatabaseError(
+            f"{mask_url(engine.url)}: read failed: {scrub_credentials(str(err.orig), engine.url)}"
+            "; check the database server and retry"
+        ) from err
+    if found is not None:
+        return None
+    return record_run(engine, summary)
 
 
 def _record_unsuccessful(

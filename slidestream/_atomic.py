@@ -2,9 +2,9 @@
 
 A file is written as ``<name>.tmp`` beside its target, flushed and fsynced, then renamed onto
 the target with ``os.replace`` (atomic on POSIX within one folder) and the folder entry is
-fsynced. A reader therefore never sees a half-written output: either the previous file (or none)
-or the complete new one. When the writer raises, the temporary file is removed and the target
-is left untouched.
+fsynced; its mode is ``0o666`` less the umask (:func:`file_mode`). A reader therefore never
+sees a half-written output: either the previous file (or none) or the complete new one. When
+the writer raises, the temporary file is removed and the target is left untouched.
 
 This module is a bottom layer (like :mod:`slidestream.errors`): every package may import it, it
 imports nothing of ours.
@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 __all__ = [
     "atomic_open",
     "atomic_path",
+    "file_mode",
     "temporary_name",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -35,6 +36,29 @@ logger = logging.getLogger(__name__)
 def temporary_name(path: Path) -> Path:
     """Return the temporary name used while ``path`` is written (``<name>.tmp``, same folder)."""
     return path.with_name(path.name + ".tmp")
+
+
+def _umask() -> int:
+    """The process umask (read from ``/proc`` where possible, so it is never changed)."""
+    try:
+        with Path("/proc/self/status").open(encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - not Linux
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
+def file_mode() -> int:
+    """The mode of every output file: ``0o666`` less the umask (``0o644`` under umask 022).
+
+    Outputs follow the umask as files created with ``open`` do, whatever the writer library
+    (some create their files ``0o600``), so colleagues on shared storage can read all of them.
+    """
+    return 0o666 & ~_umask()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -81,7 +105,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
-        tmp.chmod(0o644)
+        tmp.chmod(file_mode())
         tmp.replace(target)
     except BaseException:
         _remove_quietly(tmp)
@@ -110,7 +134,7 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        tmp.chmod(0o644)
+        tmp.chmod(file_mode())
         tmp.replace(target)
     except BaseException:
         _remove_quietly(tmp)

@@ -115,6 +115,28 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
             engine.dispose()
 
     @db.command()
+    @click.argument(
+        "out_dir", metavar="OUT", type=click.Path(exists=True, file_okay=False, path_type=Path)
+    )
+    @db_option
+    def sync(out_dir: Path, db_url: str | None) -> None:
+        """Record every result in OUT (OUT/*/summary.json) that the database lacks.
+
+        For results published while the database was unreachable. Idempotent: a result that
+        is recorded already is left alone. The database defaults to OUT/slidestream.db, as for
+        `slidestream run`.
+        """
+        from slidestream.db import connect
+        from slidestream.pipeline import sync_results
+
+        engine = connect(db_url or default_db_url(out_dir), create=True)
+        try:
+            report = sync_results(engine, out_dir)
+        finally:
+            engine.dispose()
+        click.echo(report.line(out_dir))
+
+    @db.command()
     @db_option
     def current(db_url: str | None) -> None:
         """Show the database's revision and the one this slidestream needs."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -18,7 +22,34 @@ from slidestream._cli_options import (
     workers_option,
 )
 
-__all__ = ["register"]
+__all__ = ["register", "stop_on_signals"]
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`~slidestream.errors.Interrupted` in this process.
+
+    Every worker process gets SIGTERM at once (in the handler); the batch then unwinds as for
+    Ctrl-C: the slide in progress removes its staging folder and releases its lock, the workers
+    are reaped, ``failures.csv`` is merged, and the CLI prints one line. Further signals during
+    that clean-up (a few seconds) are ignored.
+    """
+    from slidestream.errors import Interrupted
+    from slidestream.pipeline import terminate_children
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        terminate_children()  # before unwinding frees what starting workers still read
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
 
 #: Run options given as flags (field names of RunConfig), besides --mpp/--device/--workers.
 _RUN_FLAGS = (
@@ -100,7 +131,8 @@ def run_command(
     )
     if dask_scheduler:
         _quiet_dask()
-    report = run_slides(list(inputs), config, dask_scheduler=dask_scheduler)
+    with stop_on_signals():
+        report = run_slides(list(inputs), config, dask_scheduler=dask_scheduler)
     for line in report.lines:
         click.echo(line, err=True)
     if report.exit_code:
@@ -129,9 +161,10 @@ def demo_command(out: Path, force: bool) -> None:
     """Generate a realistic H&E demo slide and run the whole analysis on it."""
     from slidestream.commands import run_demo
 
-    report = run_demo(
-        out, force=force, db_url=default_db_url(out), show_progress=sys.stderr.isatty()
-    )
+    with stop_on_signals():
+        report = run_demo(
+            out, force=force, db_url=default_db_url(out), show_progress=sys.stderr.isatty()
+        )
     for line in report.lines:
         click.echo(line)
     if report.exit_code:

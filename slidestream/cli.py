@@ -5,7 +5,8 @@ the library. Heavy libraries (torch, OpenSlide, MONAI) are imported inside the c
 ``slidestream --help`` stays fast. Every :class:`~slidestream.errors.SlidestreamError` becomes a
 one-line message here, in one place; ``--debug`` shows the traceback instead.
 
-Exit codes: 0 success, 1 failure (or some slides of a batch failed), 2 usage error.
+Exit codes: 0 success, 1 failure (or some slides of a batch failed, or the database failed
+during a batch), 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,24 +18,59 @@ from typing import Any
 import click
 
 from slidestream._version import __version__
-from slidestream.errors import SlidestreamError
+from slidestream.errors import Interrupted, SlidestreamError
 
 __all__ = ["cli", "main"]
 
 logger = logging.getLogger(__name__)
 
 
+def _interrupted_line(signum: int) -> str:
+    import signal
+
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = str(signum)
+    return (
+        f"interrupted ({name}): workers stopped, unfinished slide outputs removed; rerun the "
+        "same command to resume (finished slides are kept)"
+    )
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an I/O error no command anticipated (read-only folder, a file in a path)."""
+    where = exc.filename if exc.filename is not None else "slidestream"
+    problem = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}: {problem}; check the path and its permissions (--debug for the traceback)"
+
+
 class _Group(click.Group):
-    """A click group that maps library errors to one-line messages (exit code 1)."""
+    """A click group that maps library errors to one-line messages (exit code 1).
+
+    Also one line, never a traceback: an interrupt (Ctrl-C or SIGTERM; exit code
+    ``128 + signal``) and an I/O error (``PermissionError``, ``NotADirectoryError``...).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        root = ctx.find_root()
+        debug = root.obj is not None and root.obj.get("debug")
         try:
             return super().invoke(ctx)
         except SlidestreamError as exc:
-            root = ctx.find_root()
-            if root.obj is not None and root.obj.get("debug"):
+            if debug:
                 raise
             raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt as exc:
+            import signal
+
+            signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+            click.echo(f"Error: {_interrupted_line(signum)}", err=True)
+            raise SystemExit(128 + signum) from None
+        except OSError as exc:
+            if debug:
+                raise
+            raise click.ClickException(_os_error_line(exc)) from exc
 
 
 def _configure_logging(verbose: int, debug: bool) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "DatabaseError",
     "GeometryError",
+    "Interrupted",
     "MissingResolutionError",
     "NoTissueError",
     "SchemaVersionError",
@@ -73,3 +74,15 @@ class DatabaseError(SlidestreamError):
 
 class SchemaVersionError(DatabaseError):
     """The database schema is not at the revision this software needs."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A batch was stopped by a signal (Ctrl-C: ``SIGINT``, or ``SIGTERM``).
+
+    A ``KeyboardInterrupt`` (not a :class:`SlidestreamError`): it stops the batch, not one
+    slide. The CLI turns it into one line and exit code ``128 + signum``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

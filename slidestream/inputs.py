@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,9 +30,23 @@ def slide_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _decode_manifest(manifest: Path, data: bytes) -> str:
+    """The text of a manifest: UTF-8, with or without a byte-order mark."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{manifest}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}; Excel's "
+            "'CSV' is cp1252); save it as 'CSV UTF-8 (Comma delimited)' or convert it, e.g. "
+            f"`iconv -f cp1252 -t utf-8 '{manifest}' > manifest-utf8.csv`"
+        ) from exc
+
+
 def _from_manifest(manifest: Path) -> list[Path]:
     try:
-        with manifest.open(newline="", encoding="utf-8-sig") as fh:
+        text = _decode_manifest(manifest, manifest.read_bytes())
+        with io.StringIO(text, newline="") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
                 raise ConfigError(
@@ -41,6 +56,8 @@ def _from_manifest(manifest: Path) -> list[Path]:
             rows = [row["path"].strip() for row in reader if row.get("path", "").strip()]
     except OSError as exc:
         raise ConfigError(f"{manifest}: cannot read manifest ({exc})") from exc
+    except csv.Error as exc:
+        raise ConfigError(f"{manifest}: not a valid CSV file ({exc}); fix the file") from exc
     base = manifest.parent
     return [(base / p) if not Path(p).is_absolute() else Path(p) for p in rows]
 

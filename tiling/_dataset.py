@@ -424,6 +424,36 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def _start_readers(loader: Any) -> Iterator[Any]:
+    """``iter(loader)`` (which starts the reader processes) with SIGINT and SIGTERM held back.
+
+    An interrupt in the middle of a reader's start would leave a process the caller does not
+    know yet, which then fails on the queues the unwinding caller frees (a stray traceback).
+    Held back, a signal is re-raised as soon as every reader is started (and known, so it can
+    be stopped). Python handlers run in the main thread whichever thread the kernel picks, so
+    the signals are held back by swapping the handlers, not by a thread's signal mask.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, hold) for sig in held}
+    try:
+        return iter(loader)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
 class TileLoader:
     """Iterable of :class:`TileBatch` over a :class:`TileDataset` (see :func:`make_loader`)."""
 
@@ -443,7 +473,7 @@ class TileLoader:
         tissue pass before the nucleus pass). The next iteration consumes what was started.
         """
         if self._started is None:
-            self._started = iter(self._loader)
+            self._started = _start_readers(self._loader)
         return self
 
     def __len__(self) -> int:
@@ -457,7 +487,7 @@ class TileLoader:
         indices = torch.from_numpy(self.dataset.indices)
         l0_xy = torch.from_numpy(self.dataset.l0_xy)
         source, self._started = self._started, None
-        batches = source if source is not None else iter(self._loader)
+        batches = source if source is not None else _start_readers(self._loader)
         try:
             for expected, item in enumerate(batches):
                 if isinstance(item, _Failure):

@@ -30,6 +30,8 @@ from ._models import (
     load_models,
     worker_counts,
 )
+from ._signals import terminate_children
+from .claim import LockOwner, SlideClaim, claim_folder, lock_path
 from .inference import (
     TissuePass,
     nucleus_tile_result,
@@ -39,8 +41,15 @@ from .inference import (
 )
 from .outcome import OutcomeStatus, SkipReason, SlideOutcome
 from .plan import SlidePlan, output_folder, read_summary, shared_names
-from .record import FAILURE_COLUMNS, FAILURES_NAME, Recorder
-from .run import analyse_guarded, analyse_slide, run_batch
+from .record import (
+    FAILURE_COLUMNS,
+    FAILURES_NAME,
+    Recorder,
+    SyncReport,
+    merge_failures,
+    sync_results,
+)
+from .run import analyse_guarded, analyse_slide, run_batch, stop_workers
 from .stitching import ClassifiedNuclei
 from .stream import TileStream
 
@@ -50,21 +59,27 @@ __all__ = [
     "ClassifiedNuclei",
     "Execution",
     "LoadedModels",
+    "LockOwner",
     "NucleusModelLike",
     "OutcomeStatus",
     "Recorder",
     "SkipReason",
+    "SlideClaim",
     "SlideOutcome",
     "SlidePlan",
+    "SyncReport",
     "TileStream",
     "TissueModelLike",
     "TissuePass",
     "WorkerKind",
     "analyse_guarded",
     "analyse_slide",
+    "claim_folder",
     "cpu_count",
     "is_fp32_cpu_model",
     "load_models",
+    "lock_path",
+    "merge_failures",
     "nucleus_tile_result",
     "output_folder",
     "plan_execution",
@@ -74,6 +89,9 @@ __all__ = [
     "read_summary",
     "run_batch",
     "shared_names",
+    "stop_workers",
     "submit_nucleus_tile",
+    "sync_results",
+    "terminate_children",
     "worker_counts",
 ]

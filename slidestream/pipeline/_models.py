@@ -169,10 +169,12 @@ def load_models(config: RunConfig) -> LoadedModels:
     """Load the nucleus and tissue models of ``config`` onto its device."""
     from slidestream.models import load_nuclei_model, load_tissue_model
 
+    from ._signals import sigint_ignored
     from .stream import can_start_processes, preload_forkserver
 
     if can_start_processes():  # (a daemonic Dask worker reads with threads)
-        preload_forkserver()  # boots the readers' fork server while the models load
+        with sigint_ignored():  # the fork server and the readers forked from it ignore Ctrl-C
+            preload_forkserver()  # boots the readers' fork server while the models load
     device = resolve_device(config.device)
     nuclei: Any = load_nuclei_model(config.nuclei_model, device=device)
     if not hasattr(nuclei, "predict"):

@@ -22,9 +22,10 @@ OutcomeStatus = Literal["done", "skipped", "failed"]
 """``done``: analysed and published; ``skipped``: on purpose (see :data:`SkipReason`);
 ``failed``: an error stopped the slide (the batch goes on)."""
 
-SkipReason = Literal["up_to_date", "no_tissue"]
-"""Why a slide was skipped: its stored results are current, or quality control found no
-tissue."""
+SkipReason = Literal["up_to_date", "no_tissue", "locked"]
+"""Why a slide was skipped: its stored results are current, quality control found no tissue,
+or another run is analysing it right now (it holds the slide's lock, see
+:mod:`slidestream.pipeline.claim`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
