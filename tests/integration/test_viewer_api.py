@@ -142,7 +142,7 @@ def test_slide_info_summary_and_tissue(client: TestClient, salted_out: Path) -> 
     assert info["mpp"] == pytest.approx(summary["slide"]["mpp_x"])
     assert info["layers"] == {"tissue": True, "nuclei": True, "outlines": True, "overlay_png": True}
     assert info["nuclei"]["count"] == summary["statistics"]["nucleus_count"]
-    assert info["nuclei"]["colour_key"] == "tissue_class"
+    assert info["nuclei"]["colour_key"] == "type"  # the default model types nuclei
     assert client.get(f"/api/slides/{GOOD_URL}/summary").json() == summary
     tissue = json.loads((salted_out / GOOD / "tissue.geojson").read_text())
     assert client.get(f"/api/slides/{GOOD_URL}/tissue").json() == tissue
@@ -323,7 +323,9 @@ def test_nuclei_in_a_box_match_the_parquet_and_geojson(
         assert f["id"] == table["id"][i] == reference[i]["id"]
         assert f["geometry"] == reference[i]["geometry"]
         assert f["properties"]["measurements"]["Area µm^2"] == pytest.approx(table["area_um2"][i])
-        assert f["properties"]["class"] == (table["tissue_class"][i] or "Unclassified")
+        # the default model types nuclei: the class is the type, the tissue class is kept
+        assert f["properties"]["class"] == table["type"][i]
+        assert f["properties"]["tissue_class"] == (table["tissue_class"][i] or "Unclassified")
 
 
 def test_nuclei_limit_keeps_those_nearest_the_centre(client: TestClient) -> None:
@@ -491,6 +493,8 @@ def test_nuclei_are_coloured_by_type_when_the_column_exists(
     shutil.copytree(salted_out / GOOD, out / GOOD)
     path = out / GOOD / "nuclei.parquet"
     table = pq.read_table(path)
+    typed_columns = ("type", "p_other", "p_inflammatory", "p_epithelial", "p_spindle")
+    table = table.drop_columns([c for c in typed_columns if c in table.column_names])
     types = np.array(["epithelial", "inflammatory", "spindle", "other"])[
         np.arange(table.num_rows) % 4
     ]

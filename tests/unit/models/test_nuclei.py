@@ -225,8 +225,11 @@ def test_shipped_weights_load_and_forward_fast() -> None:
     assert isinstance(model, NucleusModel)
     assert len(model.weights_sha256) == 64 and model.mpp > 0
     maps = model.predict(torch.randint(0, 255, (2, 3, 70, 90), dtype=torch.uint8))
-    assert maps.shape == (2, 3, 70, 90) and maps.dtype == np.float32
+    # the default (fast) preset types nuclei: 3 segmentation maps, then 4 type probabilities
+    assert model.type_names == ("other", "inflammatory", "epithelial", "spindle")
+    assert maps.shape == (2, 3 + 4, 70, 90) and maps.dtype == np.float32
     assert np.all((maps >= 0) & (maps <= 1))
+    assert np.allclose(maps[:, 3:].sum(axis=1), 1.0, atol=1e-3)
     labels = model.segment(np.full((77, 131, 3), 230, np.uint8), 0.25)
     assert labels.shape == (77, 131) and labels.dtype == np.int32
     pickle.dumps(model.postprocess)
@@ -307,15 +310,17 @@ def test_batchnorm_folding_keeps_the_outputs() -> None:
     from slidestream.models.nuclei._network import fold_batchnorm
     from slidestream.models.nuclei._weights import load_network
 
-    net, _ = load_network(SHIPPED_WEIGHTS, NetworkConfig(features=(16, 16, 32, 64, 128, 16)))
+    side = json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())
+    net, _ = load_network(SHIPPED_WEIGHTS, NetworkConfig.from_dict(side["architecture"]))
     net.eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     x = torch.randint(0, 255, (2, 3, 64, 48)).float()
     with torch.inference_mode():
         ref = net(x)
         with pytest.raises(ConfigError):
             fold_batchnorm(net.train())
         net.eval()
-        assert fold_batchnorm(net) == 18
+        assert fold_batchnorm(net) == n_bn == 18 + 1  # the type head's BatchNorm too
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
         assert torch.allclose(net(x), ref, atol=1e-3)
         assert fold_batchnorm(net) == 0
