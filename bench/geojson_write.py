@@ -10,8 +10,12 @@ extracted to a temporary folder), alternating with the current one, for a before
 on the same machine load. Wall-clock rates depend on free cores (the gzip deflate runs on worker
 threads); ``nuclei/CPU-s`` is the steadier figure on a busy machine.
 
+``--typed`` also times the pipeline's one-pass writer (GeoJSON polygons + ``nuclei.parquet``)
+without and with nucleus types (a ``type`` column, four ``p_<type>`` measurements, detections
+classified by type with the tissue class as metadata), alternating: the cost of the type columns.
+
 Usage: ``python bench/geojson_write.py [--nuclei 1000000] [--chunk 20000] [--out DIR]``
-``[--baseline REF]``
+``[--baseline REF] [--typed]``
 """
 
 from __future__ import annotations
@@ -86,6 +90,19 @@ def synth_table(n: int, seed: int, *, vertices: int = 20, mpp: float = 0.25) -> 
     )
 
 
+TYPES = np.array(["other", "inflammatory", "epithelial", "spindle"])
+
+
+def typed(table: NucleusTable, seed: int) -> NucleusTable:
+    """``table`` with a type per nucleus and its four type probabilities."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(len(TYPES)), len(table))
+    meas = {**table.measurements, **{f"p_{t}": probs[:, i] for i, t in enumerate(TYPES)}}
+    return replace(table, measurements=meas).with_types(TYPES[probs.argmax(axis=1)])
+
+
 def tables(total: int, chunk: int, templates: list[NucleusTable]) -> Iterator[NucleusTable]:
     """Yield ``total`` nuclei as chunks cycling pre-built templates (generation is not timed)."""
     done = 0
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=20_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--baseline", metavar="REF", default=None, help="also run git REF's writer")
+    ap.add_argument("--typed", action="store_true", help="time the type columns' cost")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each job (alternating)")
     args = ap.parse_args(argv)
     templates = [synth_table(args.chunk, seed) for seed in range(4)]
     out = args.out or Path(tempfile.mkdtemp(prefix="slidestream-bench-"))
@@ -148,8 +167,21 @@ def main(argv: list[str] | None = None) -> int:
             id_namespace="bench",
         ),
     }  # fmt: skip
+    if args.typed:
+        typed_templates = [typed(t, i) for i, t in enumerate(templates)]
+        jobs = {
+            "one pass untyped": lambda: write_nuclei_geojson(
+                out / "untyped.geojson.gz", tables(args.nuclei, args.chunk, templates),
+                id_namespace="bench", class_colors=COLORS, parquet_path=out / "untyped.parquet",
+            ),
+            "one pass typed": lambda: write_nuclei_geojson(
+                out / "typed.geojson.gz", tables(args.nuclei, args.chunk, typed_templates),
+                id_namespace="bench", class_colors=COLORS, parquet_path=out / "typed.parquet",
+                classify_by="type",
+            ),
+        }  # fmt: skip
     width = max(map(len, jobs))
-    for name, job in jobs.items():
+    for name, job in [item for _ in range(args.repeat) for item in jobs.items()]:
         t0, c0 = time.perf_counter(), time.process_time()
         count = job()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -97,6 +97,24 @@ def run_demo(
         f"tissue {stats.tissue_area_mm2 or 0:.2f} mm², {stats.nucleus_count or 0} nuclei, "
         f"{stats.nuclei_per_mm2 or 0:.0f} nuclei/mm²",
     ]
+    if stats.types:
+        lines.append(
+            "nucleus types: "
+            + ", ".join(
+                f"{name} {t.nucleus_count} ({t.nuclei_per_mm2 or 0:.0f}/mm²)"
+                for name, t in stats.types.items()
+            )
+        )
+        for cname, cstats in stats.classes.items():
+            inf = cstats.types.get("inflammatory")
+            if inf is None or not cstats.area_mm2:
+                continue
+            ratio = cstats.inflammatory_epithelial_ratio
+            lines.append(
+                f"  in {cname} ({cstats.area_mm2:.2f} mm²): {inf.nuclei_per_mm2 or 0:.0f} "
+                "inflammatory nuclei/mm², inflammatory/epithelial "
+                + (f"{ratio:.2f}" if ratio is not None else "n/a")
+            )
     if db_url:
         lines.append(f"database:    {db_url} (try: slidestream query --db {db_url} --slides)")
     lines.append(
