@@ -351,7 +351,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         if truth is not None and not type_names:
             raise click.UsageError(
                 f"--types: model {seg.name} has no type head; use a typing model "
-                "(nuclei-unet-fast, nuclei-unet-accurate)"
+                "(--model nuclei-unet-fast, or a .safetensors trained with --types)"
             )
         radius = pair_radius_px if pair_radius_px is not None else pair_radius_um / mpp
         counts = TypedCounts(names=type_names) if truth is not None else None
