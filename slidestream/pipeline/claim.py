@@ -133,6 +133,7 @@ def _stale(path: Path, owner: LockOwner | None) -> bool:
 def _create(path: Path, owner: LockOwner) -> bool:
     """Create the lock atomically with ``owner``'s content; ``False`` when it exists."""
     tmp = path.with_name(f"{path.name}.{owner.pid}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # OUT (analyse_slide may be called directly)
     tmp.write_text(json.dumps(owner.to_json()) + "\n", encoding="utf-8")
     try:
         os.link(tmp, path)

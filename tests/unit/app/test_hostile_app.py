@@ -393,3 +393,11 @@ def test_signal_while_readers_start_is_delivered_after_the_start() -> None:
         for _ in range(1000):
             pass
     assert started == ["all readers"]
+
+
+def test_claim_creates_the_output_folder(tmp_path: Path) -> None:
+    """``analyse_slide`` is library API: OUT need not exist yet when a slide is claimed."""
+    folder = tmp_path / "new-out" / "slide"
+    with claim_folder(folder) as claim:
+        assert isinstance(claim, SlideClaim) and lock_path(folder).is_file()
+    assert list((tmp_path / "new-out").iterdir()) == []
