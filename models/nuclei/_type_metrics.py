@@ -150,6 +150,13 @@ def pair_coordinates(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Pair true and predicted centroids one-to-one within ``radius`` px.
 
+    The pairs are the most pairs within ``radius`` (then the least total distance among them).
+    HoVer-Net's ``pair_coordinates`` solves the assignment on all distances and drops the pairs
+    beyond the radius afterwards; on large point sets (a whole mosaic) that trades near pairs for
+    far ones (detection F1 0.53 pooled over 16 CoNSeP tiles whose per-tile F1 is 0.67-0.74). Here a
+    pair beyond the radius costs more than any within-radius matching, so it never displaces one;
+    per image the two agree but where the assignment was ambiguous.
+
     Returns
     -------
     pairs : ndarray, int64, shape (k, 2)
@@ -164,7 +171,8 @@ def pair_coordinates(
     if n_t == 0 or n_p == 0:
         return np.zeros((0, 2), np.int64), np.arange(n_t), np.arange(n_p)
     dist = cdist(true_xy, pred_xy)
-    rows, cols = linear_sum_assignment(dist)
+    far = radius * (min(n_t, n_p) + 1.0) + 1.0  # more than every within-radius pair together
+    rows, cols = linear_sum_assignment(np.where(dist <= radius, dist, far))
     keep = dist[rows, cols] <= radius
     pairs = np.stack([rows[keep], cols[keep]], axis=1).astype(np.int64)
     unpaired_t = np.setdiff1d(np.arange(n_t), pairs[:, 0])

@@ -309,3 +309,14 @@ def test_segment_writes_types_csv_and_evaluate_scores_types(tmp_path: Path) -> N
     report = json.loads(r.output)
     assert {"det_f1", "f1_inflammatory", "f1_spindle"} <= set(report["types"])
     assert report["pair_radius_px"] == pytest.approx(6.0)
+
+
+def test_pairing_never_gives_up_a_near_pair_for_far_ones() -> None:
+    """A (0, 0) and its prediction 5 px away pair, although the assignment over all distances
+    (HoVer-Net's) would rather pair the far points crosswise (480 + 495 < 5 + 980)."""
+    from slidestream.models.nuclei._type_metrics import pair_coordinates
+
+    true = np.array([[0.0, 0.0], [500.0, 0.0]])
+    pred = np.array([[5.0, 0.0], [-480.0, 0.0]])
+    pairs, un_t, un_p = pair_coordinates(true, pred, 12.0)
+    assert pairs.tolist() == [[0, 0]] and un_t.tolist() == [1] and un_p.tolist() == [1]
