@@ -46,10 +46,15 @@ FLAGS = (
     "--force-device-scale-factor=1",
 )
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="chromium / chromium-driver not installed (apt-get install chromium chromium-driver)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="chromium / chromium-driver not installed (apt-get install chromium "
+        "chromium-driver)",
+    ),
+    # one browser and one analysed folder for the module: its tests run on one xdist worker
+    pytest.mark.xdist_group("viewer_browser"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +209,9 @@ def test_zoomed_in_nuclei_are_outlines_and_clickable(
 
     table = pq.read_table(viewer_run / GOOD / "nuclei.parquet").to_pydict()
     x, y = table["centroid_x"][0], table["centroid_y"][0]
-    # zoom to the first nucleus at 2 screen px per level-0 px
+    # zoom to the first nucleus at 2 screen px per level-0 px (on its own slide page: the test
+    # must not depend on which test ran before it)
+    browser.get(f"{base_url}/slides/{quote(GOOD, safe='')}")
     _wait(browser, "return window.slidestreamViewer && window.slidestreamViewer.slideLoaded")
     browser.execute_script(
         "window.slidestreamViewer.zoomTo(arguments[0], arguments[1], 2.0);", x, y
