@@ -481,20 +481,14 @@ def _write_types_csv(path: Path, types: Any, labels: Any) -> int:
 def _write_image_geojson(
     path: Path, image_path: Path, labels: Any, rgb: Any, mpp: float, types: Any = None
 ) -> int:
-    """One image's nuclei as QuPath detections (typed when ``types`` is given)."""
-    import dataclasses
+    """One image's nuclei as QuPath detections (classified by type when ``types`` is given)."""
+    import functools
     import hashlib
 
-    import numpy as np
-
     from slidestream.models import measure_nuclei
-    from slidestream.overlays import (
-        NUCLEUS_TYPE_COLORS,
-        extract_tile_nuclei,
-        type_classification,
-        type_probability_key,
-        write_nuclei_geojson,
-    )
+    from slidestream.overlays import extract_tile_nuclei, write_nuclei_geojson
+    from slidestream.pipeline.inference import measure_typed
+    from slidestream.pipeline.stitching import with_nucleus_types
 
     h, w = labels.shape
     bounds = (float(w), float(h))
@@ -503,34 +497,19 @@ def _write_image_geojson(
     stitch_logger = logging.getLogger("slidestream.overlays._stitch")
     level = stitch_logger.level
     stitch_logger.setLevel(logging.ERROR)
+    measure = measure_nuclei if types is None else functools.partial(measure_typed, types=types)
     try:
         table = extract_tile_nuclei(
             labels, rgb, core=(0, 0, w, h), l0_origin=(0.0, 0.0), l0_per_px=1.0,
-            mpp=mpp, measure=measure_nuclei, l0_bounds=bounds,
+            mpp=mpp, measure=measure, l0_bounds=bounds,
         )  # fmt: skip
     finally:
         stitch_logger.setLevel(level)
-    colors = None
-    if types is not None and len(table):
-        # The table's rows are the label ids present, ascending (measure_nuclei's order).
-        ids = np.unique(labels)
-        ids = ids[ids != 0]
-        last = max(len(types.ids) - 1, 0)
-        row = np.minimum(np.searchsorted(types.ids, ids), last)
-        found = types.ids[row] == ids if len(types.ids) else np.zeros(len(ids), bool)
-        index = np.where(found, types.index[row], -1)
-        names = np.array(
-            [type_classification(types.names[i]) if i >= 0 else "" for i in index.tolist()]
-        )
-        probs = np.where(found[:, None], types.probabilities[row], np.nan)
-        measurements = dict(table.measurements)
-        for t, name in enumerate(types.names):
-            measurements[type_probability_key(name)] = probs[:, t].astype(np.float64)
-        table = dataclasses.replace(table, measurements=measurements).with_classes(names)
-        colors = dict(NUCLEUS_TYPE_COLORS)
+    if types is not None:
+        table, _ = with_nucleus_types(table, tuple(types.names))
     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
     return write_nuclei_geojson(
-        path, [table], id_namespace=digest, class_colors=colors, l0_bounds=bounds
+        path, [table], id_namespace=digest, l0_bounds=bounds, classify_by="type"
     )
 
 

@@ -29,12 +29,14 @@ from ._models import LoadedModels
 from .stream import TileStream, read_sample, tile_stream
 
 if TYPE_CHECKING:
+    from slidestream.models.nuclei import InstanceTypes
     from slidestream.overlays import NucleusTable, TissueRegions
     from slidestream.tiling import ReaderKind, TissueMask
     from slidestream.wsi import Slide
 
 __all__ = [
     "TissuePass",
+    "measure_typed",
     "nucleus_stream",
     "nucleus_tables",
     "nucleus_tile_result",
@@ -286,9 +288,10 @@ def process_nucleus_tile(
     labels = postprocess(maps)
     measure = measure_nuclei
     if type_names:
-        measure = functools.partial(
-            _measure_typed, type_probs=maps[-len(type_names) :], type_names=type_names
-        )
+        from slidestream.models import instance_types
+
+        types = instance_types(labels, maps[-len(type_names) :], type_names)
+        measure = functools.partial(measure_typed, types=types)
     u = labels.shape[0] // rgb.shape[0]  # (maps are channels-last RGB for the classical model)
     if u > 1:
         rgb = np.ascontiguousarray(rgb.repeat(u, axis=0).repeat(u, axis=1))
@@ -307,27 +310,28 @@ def process_nucleus_tile(
     )
 
 
-def _measure_typed(
+def measure_typed(
     labels: npt.NDArray[np.int32],
     rgb: npt.NDArray[np.uint8],
     mpp: float,
     *,
-    type_probs: npt.NDArray[Any],
-    type_names: tuple[str, ...],
+    types: InstanceTypes,
 ) -> dict[str, npt.NDArray[Any]]:
-    """``measure_nuclei`` plus ``p_<type>`` columns (mean type probability per instance)."""
-    from slidestream.models import instance_types, measure_nuclei
+    """``measure_nuclei`` plus ``p_<type>`` columns: each instance's mean type probability
+    (``types``, of the same labels; NaN for an instance ``types`` does not describe). Used as the
+    ``measure`` of :func:`~slidestream.overlays.extract_tile_nuclei`, so the columns follow the
+    nuclei through ownership, clipping and repair."""
+    from slidestream.models import measure_nuclei
     from slidestream.overlays import type_probability_key
 
     columns = measure_nuclei(labels, rgb, mpp)
     ids = np.asarray(columns["label"], np.int64)
-    types = instance_types(labels, type_probs, type_names)
-    probs = np.full((ids.size, len(type_names)), np.nan, np.float64)
+    probs = np.full((ids.size, len(types.names)), np.nan, np.float64)
     if types.ids.size and ids.size:
         row = np.minimum(np.searchsorted(types.ids, ids), types.ids.size - 1)
         found = types.ids[row] == ids
         probs[found] = types.probabilities[row[found]]
-    for t, name in enumerate(type_names):
+    for t, name in enumerate(types.names):
         columns[type_probability_key(name)] = probs[:, t]
     return columns
 

@@ -34,6 +34,7 @@ __all__ = [
     "class_areas_on_mask",
     "clip_to_tissue",
     "nucleus_type_index",
+    "with_nucleus_types",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,16 @@ def nucleus_type_index(table: NucleusTable, type_names: tuple[str, ...]) -> npt.
     return index.astype(np.int8)
 
 
+def with_nucleus_types(
+    table: NucleusTable, type_names: tuple[str, ...]
+) -> tuple[NucleusTable, npt.NDArray[np.int8]]:
+    """``table`` with :attr:`~slidestream.overlays.NucleusTable.types` set from its ``p_<type>``
+    measurements (``""`` for an untyped nucleus), and the type index of each nucleus."""
+    index = nucleus_type_index(table, type_names)
+    labels = np.array([*type_names, ""], dtype=np.str_)  # index -1 -> ""
+    return table.with_types(labels[index]), index
+
+
 @dataclass(slots=True)
 class ClassifiedNuclei:
     """Classifies and counts a slide's nucleus stream while the writers consume it.
@@ -145,9 +156,7 @@ class ClassifiedNuclei:
             table = table.with_classes(names)
             type_index = None
             if self.type_names:
-                type_index = nucleus_type_index(table, self.type_names)
-                labels = np.array([*self.type_names, ""], dtype=np.str_)
-                table = table.with_types(labels[type_index])
+                table, type_index = with_nucleus_types(table, self.type_names)
                 self._types.append(type_index)
             self._stats.add(
                 area_um2=table.measurements["area_um2"],
