@@ -10,6 +10,7 @@ from ._ids import NUCLEUS_ID_NAMESPACE, nucleus_ids
 from ._nucleus_types import (
     NUCLEUS_TYPE_CLASSES,
     NUCLEUS_TYPE_COLORS,
+    nucleus_type_colors,
     type_classification,
     type_probability_key,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "density_colormap",
     "extract_tile_nuclei",
     "nucleus_ids",
+    "nucleus_type_colors",
     "raster_to_polygons",
     "rebatch_tables",
     "render_overlay_png",

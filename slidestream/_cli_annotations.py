@@ -4,7 +4,7 @@
 --annotations ...`` are the existing tissue commands with these options added
 (:func:`train_options`, :func:`evaluate_options`); their bodies hand over to
 :func:`run_train` / :func:`run_evaluate` when ``--slides`` is given. ``train nuclei-types`` is
-registered by :func:`register`.
+registered by :func:`register` (:mod:`slidestream.nuclei_type_training`).
 """
 
 from __future__ import annotations
@@ -333,8 +333,172 @@ def _results_classes(
 
 
 def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> None:
-    """Nothing yet: the annotation options live on the tissue commands."""
-    del cli, train, evaluate
+    """``train nuclei-types`` (the tissue commands carry their annotation options themselves)."""
+    del cli, evaluate
+    from slidestream._cli_options import device_option, out_option
+
+    @train.command("nuclei-types")
+    @_slides_option
+    @_annotations_option
+    @out_option("dir", help="Model folder to write (nuclei-types.safetensors, its .json, card).")
+    @click.option(
+        "--base",
+        default="default",
+        show_default=True,
+        help="Nucleus model whose segmentation is kept and whose type head is fitted: a name "
+        "(default, nuclei-unet-fast, nuclei-unet-accurate), a .safetensors file or a folder.",
+    )
+    @click.option(
+        "--class-map",
+        "class_map_text",
+        default=None,
+        help="Annotation class -> type name, e.g. 'Tumor=tumour,Lymphocyte=immune'; NAME=- "
+        "drops a class. The model's types are the (mapped) class names.",
+    )
+    @click.option(
+        "--groups",
+        "groups_csv",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="CSV slide,group (or slide,patient): slides of one patient share a CV fold.",
+    )
+    @click.option(
+        "--cv-folds",
+        type=click.IntRange(min=0),
+        default=5,
+        show_default=True,
+        help="Cross-validation folds grouped by slide (or --groups); at most one per slide; "
+        "0: none.",
+    )
+    @click.option(
+        "--views",
+        type=click.IntRange(1, 8),
+        default=4,
+        show_default=True,
+        help="Flipped/transposed views of each tile sampled (augmentation).",
+    )
+    @click.option(
+        "--steps",
+        type=click.IntRange(min=1),
+        default=1500,
+        show_default=True,
+        help="Optimiser steps of the type head.",
+    )
+    @click.option(
+        "--balance",
+        type=click.FloatRange(0, 1),
+        default=0.5,
+        show_default=True,
+        help="Class weight exponent (a nucleus weighs n_class^-balance; 1: classes alike).",
+    )
+    @click.option(
+        "--max-nucleus-area",
+        "max_nucleus_um2",
+        type=click.FloatRange(min=0, min_open=True),
+        default=400.0,
+        show_default=True,
+        help="Classified polygons larger than this (µm²) are regions, not nuclei: left out.",
+    )
+    @click.option(
+        "--slide-mpp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Level-0 µm/px of slides that lack it.",
+    )
+    @click.option("--name", default=None, help="Model name (default: the folder's name).")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @device_option()
+    @click.option("--progress/--no-progress", default=True, show_default=True)
+    def train_nuclei_types_cmd(
+        slide_inputs: tuple[Path, ...],
+        annotation_inputs: tuple[str, ...],
+        out: Path,
+        base: str,
+        class_map_text: str | None,
+        groups_csv: Path | None,
+        cv_folds: int,
+        views: int,
+        steps: int,
+        balance: float,
+        max_nucleus_um2: float,
+        slide_mpp: float | None,
+        name: str | None,
+        seed: int,
+        device: str,
+        progress: bool,
+    ) -> None:
+        """Fit a nucleus model's type head to the classified nuclei of annotated slides.
+
+        Nuclei are QuPath points, detections or cells, ImageScope/ASAP dots or nucleus
+        outlines, with a class each; the model's types are their class names. The base
+        model's segmentation is kept; its type head is cross-validated by slide and fitted.
+        Use the folder with `slidestream run --nuclei-model OUT` and `slidestream evaluate
+        nuclei --slides ... --annotations ... --model OUT`.
+        """
+        import shlex
+
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from slidestream._device import resolve_device
+        from slidestream.annotation_training import AnnotatedSlide, read_groups
+        from slidestream.models.nuclei._type_head import TypeHeadConfig
+        from slidestream.nuclei_type_training import train_nucleus_types_from_annotations
+
+        if not slide_inputs:
+            raise click.UsageError("train nuclei-types needs --slides SLIDE_OR_FOLDER")
+        pairs = _pairs(slide_inputs, annotation_inputs)
+        groups = read_groups(groups_csv) if groups_csv else {}
+        items = []
+        for slide, ann in pairs:
+            group = groups.get(slide.name) or groups.get(slide.stem)
+            if groups and group is None:
+                raise click.UsageError(f"{groups_csv}: no group for slide {slide.name}")
+            items.append(AnnotatedSlide(slide=slide, annotations=ann, group=group or slide.name))
+        config = TypeHeadConfig(views=views, steps=steps, balance=balance, seed=seed)
+        argv = ["slidestream", "train", "nuclei-types"]
+        for path in slide_inputs:
+            argv += ["--slides", str(path)]
+        for text in annotation_inputs:
+            argv += ["--annotations", text]
+        argv += ["--out", str(out), "--base", base]
+        if class_map_text:
+            argv += ["--class-map", class_map_text]
+        if groups_csv:
+            argv += ["--groups", str(groups_csv)]
+        if slide_mpp:
+            argv += ["--slide-mpp", str(slide_mpp)]
+        argv += ["--cv-folds", str(cv_folds), "--views", str(views), "--steps", str(steps)]
+        argv += ["--balance", str(balance), "--max-nucleus-area", str(max_nucleus_um2)]
+        argv += ["--seed", str(seed)]
+        with logging_redirect_tqdm():
+            summary = train_nucleus_types_from_annotations(
+                items,
+                out,
+                base=base,
+                class_map=parse_class_map(class_map_text),
+                mpp_override=slide_mpp,
+                config=config,
+                cv_folds=cv_folds,
+                grouped_by="group" if groups_csv else "slide",
+                max_nucleus_um2=max_nucleus_um2,
+                name=name,
+                device=resolve_device(device),
+                progress=lambda **kw: _bar(progress, **kw),
+                command=shlex.join(argv),
+            )
+        for slide_name, counts in summary.nuclei.items():
+            per = ", ".join(f"{c} {n}" for c, n in counts.items())
+            click.echo(f"{slide_name}: {per} nuclei")
+        click.echo(f"matched to predicted nuclei: {summary.matched_fraction:.1%}")
+        if summary.cv is not None:
+            for key in ("balanced_accuracy", "accuracy", "macro_f1"):
+                m = summary.cv.summary[key]
+                click.echo(
+                    f"cv {key}: {m['mean']:.4f} ± {m['sd']:.4f} "
+                    f"({len(summary.cv.folds)} folds by {summary.cv.grouped_by})"
+                )
+        secs = ", ".join(f"{k} {v:.0f} s" for k, v in summary.seconds.items())
+        click.echo(f"wrote {summary.model_dir} ({', '.join(summary.type_names)}; {secs})")
 
 
 #: Level-0 tile side and halo of ``evaluate nuclei --slides`` (px).

@@ -36,11 +36,14 @@ from slidestream.wsi.synthetic import write_pyramidal_tiff
 
 __all__ = [
     "MosaicSlide",
+    "TypedMosaicSlide",
+    "TypedTile",
     "qupath_feature",
     "write_annotated_mosaic",
     "write_asap_xml",
     "write_imagescope_xml",
     "write_qupath_geojson",
+    "write_typed_nuclei_mosaic",
 ]
 
 _NS = uuid.UUID("7d3c0a52-8f3e-4f55-9c1e-2b1f0d6c9a11")
@@ -372,4 +375,161 @@ def write_annotated_mosaic(
         dimensions=(width, height),
         blocks=tuple(blocks),
         annotations=annotations,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TypedTile:
+    """A tile with classified nuclei, for :func:`write_typed_nuclei_mosaic`.
+
+    Attributes
+    ----------
+    rgb : ndarray, uint8, shape (H, W, 3)
+    xy : ndarray, float, shape (N, 2)
+        Nucleus centres ``(x, y)``, tile px.
+    classes : tuple of str
+        Class of each nucleus.
+    outlines : tuple of ((K, 2) ndarray or None), optional
+        Outline ``(x, y)`` of each nucleus, tile px (for ``as_outlines``).
+    """
+
+    rgb: npt.NDArray[np.uint8]
+    xy: npt.NDArray[np.float64]
+    classes: tuple[str, ...]
+    outlines: tuple[npt.NDArray[np.float64] | None, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TypedMosaicSlide:
+    """A written mosaic of typed-nucleus tiles.
+
+    Attributes
+    ----------
+    slide, geojson : Path
+    mpp : float
+    dimensions : (int, int)
+        Level-0 ``(width, height)``.
+    origins : tuple of (int, int)
+        Level-0 ``(x, y)`` of each tile's top-left pixel.
+    xy : ndarray, float, shape (N, 2)
+        Every nucleus centre, level-0 px.
+    classes : tuple of str
+        Class of every nucleus.
+    """
+
+    slide: Path
+    geojson: Path
+    mpp: float
+    dimensions: tuple[int, int]
+    origins: tuple[tuple[int, int], ...]
+    xy: npt.NDArray[np.float64]
+    classes: tuple[str, ...]
+
+
+def write_typed_nuclei_mosaic(
+    out_dir: str | Path,
+    name: str,
+    tiles: Sequence[TypedTile],
+    *,
+    mpp: float,
+    class_colors: Mapping[str, tuple[int, int, int]],
+    columns: int = 4,
+    gap_px: int = 384,
+    as_outlines: bool = False,
+    compression: Any = "jpeg",
+) -> TypedMosaicSlide:
+    """Lay typed-nucleus tiles out on a white slide and write the nuclei as QuPath does.
+
+    Points are written as the QuPath *Points* tool stores them: one ``MultiPoint`` annotation
+    per class and tile, classified. Outlines (``as_outlines``) are written as classified
+    ``detection`` Polygons (as QuPath's cell detection followed by an object classifier).
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Folder for ``<name>.tiff`` and ``<name>.geojson``.
+    name : str
+    tiles : sequence of TypedTile
+    mpp : float
+        µm/px of the tiles (the slide's level 0).
+    class_colors : mapping
+        Class -> RGB of the classifications.
+    columns : int
+        Tiles per row.
+    gap_px : int
+        White gutter around every tile (level-0 px).
+    as_outlines : bool
+        Write outlines (each tile needs them) instead of points.
+    compression : str
+        TIFF tile compression.
+
+    Returns
+    -------
+    TypedMosaicSlide
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = math.ceil(len(tiles) / columns)
+    tw = max(t.rgb.shape[1] for t in tiles)
+    th = max(t.rgb.shape[0] for t in tiles)
+    width = gap_px + min(columns, len(tiles)) * (tw + gap_px)
+    height = gap_px + rows * (th + gap_px)
+    width, height = -(-width // 16) * 16, -(-height // 16) * 16
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    features: list[str] = []
+    origins: list[tuple[int, int]] = []
+    all_xy: list[npt.NDArray[np.float64]] = []
+    all_classes: list[str] = []
+    for k, tile in enumerate(tiles):
+        x0 = gap_px + (k % columns) * (tw + gap_px)
+        y0 = gap_px + (k // columns) * (th + gap_px)
+        h, w = tile.rgb.shape[:2]
+        canvas[y0 : y0 + h, x0 : x0 + w] = tile.rgb
+        origins.append((x0, y0))
+        offset = np.array([x0, y0], np.float64)
+        xy = np.asarray(tile.xy, np.float64).reshape(-1, 2) + offset
+        all_xy.append(xy)
+        all_classes += list(tile.classes)
+        if as_outlines:
+            if tile.outlines is None:
+                raise ValueError(f"tile {k}: as_outlines needs outlines")
+            for j, (outline, cls) in enumerate(zip(tile.outlines, tile.classes, strict=True)):
+                if outline is None or len(outline) < 3:
+                    continue
+                poly = shapely.make_valid(shapely.Polygon(np.asarray(outline) + offset))
+                if poly.geom_type != "Polygon":
+                    poly = max(shapely.get_parts(poly), key=lambda g: g.area)
+                if poly.is_empty or poly.area <= 0:
+                    continue
+                features.append(
+                    qupath_feature(
+                        shapely.Polygon(np.round(np.asarray(poly.exterior.coords), 2)),
+                        object_id=str(uuid.uuid5(_NS, f"{name}/{k}/{j}")),
+                        class_name=cls,
+                        class_color=class_colors.get(cls),
+                        object_type="detection",
+                    )
+                )
+        else:
+            for cls in sorted(set(tile.classes)):
+                sel = np.array([c == cls for c in tile.classes])
+                pts = shapely.MultiPoint(np.round(xy[sel], 2))
+                features.append(
+                    qupath_feature(
+                        pts,
+                        object_id=str(uuid.uuid5(_NS, f"{name}/{k}/{cls}")),
+                        class_name=cls,
+                        class_color=class_colors.get(cls),
+                    )
+                )
+    slide = write_pyramidal_tiff(out / f"{name}.tiff", canvas, mpp=mpp, compression=compression)
+    geojson = write_qupath_geojson(out / f"{name}.geojson", features)
+    return TypedMosaicSlide(
+        slide=slide,
+        geojson=geojson,
+        mpp=mpp,
+        dimensions=(width, height),
+        origins=tuple(origins),
+        xy=np.concatenate(all_xy) if all_xy else np.zeros((0, 2)),
+        classes=tuple(all_classes),
     )

@@ -118,6 +118,7 @@ def evaluate() -> None:
 
 def _register_commands() -> None:
     from slidestream import (
+        _cli_annotations,
         _cli_db,
         _cli_nuclei,
         _cli_run,
@@ -127,7 +128,17 @@ def _register_commands() -> None:
         _cli_wsi,
     )
 
-    for module in (_cli_wsi, _cli_tiling, _cli_nuclei, _cli_tissue, _cli_run, _cli_db, _cli_view):
+    modules = (
+        _cli_wsi,
+        _cli_tiling,
+        _cli_nuclei,
+        _cli_annotations,
+        _cli_tissue,
+        _cli_run,
+        _cli_db,
+        _cli_view,
+    )
+    for module in modules:
         module.register(cli, train=train, evaluate=evaluate)
 
 

@@ -279,10 +279,12 @@ OPTIONS: tuple[Option, ...] = (
         key="overlay_type",
         flag="--overlay-type",
         kind=str,
-        param=click.Choice(["inflammatory", "epithelial", "spindle", "other", "all"]),
+        param=click.STRING,
         default="inflammatory",
-        help="Nucleus type whose density overlay.png maps over the tissue classes (typing "
-        "models; 'all': every nucleus).",
+        help="Nucleus type whose density overlay.png maps over the tissue classes (a type "
+        "name of the nucleus model: inflammatory, epithelial, spindle, other for the shipped "
+        "one, your class names for a `train nuclei-types` model; 'all' or a name the model "
+        "lacks: every nucleus).",
         result=True,
     ),
     Option(

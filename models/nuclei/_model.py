@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -19,7 +19,6 @@ from slidestream.models.nuclei._data import resample_image, resample_labels
 from slidestream.models.nuclei._network import (
     N_OUTPUTS,
     PAD_MULTIPLE,
-    TYPE_NAMES,
     NucleusNet,
     fold_batchnorm,
 )
@@ -82,6 +81,9 @@ class NucleusModel:
     tta : bool
         Average the logits over the 8 symmetries of the square (flips and transposition,
         8 forward passes): slower, slightly more accurate.
+    type_colors : mapping of str to (r, g, b), optional
+        Display colour of some of the type names (a model trained on the user's annotations
+        keeps the annotation file's class colours).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class NucleusModel:
         precision: Precision = "auto",
         channels_last: bool = True,
         tta: bool = False,
+        type_colors: Mapping[str, tuple[int, int, int]] | None = None,
     ) -> None:
         if not mpp > 0:
             raise ConfigError(f"model {name}: working µm/px {mpp} must be > 0")
@@ -111,6 +114,7 @@ class NucleusModel:
         self.weights_sha256 = weights_sha256
         self.postprocess_config = postprocess_config
         self.tta = tta
+        self.type_colors: dict[str, tuple[int, int, int]] = dict(type_colors or {})
         if precision == "auto":
             if self.device.type == "cuda":
                 precision = "fp16"
@@ -160,7 +164,7 @@ class NucleusModel:
     @property
     def type_names(self) -> tuple[str, ...]:
         """Names of the type channels (empty without a type head)."""
-        return TYPE_NAMES[: self.n_types]
+        return tuple(self.net.config.type_names)
 
     @property
     def n_outputs(self) -> int:

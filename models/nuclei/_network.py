@@ -6,7 +6,9 @@ Output channels (logits, at the model's working µm/px, same height/width as the
 1. nucleus boundary (a one-pixel inner contour of every instance, DCAN-style),
 2. normalised distance to the instance border (1 at the instance's deepest point, 0 at its edge),
 3. ``3 + n_types - 1``: with a type head (``NetworkConfig.n_types > 0``), one logit per nucleus
-   type of :data:`TYPE_NAMES` (softmax over these channels; meaningful on nucleus pixels).
+   type of ``NetworkConfig.type_names`` (:data:`TYPE_NAMES` for the shipped models, the user's
+   class names for a model fine-tuned on annotations; softmax over these channels; meaningful
+   on nucleus pixels).
 
 The type head is a small branch (3x3 convolution, batch norm, ReLU, 1x1 convolution) on the last
 decoder features, beside the 1x1 convolution of the three segmentation maps: the shared decoder
@@ -57,15 +59,22 @@ class NetworkConfig:
     norm : str
         Normalisation layer name passed to MONAI (``"batch"`` or ``"instance"``).
     n_types : int
-        Nucleus types predicted by the type head (0: no type head; 4: :data:`TYPE_NAMES`).
+        Nucleus types predicted by the type head (0: no type head, whatever ``type_names``
+        says). Left at -1 it is the number of ``type_names`` (0 without them); 4 without
+        ``type_names`` means :data:`TYPE_NAMES`.
     type_head_width : int
         Channels of the type head's hidden 3x3 convolution.
+    type_names : tuple of str
+        Names of the type channels, in channel order: :data:`TYPE_NAMES` for ``n_types == 4``
+        when not given; any two or more distinct names (a user vocabulary, e.g. QuPath's
+        ``Tumor``, ``Immune cells``, ``Stroma``).
     """
 
     features: tuple[int, int, int, int, int, int] = (16, 16, 32, 64, 128, 16)
     norm: str = "batch"
-    n_types: int = 0
+    n_types: int = -1
     type_head_width: int = 32
+    type_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.features) != 6 or any(int(f) < 1 for f in self.features):
@@ -74,10 +83,30 @@ class NetworkConfig:
             )
         if self.norm not in ("batch", "instance"):
             raise ConfigError(f"network norm {self.norm!r}: expected 'batch' or 'instance'")
-        if self.n_types not in (0, len(TYPE_NAMES)):
+        names = tuple(str(n) for n in self.type_names)
+        if self.n_types == 0:
+            names = ()
+        elif self.n_types == -1 and not names:
+            object.__setattr__(self, "n_types", 0)
+        if names:
+            if len(names) < 2 or len(set(names)) != len(names) or not all(n.strip() for n in names):
+                raise ConfigError(
+                    f"network type_names {list(names)}: expected two or more distinct, "
+                    "non-empty names"
+                )
+            if self.n_types not in (-1, len(names)):
+                raise ConfigError(
+                    f"network n_types={self.n_types} but {len(names)} type_names {list(names)}"
+                )
+            object.__setattr__(self, "n_types", len(names))
+        elif self.n_types == len(TYPE_NAMES):
+            names = TYPE_NAMES
+        elif self.n_types != 0:
             raise ConfigError(
-                f"network n_types={self.n_types}: expected 0 (no type head) or {len(TYPE_NAMES)}"
+                f"network n_types={self.n_types}: expected 0 (no type head), {len(TYPE_NAMES)} "
+                "or the type_names of the channels"
             )
+        object.__setattr__(self, "type_names", names)
         if self.type_head_width < 1:
             raise ConfigError(f"network type_head_width={self.type_head_width}: expected >= 1")
 
@@ -92,6 +121,8 @@ class NetworkConfig:
         if self.n_types:
             out["n_types"] = self.n_types
             out["type_head_width"] = self.type_head_width
+            if self.type_names != TYPE_NAMES:
+                out["type_names"] = list(self.type_names)
         return out
 
     @classmethod
@@ -103,8 +134,9 @@ class NetworkConfig:
         return cls(
             features=(feats[0], feats[1], feats[2], feats[3], feats[4], feats[5]),
             norm=str(data.get("norm", "batch")),
-            n_types=int(data.get("n_types", 0)),
+            n_types=int(data.get("n_types", -1)),
             type_head_width=int(data.get("type_head_width", 32)),
+            type_names=tuple(str(n) for n in data.get("type_names", ())),
         )
 
 

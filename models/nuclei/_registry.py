@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from slidestream.models.nuclei._network import NetworkConfig
 from slidestream.models.nuclei._postprocess import PostprocessConfig
 from slidestream.models.nuclei._weights import WEIGHTS_DIR, load_network, read_sidecar
 
-__all__ = ["SHIPPED_WEIGHTS", "list_nuclei_models", "load_nuclei_model"]
+__all__ = [
+    "SHIPPED_WEIGHTS",
+    "ResolvedWeights",
+    "list_nuclei_models",
+    "load_nuclei_model",
+    "load_resolved_weights",
+    "resolve_nuclei_weights",
+]
 
 SHIPPED_WEIGHTS = WEIGHTS_DIR / "nuclei-unet.safetensors"
 """The shipped nucleus U-Net (sidecar ``nuclei-unet.json``, card ``nuclei-unet.md``)."""
@@ -35,34 +43,106 @@ def _preset(side: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     return preset
 
 
-def _from_file(
-    path: Path, preset_name: str, device: str | torch.device, precision: Precision
-) -> NucleusModel:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResolvedWeights:
+    """Where a nucleus model's weights are and how they are used.
+
+    Attributes
+    ----------
+    sidecar : Path
+        The ``.json`` sidecar the preset comes from.
+    weights : Path
+        The ``.safetensors`` file (a preset may use other weights than its sidecar's own).
+    architecture : NetworkConfig
+    preset : dict
+        The preset: ``mpp`` (working µm/px), ``tta``, ``postprocess``, ``summary``, ``preset``
+        (its name).
+    name : str
+        The model's name (``nuclei-unet-fast``, a file stem, or the sidecar's ``name``).
+    type_colors : dict of str to (int, int, int)
+        Display colours the sidecar gives some type names.
+    """
+
+    sidecar: Path
+    weights: Path
+    architecture: NetworkConfig
+    preset: dict[str, Any]
+    name: str
+    type_colors: dict[str, tuple[int, int, int]]
+
+
+def resolve_nuclei_weights(name_or_path: str | Path = "default") -> ResolvedWeights:
+    """Find the weights, architecture and preset of a nucleus model (no weights are read).
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        As :func:`load_nuclei_model` (not ``"classical"``).
+
+    Raises
+    ------
+    ConfigError
+        Unknown name or preset.
+    WeightsError
+        Missing or invalid sidecar.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if path.is_dir():
+        path = _weights_in(path)
+    if path.suffix in (".safetensors", ".json"):
+        preset_name = "default"
+    else:
+        preset_name = text.removeprefix(_PREFIX)
+        if preset_name not in ("default", "fast", "accurate"):
+            raise ConfigError(
+                f"unknown nucleus model {text!r}; use default, nuclei-unet-fast, "
+                "nuclei-unet-accurate, classical, a .safetensors path or a model folder"
+            )
+        path = SHIPPED_WEIGHTS
     side = read_sidecar(path)
     preset = _preset(side, preset_name, path)
-    # A preset may use other weights (and their architecture) than the file's own.
     weights_name = preset.get("weights", side.get("weights", path.with_suffix(".safetensors").name))
     weights = path.with_name(str(weights_name))
     try:
         arch = NetworkConfig.from_dict(preset.get("architecture", side["architecture"]))
-        pp = PostprocessConfig(**preset.get("postprocess", {}))
-        mpp = float(preset["mpp"])
-    except (KeyError, TypeError, ValueError) as exc:
+        PostprocessConfig(**preset.get("postprocess", {}))
+        float(preset["mpp"])
+        colors = {
+            str(k): (int(v[0]), int(v[1]), int(v[2]))
+            for k, v in side.get("type_colors", {}).items()
+        }
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise WeightsError(
             f"{path.with_suffix('.json')}: invalid weights config ({exc}); "
             "restore it or retrain with `slidestream train nuclei`"
         ) from exc
-    net, sha = load_network(weights, arch)
     name = f"{path.stem}-{preset['preset']}" if preset["preset"] != "default" else weights.stem
+    return ResolvedWeights(
+        sidecar=path.with_suffix(".json"),
+        weights=weights,
+        architecture=arch,
+        preset=preset,
+        name=str(side.get("name", name)),
+        type_colors=colors,
+    )
+
+
+def load_resolved_weights(
+    found: ResolvedWeights, device: str | torch.device, precision: Precision = "auto"
+) -> NucleusModel:
+    """Load the model :func:`resolve_nuclei_weights` found."""
+    net, sha = load_network(found.weights, found.architecture)
     return NucleusModel(
         net,
-        name=name,
-        mpp=mpp,
+        name=found.name,
+        mpp=float(found.preset["mpp"]),
         weights_sha256=sha,
-        postprocess_config=pp,
+        postprocess_config=PostprocessConfig(**found.preset.get("postprocess", {})),
         device=device,
         precision=precision,
-        tta=bool(preset.get("tta", False)),
+        tta=bool(found.preset.get("tta", False)),
+        type_colors=found.type_colors,
     )
 
 
@@ -96,19 +176,20 @@ def load_nuclei_model(
     WeightsError
         Missing, corrupt or mismatched weights file.
     """
-    text = str(name_or_path)
-    if text == "classical":
+    if str(name_or_path) == "classical":
         return ClassicalSegmenter()
-    path = Path(text)
-    if path.suffix in (".safetensors", ".json"):
-        return _from_file(path, "default", device, precision)
-    preset = text.removeprefix(_PREFIX)
-    if preset in ("default", "fast", "accurate"):
-        return _from_file(SHIPPED_WEIGHTS, preset, device, precision)
-    raise ConfigError(
-        f"unknown nucleus model {text!r}; use default, nuclei-unet-fast, "
-        "nuclei-unet-accurate, classical or a .safetensors path"
-    )
+    return load_resolved_weights(resolve_nuclei_weights(name_or_path), device, precision)
+
+
+def _weights_in(folder: Path) -> Path:
+    """The one ``.safetensors`` file of a model folder."""
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) != 1:
+        raise WeightsError(
+            f"{folder}: expected one .safetensors nucleus weights file with its .json sidecar, "
+            f"found {len(found)}; pass the .safetensors path"
+        )
+    return found[0]
 
 
 def list_nuclei_models() -> list[dict[str, Any]]:

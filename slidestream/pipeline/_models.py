@@ -120,15 +120,24 @@ class LoadedModels:
     def records(self) -> dict[str, ModelRecord]:
         """The ``provenance.models`` block of ``summary.json`` (and of every outcome)."""
         pp = self.nuclei.postprocess_config
+        details: dict[str, Any] = {
+            "postprocess": None if pp is None else pp.to_dict(),
+            "types": list(self.nuclei.type_names),
+        }
+        given = getattr(self.nuclei, "type_colors", None)
+        if given:
+            from slidestream.overlays import nucleus_type_colors, type_classification
+
+            colours = nucleus_type_colors(self.nuclei.type_names, given)
+            details["type_colors"] = {
+                t: list(colours[type_classification(t)]) for t in self.nuclei.type_names
+            }
         return {
             "nuclei": ModelRecord(
                 name=str(self.nuclei.name),
                 sha256=str(self.nuclei.weights_sha256),
                 mpp=float(self.nuclei.mpp),
-                details={
-                    "postprocess": None if pp is None else pp.to_dict(),
-                    "types": list(self.nuclei.type_names),
-                },
+                details=details,
             ),
             "tissue": ModelRecord(
                 name=str(self.tissue.name),

@@ -319,6 +319,9 @@ def _stage_outputs(
     write_tissue(stage, slide, mask, class_polygons, tissue.class_colors)
     t0 = time.perf_counter()
     type_names = tuple(models.nuclei.type_names)
+    from slidestream.overlays import nucleus_type_colors
+
+    type_colors = nucleus_type_colors(type_names, getattr(models.nuclei, "type_colors", None))
     nuclei = ClassifiedNuclei(tissue, type_names=type_names)
     tile_tables = nucleus_tables(
         slide,
@@ -336,6 +339,7 @@ def _stage_outputs(
         as_points=config.nuclei_as == "points",
         class_colors=tissue.class_colors,
         classify_by=config.nuclei_classification,
+        type_colors=type_colors,
     )
     timings["nuclei"] = time.perf_counter() - t0
     if nuclei.truncated:
@@ -355,6 +359,7 @@ def _stage_outputs(
         type_index=nuclei.type_index,
         type_names=type_names,
         overlay_type=config.overlay_type,
+        type_colors=type_colors,
     )
     timings["overlay"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start

@@ -115,11 +115,13 @@ def write_nuclei(
     as_points: bool,
     class_colors: Mapping[str, tuple[int, int, int]],
     classify_by: str = "tissue",
+    type_colors: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> int:
     """Stream the classified nuclei into the GeoJSON and the parquet table; returns the count.
 
     ``classify_by`` (``"type"`` or ``"tissue"``) is the detections' QuPath classification for
-    typed nuclei (:func:`slidestream.overlays.write_nuclei_geojson`).
+    typed nuclei (:func:`slidestream.overlays.write_nuclei_geojson`); ``type_colors`` maps
+    type classifications to colours (:func:`slidestream.overlays.nucleus_type_colors`).
     """
     from slidestream.overlays import write_nuclei_geojson
 
@@ -132,6 +134,7 @@ def write_nuclei(
         parquet_path=stage / OUTPUT_NAMES["nuclei_parquet"],
         l0_bounds=(float(slide.dimensions[0]), float(slide.dimensions[1])),
         classify_by="type" if classify_by == "type" else "tissue",
+        type_colors=type_colors,
     )
 
 
@@ -145,25 +148,28 @@ def write_overlay(
     type_index: npt.NDArray[np.int8] | None = None,
     type_names: tuple[str, ...] = (),
     overlay_type: str = "all",
+    type_colors: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> None:
     """The overview PNG: thumbnail, class regions and nucleus density.
 
     For typed nuclei (``type_index`` into ``type_names``, aligned with ``centroids``) the density
     panel maps the nuclei of ``overlay_type`` (``"all"``: every nucleus) and the legend lists
-    every type with its fixed colour and count.
+    every type with its colour (``type_colors``, by classification; default the fixed
+    colours) and count. An ``overlay_type`` the model does not have maps every nucleus.
     """
     import numpy as np
 
-    from slidestream.overlays import NUCLEUS_TYPE_COLORS, render_overlay_png, type_classification
+    from slidestream.overlays import nucleus_type_colors, render_overlay_png, type_classification
 
     thumb = slide.get_thumbnail((2048, 2048))
     density_of, legend, points = None, [], centroids
     title = f"{len(centroids):,} nuclei"
     if type_names and type_index is not None and len(type_index) == len(centroids):
         counts = np.bincount(type_index[type_index >= 0], minlength=len(type_names))
+        colours = dict(type_colors or nucleus_type_colors(type_names))
         for t, name in enumerate(type_names):
             q = type_classification(name)
-            legend.append((q, NUCLEUS_TYPE_COLORS.get(q, (128, 128, 128)), int(counts[t])))
+            legend.append((q, colours.get(q, (128, 128, 128)), int(counts[t])))
         if overlay_type in type_names:
             points = centroids[type_index == type_names.index(overlay_type)]
             density_of = type_classification(overlay_type)

@@ -70,6 +70,16 @@ class NotFoundError(LookupError):
     """No such slide, result file, level or tile (answered with 404)."""
 
 
+def _model_type_colours(summary: Mapping[str, Any] | None) -> dict[str, RGB]:
+    """Type name -> colour that a ``train nuclei-types`` model gave (``summary.json``
+    ``provenance.models.nuclei.details.type_colors``); empty for the shipped model."""
+    try:
+        given = summary["provenance"]["models"]["nuclei"]["details"]["type_colors"]  # type: ignore[index]
+        return {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in given.items()}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return {}
+
+
 def _fallback_colour(name: str) -> RGB:
     digest = hashlib.sha256(name.encode("utf-8")).digest()
     hue = digest[0] / 255.0 * 179.0
@@ -329,7 +339,7 @@ class ViewerService:
         dims, mpp = self.geometry(entry)
         index = NucleusIndex(path, mpp=mpp, l0_dimensions=dims)
         if index.colour_key == "type":
-            palette: Mapping[str, RGB] = TYPE_COLOURS
+            palette: Mapping[str, RGB] = {**TYPE_COLOURS, **_model_type_colours(entry.summary)}
         else:
             palette = {**self.tissue_colours(entry), UNCLASSIFIED: (128, 128, 128)}
         colours = np.array(
