@@ -131,7 +131,7 @@ def test_a_model_folder_loads_by_its_path(tmp_path: Path) -> None:
     cfg = NetworkConfig(features=(8, 8, 16, 16, 32, 16), type_names=("x", "y"))
     net = NucleusNet(cfg)
     folder = tmp_path / "m"
-    with pytest.raises(WeightsError, match="expected one .safetensors"):
+    with pytest.raises(WeightsError, match=r"expected one \.safetensors"):
         folder.mkdir()
         load_nuclei_model(folder)
     save_weights(
