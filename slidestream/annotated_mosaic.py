@@ -426,6 +426,17 @@ class TypedMosaicSlide:
     classes: tuple[str, ...]
 
 
+def _flat_parts(geom: shapely.Geometry) -> list[shapely.Geometry]:
+    """Single-part geometries of a (nested) collection."""
+    out: list[shapely.Geometry] = []
+    for part in shapely.get_parts(geom):
+        if part.geom_type.startswith("Multi") or part.geom_type == "GeometryCollection":
+            out += _flat_parts(part)
+        else:
+            out.append(part)
+    return out
+
+
 def write_typed_nuclei_mosaic(
     out_dir: str | Path,
     name: str,
@@ -496,11 +507,11 @@ def write_typed_nuclei_mosaic(
             for j, (outline, cls) in enumerate(zip(tile.outlines, tile.classes, strict=True)):
                 if outline is None or len(outline) < 3:
                     continue
-                poly = shapely.make_valid(shapely.Polygon(np.asarray(outline) + offset))
-                if poly.geom_type != "Polygon":
-                    poly = max(shapely.get_parts(poly), key=lambda g: g.area)
-                if poly.is_empty or poly.area <= 0:
+                fixed = shapely.make_valid(shapely.Polygon(np.asarray(outline) + offset))
+                parts = [g for g in _flat_parts(fixed) if g.geom_type == "Polygon" and g.area > 0]
+                if not parts:
                     continue
+                poly = max(parts, key=lambda g: g.area)
                 features.append(
                     qupath_feature(
                         shapely.Polygon(np.round(np.asarray(poly.exterior.coords), 2)),
