@@ -174,6 +174,12 @@ def write_overlay(
             points = centroids[type_index == type_names.index(overlay_type)]
             density_of = type_classification(overlay_type)
             title += f", {len(points):,} {overlay_type}"
+        elif overlay_type != "all":
+            logger.info(
+                "overlay.png: the nucleus model has no type %r (types %s); mapping every nucleus",
+                overlay_type,
+                ", ".join(type_names),
+            )
     render_overlay_png(
         stage / OUTPUT_NAMES["overlay_png"],
         thumb,
