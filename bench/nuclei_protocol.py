@@ -1,5 +1,6 @@
 """Nuclei v2 protocol figures: score nucleus models on the v2 test images (never trained on,
-never used for a choice; ``slidestream.models.nuclei._train.DEFAULT_TEST_KEYS``).
+never used for a choice; ``slidestream.models.nuclei._train.DEFAULT_TEST_KEYS``), or with
+``--keys val`` on its validation images (what choices are made on; those figures are optimistic).
 
 Per dataset (each image at its own µm/px, metrics at the image's resolution):
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from slidestream.models.nuclei import load_nuclei_model, score_instances
+from slidestream.models.nuclei import SHIPPED_WEIGHTS, load_nuclei_model, score_instances
 from slidestream.models.nuclei._data import KNOWN_DATASET_MPP
 from slidestream.models.nuclei._network import TYPE_NAMES
 from slidestream.models.nuclei._train import DEFAULT_TEST_KEYS
@@ -36,6 +37,7 @@ from slidestream.models.nuclei._type_metrics import (
     instance_points,
     read_typed_truth,
 )
+from slidestream.models.nuclei._weights import read_sidecar
 
 _ROOTS = {"crchisto": "nuclei_points/crchisto"}
 _RADIUS_PX = {"consep_train": 12.0, "crchisto": 6.0}
@@ -46,11 +48,13 @@ def _truth(root: Path, dataset: str) -> dict[str, TypedPoints]:
     return read_typed_truth(path) if path.is_file() else {}
 
 
-def evaluate(model_name: str, shared: Path) -> dict[str, Any]:
+def evaluate(
+    model_name: str, shared: Path, keys: tuple[str, ...] = DEFAULT_TEST_KEYS
+) -> dict[str, Any]:
     model = load_nuclei_model(model_name)
     typed = getattr(model, "n_types", 0) > 0
     by_ds: dict[str, list[str]] = defaultdict(list)
-    for key in DEFAULT_TEST_KEYS:
+    for key in keys:
         ds, image = key.split("/", 1)
         by_ds[ds].append(image)
     out: dict[str, Any] = {"model": model.name}
@@ -104,8 +108,17 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True)
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--keys",
+        choices=["test", "val"],
+        default="test",
+        help="the v2 test images (report) or its validation images (to choose on; optimistic)",
+    )
     args = ap.parse_args()
-    results = [evaluate(m, args.shared) for m in args.model]
+    # the v2 run's validation images (recorded in the shipped sidecar), not its test images
+    val = tuple(read_sidecar(SHIPPED_WEIGHTS)["train"]["val_keys"])
+    keys = DEFAULT_TEST_KEYS if args.keys == "test" else val
+    results = [evaluate(m, args.shared, keys) for m in args.model]
     for r in results:
         print(json.dumps(r))
     if args.json is not None:
