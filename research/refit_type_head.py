@@ -45,11 +45,13 @@ def main() -> None:
     ap.add_argument("--balance", default="0,0.5,1")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--base", default="fast", help="fast, or accurate (no type head: one is added)")
     args = ap.parse_args()
-    found = resolve_nuclei_weights("fast")
-    side = read_sidecar(found.weights)
+    found = resolve_nuclei_weights(args.base)
+    side = read_sidecar(resolve_nuclei_weights("fast").weights)
     held = set(side["train"]["val_keys"]) | set(side["train"]["test_keys"])
     model = load_resolved_weights(found, "cpu")
+    model.tta = False
     cfg = TypeHeadConfig(views=args.views, steps=args.steps)
     parts = []
     t0 = time.perf_counter()
@@ -86,11 +88,11 @@ def main() -> None:
             len(TYPE_NAMES),
             width=found.architecture.type_head_width,
             init=init,
-            copy_rows={i: i for i in range(len(TYPE_NAMES))},
+            copy_rows={i: i for i in range(len(TYPE_NAMES))} if init else {},
             config=TypeHeadConfig(views=args.views, steps=args.steps, balance=b),
         )
         net = build_typed_network(base, found.architecture, TYPE_NAMES, fit)
-        path = args.out / f"refit-b{b:g}.safetensors"
+        path = args.out / f"refit-{args.base}-b{b:g}.safetensors"
         save_weights(
             net,
             path,
