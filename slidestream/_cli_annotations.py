@@ -185,6 +185,22 @@ def _pairs(
     return pair_annotations(slides, annotation_inputs)
 
 
+def _annotated_slides(
+    slide_inputs: tuple[Path, ...], annotation_inputs: tuple[str, ...], groups_csv: Path | None
+) -> list[Any]:
+    """Slides paired with their annotation files, each in its CV group (slide or patient)."""
+    from slidestream.annotation_training import AnnotatedSlide, read_groups
+
+    groups = read_groups(groups_csv) if groups_csv else {}
+    items = []
+    for slide, ann in _pairs(slide_inputs, annotation_inputs):
+        group = groups.get(slide.name) or groups.get(slide.stem)
+        if groups and group is None:
+            raise click.UsageError(f"{groups_csv}: no group for slide {slide.name}")
+        items.append(AnnotatedSlide(slide=slide, annotations=ann, group=group or slide.name))
+    return items
+
+
 def run_train(
     *,
     slide_inputs: tuple[Path, ...],
@@ -210,20 +226,11 @@ def run_train(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from slidestream.annotation_training import (
-        AnnotatedSlide,
-        read_groups,
         train_tissue_from_annotations,
     )
     from slidestream.tiling import PatchSamplingConfig
 
-    pairs = _pairs(slide_inputs, annotation_inputs)
-    groups = read_groups(groups_csv) if groups_csv else {}
-    items = []
-    for slide, ann in pairs:
-        group = groups.get(slide.name) or groups.get(slide.stem)
-        if groups and group is None:
-            raise click.UsageError(f"{groups_csv}: no group for slide {slide.name}")
-        items.append(AnnotatedSlide(slide=slide, annotations=ann, group=group or slide.name))
+    items = _annotated_slides(slide_inputs, annotation_inputs, groups_csv)
     sampling = PatchSamplingConfig(
         patch_mpp=config.spacing_um_px,
         patch_size_px=config.patch_size_pixels,
@@ -440,20 +447,12 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         from slidestream._device import resolve_device
-        from slidestream.annotation_training import AnnotatedSlide, read_groups
         from slidestream.models.nuclei._type_head import TypeHeadConfig
         from slidestream.nuclei_type_training import train_nucleus_types_from_annotations
 
         if not slide_inputs:
             raise click.UsageError("train nuclei-types needs --slides SLIDE_OR_FOLDER")
-        pairs = _pairs(slide_inputs, annotation_inputs)
-        groups = read_groups(groups_csv) if groups_csv else {}
-        items = []
-        for slide, ann in pairs:
-            group = groups.get(slide.name) or groups.get(slide.stem)
-            if groups and group is None:
-                raise click.UsageError(f"{groups_csv}: no group for slide {slide.name}")
-            items.append(AnnotatedSlide(slide=slide, annotations=ann, group=group or slide.name))
+        items = _annotated_slides(slide_inputs, annotation_inputs, groups_csv)
         config = TypeHeadConfig(views=views, steps=steps, balance=balance, seed=seed)
         argv = ["slidestream", "train", "nuclei-types"]
         for path in slide_inputs:

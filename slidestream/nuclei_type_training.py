@@ -21,12 +21,8 @@ written.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +32,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from slidestream.annotation_training import AnnotatedSlide
+from slidestream.annotation_training import (
+    AnnotatedSlide,
+    _atomic_savez,
+    _file_sha256,
+    _identity,
+)
 from slidestream.errors import AnnotationError, ConfigError
 
 __all__ = [
@@ -168,28 +169,8 @@ def _slide_nuclei(ann: Any, mpp: float, max_nucleus_um2: float) -> _SlideNuclei:
     )
 
 
-def _identity(parts: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _save_samples(path: Path, samples: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **asdict(samples))
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_savez(path, **asdict(samples))
 
 
 def _load_samples(path: Path) -> Any:
