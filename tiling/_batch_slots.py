@@ -26,6 +26,7 @@ no room) :meth:`BatchSlots.create` returns ``None`` and the loader allocates per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -197,10 +198,8 @@ def _reader_map(handle: SlotsHandle) -> mmap.mmap | None:
         return known[1]
     for owner, old in _READER_MAPS.values():  # an earlier pass's ring (or the parent's, forked)
         if old is not None and owner == pid:
-            try:
+            with contextlib.suppress(BufferError):  # a view is alive; the mapping goes with it
                 old.close()
-            except BufferError:  # a view is still alive; the mapping goes with it
-                pass
     _READER_MAPS.clear()
     mapping: mmap.mmap | None = None
     try:

@@ -36,8 +36,8 @@ def _dataset(slide_path: Path) -> TileDataset:
 
 def _shared_state() -> tuple[frozenset[str], int, int]:
     """Names in /dev/shm, this process's open fds, its mappings of /dev/shm files."""
-    names = frozenset(os.listdir("/dev/shm"))
-    fds = len(os.listdir("/proc/self/fd"))
+    names = frozenset(path.name for path in Path("/dev/shm").iterdir())
+    fds = sum(1 for _ in Path("/proc/self/fd").iterdir())
     maps = Path("/proc/self/maps").read_text().splitlines()
     return names, fds, sum("/dev/shm/" in line for line in maps)
 
@@ -90,7 +90,7 @@ def test_a_closed_ring_is_not_mapped_by_a_later_reader() -> None:
     handle = slots.handle
     slots.close()
     slots.close()  # idempotent
-    held = open(os.devnull, "rb")  # noqa: SIM115 (may take the closed fd's number)
+    held = Path(os.devnull).open("rb")  # noqa: SIM115 (may take the closed fd's number)
     try:
         assert take_slot(handle, 0, 1) is None  # gone, or another file: the inode differs
     finally:
