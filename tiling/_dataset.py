@@ -514,7 +514,7 @@ class TileLoader:
         slots = BatchSlots.create(
             readers=workers,
             per_reader=self._slots_per_reader,
-            batch_shape=(self._batch_size, size, size, 3),
+            batch_shape=(max(1, min(self._batch_size, len(self.dataset))), size, size, 3),
         )
         batched.slots = None if slots is None else slots.handle
         try:
