@@ -47,7 +47,12 @@ def no_leaks() -> Iterator[None]:
     """The test leaves no shared memory: no /dev/shm name, fd, mapping or reader behind."""
     from multiprocessing import resource_tracker
 
-    resource_tracker.ensure_running()  # started once by the first spawn; its pipe stays open
+    from slidestream.pipeline.stream import preload_forkserver
+
+    # Started once by the first spawn / forkserver reader (the fork server as the pipeline
+    # starts it, with its preload); their pipes stay open.
+    resource_tracker.ensure_running()
+    preload_forkserver()
     gc.collect()
     before = _shared_state()
     yield
@@ -97,7 +102,7 @@ def test_a_closed_ring_is_not_mapped_by_a_later_reader() -> None:
         held.close()
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_streaming_reuses_slots_with_the_right_pixels(
     generated_slide: Path, context: str, no_leaks: None
 ) -> None:
@@ -109,6 +114,8 @@ def test_streaming_reuses_slots_with_the_right_pixels(
     seen: list[int] = []
     pointers: set[int] = set()
     for batch in loader:
+        # from a slot (a new torch shared storage would say is_shared), and slots come back
+        assert not batch.images.is_shared()
         pointers.add(batch.images.data_ptr())
         for image, index in zip(batch.images, batch.indices.tolist(), strict=True):
             np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), dataset.read_tile(index))
