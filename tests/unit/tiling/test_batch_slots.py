@@ -43,7 +43,7 @@ def _ours(name: str) -> bool:
     torch names a segment ``torch_<creator pid>_...``: one whose creator is this process or
     a process that has exited (our readers) counts.
     """
-    if name.startswith("PostgreSQL."):
+    if name.startswith(("PostgreSQL.", "sem.")):  # not pixels (sem.*: any process's locks)
         return False
     parts = name.split("_")
     if parts[0] == "torch" and len(parts) > 1 and parts[1].isdigit():
