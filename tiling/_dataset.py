@@ -609,9 +609,9 @@ def make_loader(
         Reusable shared-memory batch slots per worker process (one pass's file of
         ``num_workers * shared_slots_per_reader`` batches on ``/dev/shm``, reserved when the pass
         starts). None: ``prefetch_factor + 2`` (the batches in flight, the one the caller is
-        using and one more). 0: a new shared-memory batch per batch, as before slots (about
-        1.5 times slower on 2 cores, ``bench/stream.py --compare``). A worker whose slots are
-        all held allocates a new batch too, so keeping batches is always safe.
+        using and one more). 0: a new shared-memory batch per batch, as before slots (1.3-1.4
+        times slower on 2 cores, ``bench/stream.py --compare``). A worker whose slots are all
+        held allocates a new batch too, so keeping batches is always safe.
 
     Returns
     -------
