@@ -13,6 +13,10 @@ Prints, for a generated H&E-like demo slide (default 8192 x 6144 px at 0.25 µm/
 
 Usage: ``python bench/pipeline.py [--width 8192 --height 6144 --mpp 0.25] [--device cpu]``
 
+``--compare-loader`` also runs (b)-(d) with the tile loader's shared batch slots off
+(``make_loader(shared_slots_per_reader=0)``: a new shared-memory batch per batch, the path
+before issue 19's fix), alternating with the default runs, so both come from one run.
+
 ``--mosaic N`` writes an N x N mosaic of the rendered demo image instead (``N*width`` x
 ``N*height`` px, streamed tile by tile): a large 40x slide for GPU runs without rendering (and
 holding) a gigapixel image. The tissue pattern repeats, which changes nothing for throughput.
@@ -63,13 +67,20 @@ def main() -> None:
         default=None,
         help="post-processing processes (default: the pipeline's choice; 0: in the main process)",
     )
+    parser.add_argument(
+        "--compare-loader",
+        action="store_true",
+        help="also run (b)-(d) without the loader's shared batch slots (alternating runs)",
+    )
     args = parser.parse_args()
 
+    import functools
     import multiprocessing as mp
 
     import numpy as np
     import torch
 
+    from slidestream import tiling as tiling_package
     from slidestream.config import RunConfig
     from slidestream.demo_slide import DemoSlideSpec, write_demo_slide
     from slidestream.pipeline import (
@@ -186,32 +197,50 @@ def main() -> None:
         )
 
         # (b) end to end, best of --e2e-runs (as (a) is best of two: a shared machine's noise
-        # then biases neither side of the ratio)
-        runs: list[tuple[float, float, dict[str, Any]]] = []  # (nucleus pass s, total s, summary)
+        # then biases neither side of the ratio); with --compare-loader alternating with runs
+        # whose loader has no shared batch slots (the pipeline finds make_loader at call time)
+        default_make_loader = tiling_package.make_loader
+        variants: dict[str, Any] = {"": default_make_loader}
+        if args.compare_loader:
+            variants = {
+                " [no slots (old)]": functools.partial(
+                    default_make_loader, shared_slots_per_reader=0
+                ),
+                " [slots]": default_make_loader,
+            }
+        # (nucleus pass s, total s, summary) per variant
+        runs: dict[str, list[tuple[float, float, dict[str, Any]]]] = {v: [] for v in variants}
         for _ in range(max(1, args.e2e_runs)):
-            t0 = time.perf_counter()
-            outcome = analyse_slide(slide_path, config, models, pool=pool)
-            assert outcome.summary is not None
-            summary_json = outcome.summary.to_json()
-            nuclei_s = float(summary_json["provenance"]["timings_s"]["nuclei"])
-            runs.append((nuclei_s, time.perf_counter() - t0, summary_json))
+            for name, make_loader in variants.items():
+                tiling_package.make_loader = make_loader  # type: ignore[attr-defined]
+                try:
+                    t0 = time.perf_counter()
+                    outcome = analyse_slide(slide_path, config, models, pool=pool)
+                    assert outcome.summary is not None
+                    summary_json = outcome.summary.to_json()
+                finally:
+                    tiling_package.make_loader = default_make_loader  # type: ignore[attr-defined]
+                nuclei_s = float(summary_json["provenance"]["timings_s"]["nuclei"])
+                runs[name].append((nuclei_s, time.perf_counter() - t0, summary_json))
         if pool is not None:
             pool.shutdown()
-        _, total_s, summary = min(runs, key=lambda r: r[0])
-        timings = summary["provenance"]["timings_s"]
-        e2e_tps = n / timings["nuclei"]
-        print(
-            f"(b) end-to-end nucleus pass: {timings['nuclei']:.1f} s = {e2e_tps:.2f} tiles/s "
-            f"({summary['statistics']['nucleus_count']} nuclei); best of "
-            + ", ".join(f"{r[0]:.1f}" for r in runs)
-            + " s"
-        )
-        print(f"(c) pipeline efficiency (b)/(a): {e2e_tps / alone_tps:.3f}  (target >= 0.9)")
-        print(
-            f"(d) end to end, both analyses: tissue {tissue_mm2:.2f} mm² in {total_s:.1f} s = "
-            f"{tissue_mm2 / total_s:.3f} mm²/s  (target >= 0.15 on 2 CPU cores); timings "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-        )
+        for name, variant_runs in runs.items():
+            _, total_s, summary = min(variant_runs, key=lambda r: r[0])
+            timings = summary["provenance"]["timings_s"]
+            e2e_tps = n / timings["nuclei"]
+            print(
+                f"(b){name} end-to-end nucleus pass: {timings['nuclei']:.1f} s = "
+                f"{e2e_tps:.2f} tiles/s ({summary['statistics']['nucleus_count']} nuclei); "
+                "best of " + ", ".join(f"{r[0]:.1f}" for r in variant_runs) + " s"
+            )
+            print(
+                f"(c){name} pipeline efficiency (b)/(a): {e2e_tps / alone_tps:.3f}  (target >= 0.9)"
+            )
+            print(
+                f"(d){name} end to end, both analyses: tissue {tissue_mm2:.2f} mm² in "
+                f"{total_s:.1f} s = {tissue_mm2 / total_s:.3f} mm²/s  (target >= 0.15 on 2 CPU "
+                "cores); timings " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+            )
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"(e) peak RSS of the main process: {rss_mb:.0f} MB")
 

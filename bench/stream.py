@@ -9,7 +9,13 @@ Generates (in a temporary folder, deleted afterwards) a 40,000 x 30,000 px pyram
 (d) ratios c/a and c/b at native resolution
 (e) peak RSS, tissue-detection time
 
-Run: ``.venv/bin/python bench/stream.py [--tiles 2000] [--width 40000 --height 30000]``.
+The loader is timed ``--repeats`` times (median reported); ``--compare`` also times the loader
+without its reusable shared batch slots (``shared_slots_per_reader=0``: a new shared-memory
+batch per batch, the path before issue 19's fix), interleaved with the default one, so both
+figures come from one run on the same machine state.
+
+Run: ``.venv/bin/python bench/stream.py [--tiles 2000] [--width 40000 --height 30000]
+[--repeats 3] [--compare] [--slide kept.tif]``.
 """
 
 from __future__ import annotations
@@ -107,6 +113,27 @@ def _slidestream_chunk(args: tuple[str, list[tuple[int, int]]]) -> int:
     return len(locations)
 
 
+def _openslide_half_chunk(args: tuple[str, list[tuple[int, int]]]) -> int:
+    import openslide
+
+    path, locations = args
+    slide = openslide.OpenSlide(path)
+    for x, y in locations:  # level 1 is the 2x downsample: the half-resolution tiles as they are
+        np.asarray(slide.read_region((x, y), 1, (TILE, TILE)))
+    slide.close()
+    return len(locations)
+
+
+def _slidestream_half_chunk(args: tuple[str, list[tuple[int, int]]]) -> int:
+    from slidestream.wsi import open_slide
+
+    path, locations = args
+    with open_slide(path) as slide:
+        for x, y in locations:
+            slide.read_at_mpp((x, y), (TILE, TILE), 2 * MPP)
+    return len(locations)
+
+
 def _noop(_: int) -> int:
     return 0
 
@@ -125,12 +152,18 @@ def _split(items: list[object], parts: int) -> list[list[object]]:
     return [items[i::parts] for i in range(parts)]
 
 
-def _loader_rate(path: Path, tiles: list[object], tile_mpp: float, workers: int) -> float:
+def _loader_rate(
+    path: Path, tiles: list[object], tile_mpp: float, workers: int, slots: int | None = None
+) -> float:
     from slidestream.tiling import TileDataset, make_loader
 
     dataset = TileDataset(path, tiles, tile_mpp=tile_mpp, tile_size_px=TILE)  # type: ignore[arg-type]
     loader = make_loader(
-        dataset, batch_size=32, num_workers=workers, multiprocessing_context="fork"
+        dataset,
+        batch_size=32,
+        num_workers=workers,
+        multiprocessing_context="fork",
+        shared_slots_per_reader=slots,
     )
     count = 0
     t0 = time.perf_counter()
@@ -153,6 +186,18 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=30_000)
     parser.add_argument("--tiles", type=int, default=2000, help="tissue tiles streamed per test")
     parser.add_argument("--keep", type=Path, default=None, help="copy the slide here")
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=None,
+        help="use this slide (from --keep) instead of making one",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="loader timings (median)")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time the loader without shared batch slots (one new shm batch per batch)",
+    )
     args = parser.parse_args()
 
     import tifffile
@@ -166,15 +211,18 @@ def main() -> int:
         path = tmp / "bench.tif"
         source = _Source(args.width, args.height)
         t0 = time.perf_counter()
-        write_pyramidal_tiff(
-            path, source, size=(args.width, args.height), mpp=MPP, tile_size=TILE, quality=90
-        )
+        if args.slide is not None:
+            path = args.slide
+        else:
+            write_pyramidal_tiff(
+                path, source, size=(args.width, args.height), mpp=MPP, tile_size=TILE, quality=90
+            )
         gen_s = time.perf_counter() - t0
         print(
             f"slide: {args.width} x {args.height} px, {path.stat().st_size / 1e6:.0f} MB, "
             f"generated in {gen_s:.1f} s"
         )
-        if args.keep is not None:
+        if args.keep is not None and args.slide is None:
             shutil.copy(path, args.keep)
 
         with open_slide(path) as slide:
@@ -194,6 +242,8 @@ def main() -> int:
         half_pick = np.sort(rng.choice(len(half), size=min(args.tiles, len(half)), replace=False))
         half_tiles = [half[int(i)] for i in half_pick]
         locations = [(round(t.l0_x), round(t.l0_y)) for t in tiles]
+        half_locations = [(round(t.l0_x), round(t.l0_y)) for t in half_tiles]
+        half_pixels = len(half_tiles) * TILE * TILE
         pixels = len(tiles) * TILE * TILE
 
         with tifffile.TiffFile(path) as tif, path.open("rb") as fh:
@@ -222,17 +272,47 @@ def main() -> int:
             pixels,
         )
         print(f"(c0) slidestream Slide.read_region: 2 procs {c_pool:7.1f} MP/s (no DataLoader)")
-        c_native = _loader_rate(path, tiles, MPP, 2)
-        c_half = _loader_rate(path, half_tiles, 2 * MPP, 2)
-        print(
-            f"(c) slidestream make_loader, 2 workers: native {c_native:7.1f} MP/s | "
-            f"half-res {c_half:7.1f} MP/s (output px)"
+        b2_half = _pool_rate(
+            _openslide_half_chunk,
+            [(str(path), part) for part in _split(half_locations, 2)],  # type: ignore[arg-type]
+            2,
+            half_pixels,
+        )
+        c_pool_half = _pool_rate(
+            _slidestream_half_chunk,
+            [(str(path), part) for part in _split(half_locations, 2)],  # type: ignore[arg-type]
+            2,
+            half_pixels,
         )
         print(
-            f"(d) c/a = {c_native / a2:.2f} (target >= 0.7)   c/b = {c_native / b2:.2f} "
-            f"(target >= 3)   [without DataLoader: c0/a = {c_pool / a2:.2f}, "
-            f"c0/b = {c_pool / b2:.2f}]"
+            f"(b/c0 half-res) OpenSlide read_region level 1: 2 procs {b2_half:7.1f} MP/s | "
+            f"slidestream Slide.read_at_mpp: 2 procs {c_pool_half:7.1f} MP/s (output px)"
         )
+        variants: dict[str, int | None] = {"slots": None}
+        if args.compare:
+            variants = {"no slots (old)": 0, **variants}
+        rates: dict[str, dict[str, list[float]]] = {
+            name: {"native": [], "half": []} for name in variants
+        }
+        for _ in range(max(1, args.repeats)):
+            for name, slots in variants.items():  # interleaved: the same machine state
+                rates[name]["native"].append(_loader_rate(path, tiles, MPP, 2, slots))
+                rates[name]["half"].append(_loader_rate(path, half_tiles, 2 * MPP, 2, slots))
+        for name, rate in rates.items():
+            c_native = float(np.median(rate["native"]))
+            c_half = float(np.median(rate["half"]))
+            runs = " ".join(f"{v:.0f}" for v in rate["native"])
+            print(
+                f"(c) slidestream make_loader, 2 workers, {name}: native {c_native:7.1f} MP/s | "
+                f"half-res {c_half:7.1f} MP/s (output px; median of {len(rate['native'])}, "
+                f"native runs {runs})"
+            )
+            print(
+                f"(d) {name}: c/a = {c_native / a2:.2f} (target >= 0.7)   c/b = "
+                f"{c_native / b2:.2f} (target >= 3)   c/c0 = {c_native / c_pool:.2f}   "
+                f"[without DataLoader: c0/a = {c_pool / a2:.2f}, c0/b = {c_pool / b2:.2f}]; "
+                f"half-res c/b = {c_half / b2_half:.2f}, c/c0 = {c_half / c_pool_half:.2f}"
+            )
         own, children = _rss_mb()
         print(
             f"(e) peak RSS: main {own:.0f} MB, largest worker {children:.0f} MB (target < 1500); "

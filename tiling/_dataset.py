@@ -6,10 +6,13 @@ works with ``num_workers=0`` and with worker processes started by fork or spawn 
 never reuses its parent's handle).
 
 The loader's unit of work is a whole batch, not a tile: a worker reads the batch's tiles straight
-into one preallocated channels-last ``(N, H, W, 3)`` uint8 array that lives in shared memory, so
-the batch crosses the process boundary without a copy (no per-tile tensors, no ``torch.stack``,
-no re-sharing). :class:`TileBatch` exposes it as ``(N, 3, H, W)`` through a zero-copy
-``permute`` view.
+into one channels-last ``(N, H, W, 3)`` uint8 array in shared memory, so the batch crosses the
+process boundary without a copy (no per-tile tensors, no ``torch.stack``, no re-sharing).
+:class:`TileBatch` exposes it as ``(N, 3, H, W)`` through a zero-copy ``permute`` view. That
+array is one of a few batch slots per worker, set up once per pass and reused
+(:mod:`._batch_slots`): only the slot number crosses, and a slot is refilled only after the
+caller has dropped every view of the batch in it. A worker allocates a fresh shared batch only
+when all its slots are still held (a caller keeping many batches).
 
 Where a process may not start children (a daemonic process, such as a Dask worker run by its
 nanny), ``make_loader(..., workers_as="threads")`` reads the same batches, in the same order, on
@@ -39,6 +42,7 @@ import numpy.typing as npt
 
 from slidestream.errors import ConfigError, SlideReadError, SlidestreamError
 
+from ._batch_slots import BatchSlots, SlotFilled, SlotsHandle, give_back, take_slot
 from ._grid import TileSpec, tiles_as_arrays
 from ._protocols import SlideLike
 
@@ -265,18 +269,22 @@ class _Failure:
 class _BatchedTiles:
     """Batch ``b`` of a :class:`TileDataset` as one ``(b, images (N, H, W, 3))`` item.
 
-    Inside a loader worker the images are allocated in shared memory, so sending them to the main
-    process passes a handle, not the pixels. Read errors travel back as :class:`_Failure` data.
+    Inside a loader worker the images go to one of the worker's shared batch slots when
+    ``slots`` is set (the item is then a :class:`SlotFilled`, the slot number), else to a new
+    shared-memory storage, so sending them to the main process passes a slot number or a handle,
+    never the pixels. Read errors travel back as :class:`_Failure` data.
     """
 
     def __init__(self, dataset: TileDataset, batch_size: int) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
+        self.slots: SlotsHandle | None = None
+        """The pass's batch slots, set while the workers start (they keep their copy)."""
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
-    def __getitem__(self, b: int) -> tuple[int, torch.Tensor] | _Failure:
+    def __getitem__(self, b: int) -> tuple[int, torch.Tensor] | SlotFilled | _Failure:
         import torch
         from torch.utils.data import get_worker_info
 
@@ -286,7 +294,20 @@ class _BatchedTiles:
             raise IndexError(f"batch {b} outside 0..{len(self) - 1}")
         size = self.dataset.tile_size_px
         shape = (count, size, size, 3)
-        if get_worker_info() is not None:
+        worker = get_worker_info()
+        if worker is not None and self.slots is not None:
+            taken = take_slot(self.slots, worker.id, count)
+            if taken is not None:
+                slot, pixels = taken
+                try:
+                    self.dataset.read_tiles_into(start, pixels)
+                except BaseException as exc:
+                    give_back(self.slots, slot)
+                    if isinstance(exc, SlidestreamError):
+                        return _Failure(str(exc))
+                    raise
+                return SlotFilled(self.slots.ring_id, b, slot, count)
+        if worker is not None:
             # Allocated in shared memory up front (as torch's default_collate does): sending it
             # to the main process then shares a handle instead of copying the pixels.
             new_shared = cast(
@@ -458,13 +479,20 @@ class TileLoader:
     """Iterable of :class:`TileBatch` over a :class:`TileDataset` (see :func:`make_loader`)."""
 
     def __init__(
-        self, loader: Any, device: torch.device, dataset: TileDataset, batch_size: int
+        self,
+        loader: Any,
+        device: torch.device,
+        dataset: TileDataset,
+        batch_size: int,
+        *,
+        slots_per_reader: int = 0,
     ) -> None:
         self._loader = loader
         self.device = device
         self.dataset = dataset
         self._batch_size = batch_size
-        self._started: Iterator[Any] | None = None
+        self._slots_per_reader = slots_per_reader
+        self._started: tuple[Iterator[Any], BatchSlots | None] | None = None
 
     def start(self) -> TileLoader:
         """Start the readers and their read-ahead now, before the first iteration.
@@ -473,8 +501,31 @@ class TileLoader:
         tissue pass before the nucleus pass). The next iteration consumes what was started.
         """
         if self._started is None:
-            self._started = _start_readers(self._loader)
+            self._started = self._start_pass()
         return self
+
+    def _start_pass(self) -> tuple[Iterator[Any], BatchSlots | None]:
+        """Start one pass's readers, with the pass's batch slots when they are worker processes."""
+        batched = getattr(self._loader, "dataset", None)
+        workers = int(getattr(self._loader, "num_workers", 0))
+        if not isinstance(batched, _BatchedTiles) or workers < 1 or self._slots_per_reader < 1:
+            return _start_readers(self._loader), None
+        size = self.dataset.tile_size_px
+        slots = BatchSlots.create(
+            readers=workers,
+            per_reader=self._slots_per_reader,
+            batch_shape=(max(1, min(self._batch_size, len(self.dataset))), size, size, 3),
+        )
+        batched.slots = None if slots is None else slots.handle
+        try:
+            # The workers get their copy of `batched` (pickled or forked) as they start.
+            return _start_readers(self._loader), slots
+        except BaseException:
+            if slots is not None:
+                slots.close()
+            raise
+        finally:
+            batched.slots = None
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -487,16 +538,25 @@ class TileLoader:
         indices = torch.from_numpy(self.dataset.indices)
         l0_xy = torch.from_numpy(self.dataset.l0_xy)
         source, self._started = self._started, None
-        batches = source if source is not None else _start_readers(self._loader)
+        batches, slots = source if source is not None else self._start_pass()
         try:
             for expected, item in enumerate(batches):
                 if isinstance(item, _Failure):
                     raise SlideReadError(item.message)
-                b, images = item
+                if isinstance(item, SlotFilled):
+                    if slots is None:  # a slot of a ring this pass does not have: a bug
+                        raise RuntimeError(f"tile loader: batch {item.batch} from unknown slots")
+                    b = item.batch
+                    # A view of the slot; the slot is reused once every view of it is dropped.
+                    images = torch.from_numpy(slots.lease(item))
+                    copy_async = False  # pageable: the slot must be read before it is released
+                else:
+                    b, images = item
+                    copy_async = non_blocking  # pinned by the DataLoader
                 if b != expected:  # the loader is sequential; anything else is a bug
                     raise RuntimeError(f"tile loader: got batch {b}, expected batch {expected}")
                 if images.device != self.device:
-                    images = images.to(self.device, non_blocking=non_blocking)
+                    images = images.to(self.device, non_blocking=copy_async)
                 start = b * batch_size
                 stop = start + int(images.shape[0])
                 yield TileBatch(
@@ -507,6 +567,10 @@ class TileLoader:
         finally:
             if isinstance(batches, _ThreadedIterator):
                 batches.close()  # stop the reader threads now, even if the pass was abandoned
+            # The last reference to the DataLoader's iterator: dropping it stops its workers.
+            del batches, source
+            if slots is not None:
+                slots.close()  # batches still held by the caller stay readable
 
 
 def make_loader(
@@ -518,6 +582,7 @@ def make_loader(
     prefetch_factor: int = 2,
     multiprocessing_context: str | None = None,
     workers_as: ReaderKind = "processes",
+    shared_slots_per_reader: int | None = None,
 ) -> TileLoader:
     """Stream ``dataset`` in batches, in order, with a bounded prefetch queue.
 
@@ -540,6 +605,13 @@ def make_loader(
     workers_as
         ``"processes"`` (DataLoader workers) or ``"threads"``: ``num_workers`` threads of this
         process, for a process that may not start children (daemonic); same batches, same order.
+    shared_slots_per_reader
+        Reusable shared-memory batch slots per worker process (one pass's file of
+        ``num_workers * shared_slots_per_reader`` batches on ``/dev/shm``, reserved when the pass
+        starts). None: ``prefetch_factor + 2`` (the batches in flight, the one the caller is
+        using and one more). 0: a new shared-memory batch per batch, as before slots (1.3-1.4
+        times slower on 2 cores, ``bench/stream.py --compare``). A worker whose slots are all
+        held allocates a new batch too, so keeping batches is always safe.
 
     Returns
     -------
@@ -562,6 +634,11 @@ def make_loader(
         raise ConfigError(f"make_loader: num_workers={num_workers!r}; expected >= 0")
     if prefetch_factor < 1:
         raise ConfigError(f"make_loader: prefetch_factor={prefetch_factor!r}; expected >= 1")
+    if shared_slots_per_reader is not None and shared_slots_per_reader < 0:
+        raise ConfigError(
+            f"make_loader: shared_slots_per_reader={shared_slots_per_reader!r}; expected >= 0"
+            " or None"
+        )
     if workers_as not in ("processes", "threads"):
         raise ConfigError(
             f"make_loader: workers_as={workers_as!r}; expected 'processes' or 'threads'"
@@ -587,4 +664,5 @@ def make_loader(
         pin_memory=target.type == "cuda",
         **extra,
     )
-    return TileLoader(loader, target, dataset, batch_size)
+    slots = prefetch_factor + 2 if shared_slots_per_reader is None else shared_slots_per_reader
+    return TileLoader(loader, target, dataset, batch_size, slots_per_reader=slots)
