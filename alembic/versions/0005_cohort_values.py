@@ -46,8 +46,8 @@ _METRICS = (*_SLIDE_ONLY, *_COMMON, *_CLASS_ONLY)
 
 
 def _backfill() -> None:
-    bind = op.get_bind()
-    keys = sorted(str(r[0]) for r in bind.exec_driver_sql("SELECT DISTINCT key FROM slide_metadata"))
+    found = op.get_bind().exec_driver_sql("SELECT DISTINCT key FROM slide_metadata")
+    keys = sorted(str(row[0]) for row in found)
     if keys:
         op.bulk_insert(
             sa.table("metadata_keys", sa.column("key", sa.String), sa.column("slot", sa.Integer)),
