@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import multiprocessing
 import os
 import secrets
@@ -64,7 +65,9 @@ from slidestream.db import (
     record_run,
     slide_page,
 )
-from slidestream.db._query import _cohort_parts, _summary_select
+from slidestream.db._cohort_scan import postgres_statement
+from slidestream.db._cohort_values import COHORT as COHORT_VALUES
+from slidestream.db._query import packed_query
 from slidestream.db._slides import _filters, _valued_select
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +95,22 @@ def _time(func: Callable[[], object], repeat: int) -> tuple[float, float, float,
     return statistics.median(times), max(times), statistics.median(cpu), result
 
 
+def _same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
+    """Same groups, counts and None; numbers equal to 1e-12 (summation order)."""
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want, strict=True):
+        if list(g) != list(w):
+            return False
+        for key, value in w.items():
+            if isinstance(value, float):
+                if not math.isclose(g[key], value, rel_tol=1e-12, abs_tol=1e-9):
+                    return False
+            elif g[key] != value:
+                return False
+    return True
+
+
 def _line(label: str, timing: tuple[float, float, float, Any], target_ms: float | None) -> str:
     median, worst, cpu, _ = timing
     verdict = ""
@@ -102,19 +121,28 @@ def _line(label: str, timing: tuple[float, float, float, Any], target_ms: float 
     )
 
 
-def _baseline_module(revision: str) -> ModuleType:
-    """``db/_query.py`` as of ``revision`` (loaded from git), as a module."""
+def _load_old(revision: str, path: str) -> ModuleType:
     source = subprocess.run(
-        ["git", "show", f"{revision}:db/_query.py"],
+        ["git", "show", f"{revision}:{path}"],
         cwd=REPO,
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    spec = importlib.util.spec_from_loader(f"baseline_query_{revision}", loader=None)
+    name = f"baseline_{Path(path).stem}_{revision}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    exec(compile(source, f"{revision}:db/_query.py", "exec"), module.__dict__)
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def _baseline_module(revision: str) -> ModuleType:
+    """``db/_query.py`` as of ``revision`` (loaded from git), as a module, with the column
+    check (``db/_columns.py``) of the same revision."""
+    module = _load_old(revision, "db/_query.py")
+    module.check_columns = _load_old(revision, "db/_columns.py").check_columns
     return module
 
 
@@ -296,22 +324,38 @@ def _export(url: str, n_slides: int) -> list[str]:
     return lines
 
 
-def _explain(engine: Engine) -> list[str]:
+def _explain(engine: Engine, baseline: ModuleType | None) -> list[str]:
     lines = []
     statements = []
-    for query in (COHORT, TWO_METRICS):
-        stats, source, group_cols, conditions = _cohort_parts(
-            by=query["by"],
-            tissue_class=query.get("tissue_class"),
-            where=query.get("where", {}),
-            include_flagged=False,
-        )
-        statements.append(
-            (
-                f"cohort {query}",
-                _summary_select(stats, source, group_cols, conditions, query["metrics"]),
+    with engine.connect() as conn:
+        for query in (COHORT, TWO_METRICS):
+            packed = packed_query(
+                conn,
+                by=query["by"],
+                tissue_class=query.get("tissue_class"),
+                where=query.get("where", {}),
+                include_flagged=False,
             )
-        )
+            assert packed.codes is not None
+            stmt = postgres_statement(
+                packed.codes,
+                [COHORT_VALUES.c[m] for m in query["metrics"]],
+                packed.source,
+                packed.conditions,
+                grouped=True,
+            )
+            statements.append((f"cohort {query}", stmt))
+            if baseline is not None:
+                stats, source, group_cols, conditions = baseline._cohort_parts(
+                    by=query["by"],
+                    tissue_class=query.get("tissue_class"),
+                    where=query.get("where", {}),
+                    include_flagged=False,
+                )
+                old = baseline._summary_select(
+                    stats, source, group_cols, conditions, query["metrics"]
+                )
+                statements.append((f"before: cohort {query}", old))
     conditions = _filters({}, True)
     for sort, descending in (("name", False), ("nuclei_per_mm2", True)):
         stmt = _valued_select(sort, descending, None, conditions).limit(101)
@@ -348,6 +392,12 @@ def bench(label: str, url: str, args: argparse.Namespace) -> list[str]:
         )
         if args.baseline:
             old = _baseline_module(args.baseline)
+            for query in (COHORT, TWO_METRICS):
+                same = _same(query_cohort(engine, **query), old.query_cohort(engine, **query))
+                lines.append(
+                    f"  results of {query['by']} equal those of {args.baseline}: "
+                    f"{'yes' if same else 'NO'}"
+                )
             lines.append(
                 _line(
                     f"  before ({args.baseline}): cohort query",
@@ -408,7 +458,8 @@ def bench(label: str, url: str, args: argparse.Namespace) -> list[str]:
         if args.writes:
             lines += _writes(engine, url, args.slides, args.writes)
         if engine.dialect.name == "postgresql" and not args.no_explain:
-            lines += ["", *_explain(engine)]
+            baseline = _baseline_module(args.baseline) if args.baseline else None
+            lines += ["", *_explain(engine, baseline)]
     finally:
         engine.dispose()
     return lines

@@ -28,12 +28,11 @@ from sqlalchemy import (
     Connection,
     Float,
     FromClause,
-    Integer,
     LargeBinary,
     Select,
     cast,
     func,
-    literal,
+    literal_column,
     select,
     type_coerce,
 )
@@ -60,7 +59,7 @@ def _packed(column: ColumnElement[Any]) -> ColumnElement[bytes]:
 
 
 def _nan_for_null(metric: ColumnElement[Any]) -> ColumnElement[Any]:
-    return func.coalesce(cast(metric, Float), literal(float("nan"), Float))
+    return func.coalesce(cast(metric, Float), cast(literal_column("'NaN'"), Float))
 
 
 def postgres_statement(
@@ -72,13 +71,14 @@ def postgres_statement(
     grouped: bool,
 ) -> Select[Any]:
     """The PostgreSQL query of :func:`fetch_columns` (``grouped``: one row per group)."""
-    keys = [func.coalesce(cast(c, Integer), -1) for c in codes]
-    values = [_packed(_nan_for_null(m)) for m in metrics]
+    keys: list[ColumnElement[Any]] = [func.coalesce(c, -1) for c in codes]
+    values: list[ColumnElement[Any]] = [_packed(_nan_for_null(m)) for m in metrics]
     if grouped:
         labelled = [key.label(f"c{i}") for i, key in enumerate(keys)]
         stmt = select(*labelled, *values).select_from(source).where(*conditions)
         return stmt.group_by(*labelled) if labelled else stmt
-    return select(*(_packed(key) for key in keys), *values).select_from(source).where(*conditions)
+    packed_keys: list[ColumnElement[Any]] = [_packed(key) for key in keys]
+    return select(*packed_keys, *values).select_from(source).where(*conditions)
 
 
 def _postgres_arrays(

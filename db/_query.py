@@ -529,7 +529,7 @@ def packed_query(
                 )
             )
     if all(key in slots and key not in BUILTIN_COLUMNS for key in by):
-        codes = [COHORT.c[f"g{slots[key]}"] for key in by]
+        codes: list[ColumnElement[Any]] = [COHORT.c[f"g{slots[key]}"] for key in by]
         return PackedQuery(source=source, conditions=conditions, codes=codes, group_cols=[])
     group_cols: list[ColumnElement[Any]] = []
     for i, key in enumerate(by):
@@ -630,8 +630,7 @@ def _packed_summaries(
             decode = decode.where(META_VALUES.c.key.in_(list(by)))
         names = {int(code): str(value) for code, value in conn.execute(decode)}
     keys = [
-        tuple(None if code < 0 else names[code] for code in row)
-        for row in group_codes.tolist()
+        tuple(None if code < 0 else names[code] for code in row) for row in group_codes.tolist()
     ]
     per_metric = [grouped_summaries(group_of_row, values, len(keys)) for values in value_arrays]
     return {key: [summaries[g] for summaries in per_metric] for g, key in enumerate(keys)}
