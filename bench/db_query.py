@@ -17,8 +17,9 @@ flags; bulk ``COPY``/``executemany``, not ``record_run``), then times on each ba
   processes (checked: nothing lost, one latest run per slide); the written slides are deleted
   afterwards, so kept databases stay reusable.
 
-With ``--baseline REV`` the ``query_cohort`` (and, below 200,000 slides, ``list_slides``) of
-``db/_query.py`` at git revision REV run on the same database, side by side. On PostgreSQL the
+With ``--baseline REV`` the ``query_cohort`` of ``db/_query.py`` (with the column check of
+``db/_columns.py``) at git revision REV runs on the same database, side by side, and its
+results are compared with the current ones. On PostgreSQL the
 plans are printed with ``EXPLAIN (ANALYZE, BUFFERS)``.
 
 Kept databases (``--sqlite FILE``, ``--pg-database NAME``) are filled once and reused when they
@@ -275,11 +276,20 @@ def _writes(engine: Engine, url: str, n_slides: int, n_writes: int) -> list[str]
             ),
             pattern,
         ).scalar_one()
+        packed = conn.execute(
+            text(
+                "SELECT count(*) FROM cohort_values c JOIN slides s ON s.id = c.slide_id "
+                "WHERE s.fingerprint LIKE :pattern AND c.run_id = s.latest_run_id"
+            ),
+            pattern,
+        ).scalar_one()
     expected = workers * per_worker
     ok = done == list(range(workers)) and slides == runs == expected and latest == 8 * expected
+    ok = ok and packed == 9 * expected
     lines.append(
         f"  {workers} concurrent writers x {per_worker} slides (each recorded twice): "
-        f"{elapsed:.1f} s, {slides} slides, {runs} runs, {latest} latest class rows "
+        f"{elapsed:.1f} s, {slides} slides, {runs} runs, {latest} latest class rows, "
+        f"{packed} cohort_values rows of the latest runs "
         f"[{'OK: nothing lost' if ok else 'LOST OR DUPLICATED ROWS'}]"
     )
     _delete_written(engine, n_slides)
@@ -444,15 +454,6 @@ def bench(label: str, url: str, args: argparse.Namespace) -> list[str]:
             )
         )
         lines.append(_line("count_slides", _time(lambda: count_slides(engine), 3), None))
-        if args.baseline and args.slides < 200_000:
-            old = _baseline_module(args.baseline)
-            lines.append(
-                _line(
-                    f"  before ({args.baseline}): list_slides (all slides)",
-                    _time(lambda: old.list_slides(engine), 3),
-                    None,
-                )
-            )
         if not args.no_export:
             lines += _export(url, args.slides)
         if args.writes:

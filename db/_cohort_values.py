@@ -18,19 +18,22 @@ every (key, value) pair in ``metadata_values``.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import (
     Boolean,
     ColumnElement,
     Connection,
+    Executable,
     FromClause,
     Integer,
     Select,
     Table,
     and_,
+    bindparam,
     case,
     cast,
     delete,
@@ -81,6 +84,7 @@ SLOT_COLUMNS: tuple[str, ...] = tuple(f"g{i}" for i in range(COHORT_SLOTS))
 
 _IN_CHUNK = 500
 """Slide ids per ``IN (...)`` list when rewriting many slides."""
+_SLIDE_IDS = bindparam("slide_ids", expanding=True)
 
 
 def slot_of_keys(conn: Connection) -> dict[str, int]:
@@ -139,7 +143,7 @@ def register_metadata(conn: Connection, pairs: Iterable[tuple[str, str]]) -> Non
     )
 
 
-def _codes(slots: dict[str, int], ids: Sequence[int] | None) -> FromClause | None:
+def _codes(slots: dict[str, int], by_ids: bool) -> FromClause | None:
     """Per slide, the code of its value of each slotted key (``g<slot>`` columns)."""
     if not slots:
         return None
@@ -156,21 +160,17 @@ def _codes(slots: dict[str, int], ids: Sequence[int] | None) -> FromClause | Non
         .where(_META.c.key.in_(list(slots)))
         .group_by(_META.c.slide_id)
     )
-    if ids is not None:
-        stmt = stmt.where(_META.c.slide_id.in_(list(ids)))
+    if by_ids:
+        stmt = stmt.where(_META.c.slide_id.in_(_SLIDE_IDS))
     return stmt.subquery("codes")
 
 
-def _scope_select(
-    stats: Table,
-    slots: dict[str, int],
-    ids: Sequence[int] | None,
-) -> Select[Any]:
+def _scope_select(stats: Table, slots: dict[str, int], by_ids: bool) -> Select[Any]:
     """The ``cohort_values`` rows of one statistics table (slide level or classes)."""
-    codes = _codes(slots, ids)
+    codes = _codes(slots, by_ids)
     flagged_ids = select(_FLAGS.c.slide_id).distinct()
-    if ids is not None:
-        flagged_ids = flagged_ids.where(_FLAGS.c.slide_id.in_(list(ids)))
+    if by_ids:
+        flagged_ids = flagged_ids.where(_FLAGS.c.slide_id.in_(_SLIDE_IDS))
     flags = flagged_ids.subquery("flagged")
     source: FromClause = stats.outerjoin(flags, flags.c.slide_id == stats.c.slide_id)
     if codes is not None:
@@ -199,9 +199,27 @@ def _scope_select(
         .select_from(source)
         .where(stats.c.latest == true())
     )
-    if ids is not None:
-        stmt = stmt.where(stats.c.slide_id.in_(list(ids)))
+    if by_ids:
+        stmt = stmt.where(stats.c.slide_id.in_(_SLIDE_IDS))
     return stmt
+
+
+@functools.lru_cache(maxsize=64)
+def _refresh_statements(
+    slots: tuple[tuple[str, int], ...], by_ids: bool
+) -> tuple[Executable, Executable]:
+    """``DELETE`` and ``INSERT ... SELECT`` of a refresh, built once per slot assignment (a
+    record_run spends more time building this statement than running it)."""
+    slot_map = dict(slots)
+    columns = ["tissue_class", "slide_id", "run_id", "flagged", *SLOT_COLUMNS]
+    columns += list(COHORT_METRIC_COLUMNS)
+    rows = union_all(
+        _scope_select(_SSTATS, slot_map, by_ids), _scope_select(_CSTATS, slot_map, by_ids)
+    )
+    wipe = delete(COHORT)
+    if by_ids:
+        wipe = wipe.where(COHORT.c.slide_id.in_(_SLIDE_IDS))
+    return wipe, COHORT.insert().from_select(columns, rows)
 
 
 def refresh_cohort_values(conn: Connection, slide_ids: Iterable[int] | None) -> None:
@@ -214,22 +232,18 @@ def refresh_cohort_values(conn: Connection, slide_ids: Iterable[int] | None) -> 
     slide_ids : iterable of int, optional
         The slides; ``None`` rebuilds the whole table (a bulk load).
     """
-    slots = slot_of_keys(conn)
-    columns = ["tissue_class", "slide_id", "run_id", "flagged", *SLOT_COLUMNS]
-    columns += list(COHORT_METRIC_COLUMNS)
-    chunks: list[list[int] | None]
+    slots = tuple(sorted(slot_of_keys(conn).items()))
     if slide_ids is None:
-        chunks = [None]
-    else:
-        ids = sorted(set(slide_ids))
-        chunks = [ids[i : i + _IN_CHUNK] for i in range(0, len(ids), _IN_CHUNK)]
-    for chunk in chunks:
-        wipe = delete(COHORT)
-        if chunk is not None:
-            wipe = wipe.where(COHORT.c.slide_id.in_(chunk))
+        wipe, fill = _refresh_statements(slots, False)
         conn.execute(wipe)
-        rows = union_all(_scope_select(_SSTATS, slots, chunk), _scope_select(_CSTATS, slots, chunk))
-        conn.execute(COHORT.insert().from_select(columns, rows))
+        conn.execute(fill)
+    else:
+        wipe, fill = _refresh_statements(slots, True)
+        ids = sorted(set(slide_ids))
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = {"slide_ids": ids[start : start + _IN_CHUNK]}
+            conn.execute(wipe, chunk)
+            conn.execute(fill, chunk)
     logger.debug("cohort_values rewritten for %s slides", "all" if slide_ids is None else "some")
 
 
