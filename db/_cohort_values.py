@@ -29,7 +29,6 @@ from sqlalchemy import (
     Connection,
     Executable,
     FromClause,
-    Integer,
     Select,
     Table,
     and_,
@@ -143,21 +142,20 @@ def register_metadata(conn: Connection, pairs: Iterable[tuple[str, str]]) -> Non
     )
 
 
-def _codes(slots: dict[str, int], by_ids: bool) -> FromClause | None:
-    """Per slide, the code of its value of each slotted key (``g<slot>`` columns)."""
-    if not slots:
-        return None
+def _codes(by_ids: bool) -> FromClause:
+    """Per slide, the code of its value of each slotted key (columns ``g0`` .. ``g7``)."""
     values = META_VALUES
     columns = [
-        func.max(case((_META.c.key == key, values.c.id))).label(f"g{slot}")
-        for key, slot in sorted(slots.items(), key=lambda item: item[1])
+        func.max(case((META_KEYS.c.slot == slot, values.c.id))).label(name)
+        for slot, name in enumerate(SLOT_COLUMNS)
     ]
+    source = _META.join(META_KEYS, META_KEYS.c.key == _META.c.key).join(
+        values, and_(values.c.key == _META.c.key, values.c.value == _META.c.value)
+    )
     stmt = (
         select(_META.c.slide_id, *columns)
-        .select_from(
-            _META.join(values, and_(values.c.key == _META.c.key, values.c.value == _META.c.value))
-        )
-        .where(_META.c.key.in_(list(slots)))
+        .select_from(source)
+        .where(META_KEYS.c.slot.is_not(None))
         .group_by(_META.c.slide_id)
     )
     if by_ids:
@@ -165,24 +163,18 @@ def _codes(slots: dict[str, int], by_ids: bool) -> FromClause | None:
     return stmt.subquery("codes")
 
 
-def _scope_select(stats: Table, slots: dict[str, int], by_ids: bool) -> Select[Any]:
+def _scope_select(stats: Table, by_ids: bool) -> Select[Any]:
     """The ``cohort_values`` rows of one statistics table (slide level or classes)."""
-    codes = _codes(slots, by_ids)
+    codes = _codes(by_ids)
     flagged_ids = select(_FLAGS.c.slide_id).distinct()
     if by_ids:
         flagged_ids = flagged_ids.where(_FLAGS.c.slide_id.in_(_SLIDE_IDS))
     flags = flagged_ids.subquery("flagged")
-    source: FromClause = stats.outerjoin(flags, flags.c.slide_id == stats.c.slide_id)
-    if codes is not None:
-        source = source.outerjoin(codes, codes.c.slide_id == stats.c.slide_id)
-    slide_level = stats is _SSTATS
-    scope: ColumnElement[Any] = literal(ALL_TISSUE) if slide_level else stats.c.tissue_class
-    by_slot = {slot: key for key, slot in slots.items()}
+    source = stats.outerjoin(flags, flags.c.slide_id == stats.c.slide_id).outerjoin(
+        codes, codes.c.slide_id == stats.c.slide_id
+    )
+    scope: ColumnElement[Any] = literal(ALL_TISSUE) if stats is _SSTATS else stats.c.tissue_class
     # Typed NULLs: PostgreSQL types the columns of a UNION from its first SELECT.
-    group_values = [
-        codes.c[name] if codes is not None and i in by_slot else cast(null(), Integer)
-        for i, name in enumerate(SLOT_COLUMNS)
-    ]
     metrics = [
         stats.c[m] if m in stats.c else cast(null(), COHORT.c[m].type)
         for m in COHORT_METRIC_COLUMNS
@@ -193,7 +185,7 @@ def _scope_select(stats: Table, slots: dict[str, int], by_ids: bool) -> Select[A
             stats.c.slide_id,
             stats.c.run_id,
             cast(flags.c.slide_id.is_not(None), Boolean),
-            *group_values,
+            *(codes.c[name] for name in SLOT_COLUMNS),
             *metrics,
         )
         .select_from(source)
@@ -204,18 +196,13 @@ def _scope_select(stats: Table, slots: dict[str, int], by_ids: bool) -> Select[A
     return stmt
 
 
-@functools.lru_cache(maxsize=64)
-def _refresh_statements(
-    slots: tuple[tuple[str, int], ...], by_ids: bool
-) -> tuple[Executable, Executable]:
-    """``DELETE`` and ``INSERT ... SELECT`` of a refresh, built once per slot assignment (a
-    record_run spends more time building this statement than running it)."""
-    slot_map = dict(slots)
+@functools.cache
+def _refresh_statements(by_ids: bool) -> tuple[Executable, Executable]:
+    """``DELETE`` and ``INSERT ... SELECT`` of a refresh, built once (a ``record_run`` spent
+    more time building this statement than running it)."""
     columns = ["tissue_class", "slide_id", "run_id", "flagged", *SLOT_COLUMNS]
     columns += list(COHORT_METRIC_COLUMNS)
-    rows = union_all(
-        _scope_select(_SSTATS, slot_map, by_ids), _scope_select(_CSTATS, slot_map, by_ids)
-    )
+    rows = union_all(_scope_select(_SSTATS, by_ids), _scope_select(_CSTATS, by_ids))
     wipe = delete(COHORT)
     if by_ids:
         wipe = wipe.where(COHORT.c.slide_id.in_(_SLIDE_IDS))
@@ -232,13 +219,12 @@ def refresh_cohort_values(conn: Connection, slide_ids: Iterable[int] | None) -> 
     slide_ids : iterable of int, optional
         The slides; ``None`` rebuilds the whole table (a bulk load).
     """
-    slots = tuple(sorted(slot_of_keys(conn).items()))
     if slide_ids is None:
-        wipe, fill = _refresh_statements(slots, False)
+        wipe, fill = _refresh_statements(False)
         conn.execute(wipe)
         conn.execute(fill)
     else:
-        wipe, fill = _refresh_statements(slots, True)
+        wipe, fill = _refresh_statements(True)
         ids = sorted(set(slide_ids))
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = {"slide_ids": ids[start : start + _IN_CHUNK]}
