@@ -81,6 +81,17 @@ def postgres_statement(
     return select(*packed_keys, *values).select_from(source).where(*conditions)
 
 
+def _binary_rows(conn: Connection, stmt: Select[Any]) -> list[tuple[Any, ...]]:
+    """The rows of ``stmt`` in PostgreSQL's binary result format: ``bytea`` arrives as its
+    bytes, not as the hex text twice its size that the server encodes and the client decodes
+    (about 40 ms each way for 12 MB)."""
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor(binary=True) as cursor:
+        cursor.execute(str(compiled), compiled.params)
+        return list(cursor.fetchall())
+
+
 def _postgres_arrays(
     conn: Connection,
     codes: Sequence[ColumnElement[Any]],
@@ -92,7 +103,7 @@ def _postgres_arrays(
     stmt = postgres_statement(codes, metrics, source, conditions, grouped=grouped)
     n_codes = len(codes)
     if not grouped:
-        row = conn.execute(stmt).one()
+        row = _binary_rows(conn, stmt)[0]
         return (
             [_elements(row[i], _INT_ELEMENT).astype(np.int64) for i in range(n_codes)],
             [
@@ -100,9 +111,12 @@ def _postgres_arrays(
                 for j in range(len(metrics))
             ],
         )
-    rows = conn.execute(stmt).all()
+    rows = _binary_rows(conn, stmt)
     if not n_codes and rows and rows[0][0] is None:  # no GROUP BY and no row matched
         rows = []
+    # In code order: the rows of a group are then contiguous and the groups sorted, which
+    # spares grouped_summaries its sort by group.
+    rows.sort(key=lambda row: tuple(row[:n_codes]))
     parts = [
         [_elements(row[n_codes + j], _FLOAT_ELEMENT) for row in rows] for j in range(len(metrics))
     ]

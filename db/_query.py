@@ -344,8 +344,11 @@ def _sort_within_groups(
     gives, 3 to 7 times faster (1,000,000 values: 27 or 67 ms instead of 193 ms)."""
     n_groups = counts.size
     if n_groups <= _FEW_GROUPS:
-        # A stable sort of 16-bit keys is a radix sort.
-        out = values[np.argsort(codes.astype(np.int16), kind="stable")]
+        if codes.size < 2 or bool(np.all(codes[1:] >= codes[:-1])):
+            out = values.copy()  # already by group (PostgreSQL's rows of few groups)
+        else:
+            # A stable sort of 16-bit keys is a radix sort.
+            out = values[np.argsort(codes.astype(np.int16), kind="stable")]
         bounds = np.concatenate(([0], np.cumsum(counts)))
         for g in range(n_groups):
             out[bounds[g] : bounds[g + 1]].sort()
