@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     Boolean,
     ColumnElement,
     Connection,
@@ -83,7 +84,7 @@ SLOT_COLUMNS: tuple[str, ...] = tuple(f"g{i}" for i in range(COHORT_SLOTS))
 
 _IN_CHUNK = 500
 """Slide ids per ``IN (...)`` list when rewriting many slides."""
-_SLIDE_IDS = bindparam("slide_ids", expanding=True)
+_SLIDE_IDS: BindParameter[list[int]] = bindparam("slide_ids", expanding=True)
 
 
 def slot_of_keys(conn: Connection) -> dict[str, int]:
