@@ -33,6 +33,11 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # SQLite's DDL is transactional too: one transaction for the whole upgrade, so the
+        # write lock (BEGIN IMMEDIATE) is held from the first revision to the last, and a
+        # concurrent creator waits for head instead of starting on a half-done schema (with
+        # Alembic's default of one commit per revision it could slip in between two).
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine, text
 
+from slidestream.db._cohort_values import rebuild_cohort_values
+
 CLASSES = ("tumour", "stroma", "necrosis", "lymphocytes", "mucosa", "muscle", "fat", "background")
 DIAGNOSES = ("LUAD", "LUSC", "SCLC", "mesothelioma", "metastasis", "normal")
 SITES = ("Leeds", "Nijmegen", "Boston", "Heidelberg", "Tokyo")
@@ -272,7 +274,12 @@ def _tables(chunk: Chunk) -> Sequence[tuple[str, list[str], list[tuple[Any, ...]
 
 
 def fill(engine: Engine, n_slides: int, *, seed: int = 0) -> None:
-    """Bulk-insert the synthetic cohort into an empty database at the head revision."""
+    """Bulk-insert the synthetic cohort into an empty database at the head revision.
+
+    The packed cohort table and the metadata dictionaries, which ``record_run`` and the
+    metadata import keep, are rebuilt from the filled tables at the end
+    (:func:`~slidestream.db._cohort_values.rebuild_cohort_values`).
+    """
     if engine.dialect.name == "postgresql":
         _fill_postgres(engine, n_slides, seed)
     else:
@@ -309,6 +316,8 @@ def _fill_postgres(engine: Engine, n_slides: int, seed: int) -> None:
                     f"(SELECT max(id) FROM {table}))"
                 )
         raw.commit()
+    with engine.begin() as conn:
+        rebuild_cohort_values(conn)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
 
@@ -332,7 +341,9 @@ def _fill_sqlite(engine: Engine, n_slides: int, seed: int) -> None:
         raw.execute("BEGIN")
         raw.executemany("UPDATE slides SET latest_run_id = ? WHERE id = ?", updates)
         raw.execute("COMMIT")
-        raw.execute("ANALYZE")
+    with engine.begin() as conn:
+        rebuild_cohort_values(conn)
+        conn.exec_driver_sql("ANALYZE")
 
 
 def _sqlite_value(value: Any) -> Any:

@@ -17,8 +17,9 @@ flags; bulk ``COPY``/``executemany``, not ``record_run``), then times on each ba
   processes (checked: nothing lost, one latest run per slide); the written slides are deleted
   afterwards, so kept databases stay reusable.
 
-With ``--baseline REV`` the ``query_cohort`` (and, below 200,000 slides, ``list_slides``) of
-``db/_query.py`` at git revision REV run on the same database, side by side. On PostgreSQL the
+With ``--baseline REV`` the ``query_cohort`` of ``db/_query.py`` (with the column check of
+``db/_columns.py``) at git revision REV runs on the same database, side by side, and its
+results are compared with the current ones. On PostgreSQL the
 plans are printed with ``EXPLAIN (ANALYZE, BUFFERS)``.
 
 Kept databases (``--sqlite FILE``, ``--pg-database NAME``) are filled once and reused when they
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import multiprocessing
 import os
 import secrets
@@ -64,7 +66,9 @@ from slidestream.db import (
     record_run,
     slide_page,
 )
-from slidestream.db._query import _cohort_parts, _summary_select
+from slidestream.db._cohort_scan import postgres_statement
+from slidestream.db._cohort_values import COHORT as COHORT_VALUES
+from slidestream.db._query import packed_query
 from slidestream.db._slides import _filters, _valued_select
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +96,22 @@ def _time(func: Callable[[], object], repeat: int) -> tuple[float, float, float,
     return statistics.median(times), max(times), statistics.median(cpu), result
 
 
+def _same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
+    """Same groups, counts and None; numbers equal to 1e-12 (summation order)."""
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want, strict=True):
+        if list(g) != list(w):
+            return False
+        for key, value in w.items():
+            if isinstance(value, float):
+                if not math.isclose(g[key], value, rel_tol=1e-12, abs_tol=1e-9):
+                    return False
+            elif g[key] != value:
+                return False
+    return True
+
+
 def _line(label: str, timing: tuple[float, float, float, Any], target_ms: float | None) -> str:
     median, worst, cpu, _ = timing
     verdict = ""
@@ -102,19 +122,28 @@ def _line(label: str, timing: tuple[float, float, float, Any], target_ms: float 
     )
 
 
-def _baseline_module(revision: str) -> ModuleType:
-    """``db/_query.py`` as of ``revision`` (loaded from git), as a module."""
+def _load_old(revision: str, path: str) -> ModuleType:
     source = subprocess.run(
-        ["git", "show", f"{revision}:db/_query.py"],
+        ["git", "show", f"{revision}:{path}"],
         cwd=REPO,
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    spec = importlib.util.spec_from_loader(f"baseline_query_{revision}", loader=None)
+    name = f"baseline_{Path(path).stem}_{revision}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    exec(compile(source, f"{revision}:db/_query.py", "exec"), module.__dict__)
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def _baseline_module(revision: str) -> ModuleType:
+    """``db/_query.py`` as of ``revision`` (loaded from git), as a module, with the column
+    check (``db/_columns.py``) of the same revision."""
+    module = _load_old(revision, "db/_query.py")
+    module.check_columns = _load_old(revision, "db/_columns.py").check_columns
     return module
 
 
@@ -247,11 +276,20 @@ def _writes(engine: Engine, url: str, n_slides: int, n_writes: int) -> list[str]
             ),
             pattern,
         ).scalar_one()
+        packed = conn.execute(
+            text(
+                "SELECT count(*) FROM cohort_values c JOIN slides s ON s.id = c.slide_id "
+                "WHERE s.fingerprint LIKE :pattern AND c.run_id = s.latest_run_id"
+            ),
+            pattern,
+        ).scalar_one()
     expected = workers * per_worker
     ok = done == list(range(workers)) and slides == runs == expected and latest == 8 * expected
+    ok = ok and packed == 9 * expected
     lines.append(
         f"  {workers} concurrent writers x {per_worker} slides (each recorded twice): "
-        f"{elapsed:.1f} s, {slides} slides, {runs} runs, {latest} latest class rows "
+        f"{elapsed:.1f} s, {slides} slides, {runs} runs, {latest} latest class rows, "
+        f"{packed} cohort_values rows of the latest runs "
         f"[{'OK: nothing lost' if ok else 'LOST OR DUPLICATED ROWS'}]"
     )
     _delete_written(engine, n_slides)
@@ -296,22 +334,38 @@ def _export(url: str, n_slides: int) -> list[str]:
     return lines
 
 
-def _explain(engine: Engine) -> list[str]:
+def _explain(engine: Engine, baseline: ModuleType | None) -> list[str]:
     lines = []
     statements = []
-    for query in (COHORT, TWO_METRICS):
-        stats, source, group_cols, conditions = _cohort_parts(
-            by=query["by"],
-            tissue_class=query.get("tissue_class"),
-            where=query.get("where", {}),
-            include_flagged=False,
-        )
-        statements.append(
-            (
-                f"cohort {query}",
-                _summary_select(stats, source, group_cols, conditions, query["metrics"]),
+    with engine.connect() as conn:
+        for query in (COHORT, TWO_METRICS):
+            packed = packed_query(
+                conn,
+                by=query["by"],
+                tissue_class=query.get("tissue_class"),
+                where=query.get("where", {}),
+                include_flagged=False,
             )
-        )
+            assert packed.codes is not None
+            stmt = postgres_statement(
+                packed.codes,
+                [COHORT_VALUES.c[m] for m in query["metrics"]],
+                packed.source,
+                packed.conditions,
+                grouped=True,
+            )
+            statements.append((f"cohort {query}", stmt))
+            if baseline is not None:
+                stats, source, group_cols, conditions = baseline._cohort_parts(
+                    by=query["by"],
+                    tissue_class=query.get("tissue_class"),
+                    where=query.get("where", {}),
+                    include_flagged=False,
+                )
+                old = baseline._summary_select(
+                    stats, source, group_cols, conditions, query["metrics"]
+                )
+                statements.append((f"before: cohort {query}", old))
     conditions = _filters({}, True)
     for sort, descending in (("name", False), ("nuclei_per_mm2", True)):
         stmt = _valued_select(sort, descending, None, conditions).limit(101)
@@ -348,6 +402,12 @@ def bench(label: str, url: str, args: argparse.Namespace) -> list[str]:
         )
         if args.baseline:
             old = _baseline_module(args.baseline)
+            for query in (COHORT, TWO_METRICS):
+                same = _same(query_cohort(engine, **query), old.query_cohort(engine, **query))
+                lines.append(
+                    f"  results of {query['by']} equal those of {args.baseline}: "
+                    f"{'yes' if same else 'NO'}"
+                )
             lines.append(
                 _line(
                     f"  before ({args.baseline}): cohort query",
@@ -394,21 +454,13 @@ def bench(label: str, url: str, args: argparse.Namespace) -> list[str]:
             )
         )
         lines.append(_line("count_slides", _time(lambda: count_slides(engine), 3), None))
-        if args.baseline and args.slides < 200_000:
-            old = _baseline_module(args.baseline)
-            lines.append(
-                _line(
-                    f"  before ({args.baseline}): list_slides (all slides)",
-                    _time(lambda: old.list_slides(engine), 3),
-                    None,
-                )
-            )
         if not args.no_export:
             lines += _export(url, args.slides)
         if args.writes:
             lines += _writes(engine, url, args.slides, args.writes)
         if engine.dialect.name == "postgresql" and not args.no_explain:
-            lines += ["", *_explain(engine)]
+            baseline = _baseline_module(args.baseline) if args.baseline else None
+            lines += ["", *_explain(engine, baseline)]
     finally:
         engine.dispose()
     return lines

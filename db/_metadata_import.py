@@ -22,6 +22,7 @@ from typing import Literal
 
 from sqlalchemy import Connection, Engine, Table, delete, or_, select
 
+from slidestream.db._cohort_values import refresh_cohort_values, register_metadata
 from slidestream.db._migrate import check_schema
 from slidestream.db._schema import PatientMetadata, QCFlag, Slide, SlideMetadata
 from slidestream.db._write import dialect_insert, run_in_transaction
@@ -161,6 +162,7 @@ def import_metadata(
         unmatched: list[str] = []
         matched_rows = 0
         touched: set[int] = set()
+        written: set[tuple[str, str]] = set()
         values = 0
         given: dict[tuple[str, str], tuple[str, int, str]] = {}
         for number, row in enumerate(materialised, start=2):
@@ -211,6 +213,10 @@ def import_metadata(
             _upsert_values(conn, _SLIDE_META, "slide_id", batch)
             values += len(batch)
             touched.update(slide_ids)
+            written.update(pairs.items())
+        # The packed cohort table copies the codes of the slides' metadata.
+        register_metadata(conn, written)
+        refresh_cohort_values(conn, touched)
         return ImportReport(
             rows=len(materialised),
             matched_rows=matched_rows,
@@ -320,6 +326,7 @@ def flag_slide(engine: Engine, slide: str, *, reason: str, flag: str = "qc") -> 
             index_elements=["slide_id", "flag"], set_={"reason": stmt.excluded.reason}
         )
         conn.execute(stmt)
+        refresh_cohort_values(conn, [slide_id])
         return slide_id
 
     return run_in_transaction(engine, work)
@@ -349,6 +356,8 @@ def unflag_slide(engine: Engine, slide: str, *, flag: str | None = None) -> int:
         stmt = delete(_FLAGS).where(_FLAGS.c.slide_id == slide_id)
         if flag is not None:
             stmt = stmt.where(_FLAGS.c.flag == flag)
-        return int(conn.execute(stmt).rowcount)
+        removed = int(conn.execute(stmt).rowcount)
+        refresh_cohort_values(conn, [slide_id])
+        return removed
 
     return run_in_transaction(engine, work)

@@ -27,6 +27,17 @@ without touching ``slides``; a later statistics table (e.g. per nucleus type) fo
 pattern: a ``latest`` column and one covering index led by its scope columns.
 ``qc_flags``
     Quality-control flags; a flagged slide is left out of cohort statistics unless asked.
+``metadata_keys``, ``metadata_values``
+    Dictionaries of the metadata: each key once (the first :data:`COHORT_SLOTS` keys get a
+    *slot*, a column of ``cohort_values``), each distinct (key, value) once with an integer id
+    (its *code*).
+``cohort_values``
+    The packed cohort table: one row per slide x scope (the slide level, ``tissue_class`` =
+    ``""``, and each tissue class) of the slide's latest succeeded run, with the metrics, the
+    slide's QC ``flagged`` state and the codes of its metadata in the slotted keys (``g0`` ..
+    ``g7``). A cohort query is one range scan of it (no join with ``slide_metadata``).
+    ``record_run``, ``import_metadata`` and ``flag_slide`` / ``unflag_slide`` keep it in the
+    transaction that changes what it copies (:mod:`slidestream.db._cohort_values`).
 
 Areas are in mm² (tissue) or µm² (nuclei); densities in nuclei per mm² of tissue.
 """
@@ -55,12 +66,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "ALL_TISSUE",
     "CLASS_METRIC_COLUMNS",
+    "COHORT_METRIC_COLUMNS",
+    "COHORT_SLOTS",
     "RUN_STATUSES",
     "SLIDE_METRIC_COLUMNS",
     "TYPE_METRIC_COLUMNS",
     "AnalysisRun",
     "Base",
     "ClassStatistics",
+    "CohortValues",
+    "MetadataKey",
+    "MetadataValue",
     "PatientMetadata",
     "QCFlag",
     "Slide",
@@ -112,6 +128,12 @@ TYPE_METRIC_COLUMNS: tuple[str, ...] = (
 """The queryable columns of :class:`TypeStatistics` (in its covering index)."""
 ALL_TISSUE = ""
 """``type_statistics.tissue_class`` of the rows about the whole tissue (not one class)."""
+COHORT_METRIC_COLUMNS: tuple[str, ...] = tuple(
+    dict.fromkeys((*SLIDE_METRIC_COLUMNS, *CLASS_METRIC_COLUMNS))
+)
+"""The metric columns of :class:`CohortValues` (slide-level and per-class metrics)."""
+COHORT_SLOTS = 8
+"""Metadata keys with a column (``g0`` .. ``g7``) in :class:`CohortValues`."""
 
 
 class Base(DeclarativeBase):
@@ -340,3 +362,82 @@ class QCFlag(Base):
         # One flag of a name per slide; flagging again updates the reason.
         Index(None, "slide_id", "flag", unique=True),
     )
+
+
+class MetadataKey(Base):
+    """A metadata key, and its slot (column ``g<slot>`` of :class:`CohortValues`), if any."""
+
+    __tablename__ = "metadata_keys"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    slot: Mapped[int | None] = mapped_column(Integer, unique=True)
+    """0 .. :data:`COHORT_SLOTS` - 1 in order of first import; ``None`` for later keys (their
+    cohort queries join ``slide_metadata``)."""
+
+
+class MetadataValue(Base):
+    """A distinct (key, value) pair of the slide metadata; ``id`` is its code."""
+
+    __tablename__ = "metadata_values"
+    __table_args__ = (Index(None, "key", "value", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))
+    value: Mapped[str] = mapped_column(String(1024))
+
+
+class CohortValues(Base):
+    """The latest statistics of one slide in one scope, packed for cohort queries.
+
+    One row per (scope, slide) where the slide has a latest succeeded run with statistics in
+    the scope: ``tissue_class`` is :data:`ALL_TISSUE` (``""``) for the slide-level statistics
+    (``tissue_area_mm2`` set, ``area_mm2`` / ``fraction`` ``NULL``), else the class. SQLite
+    stores it as a ``WITHOUT ROWID`` table (the primary key is the order of the rows, so a scope
+    is one contiguous range); PostgreSQL reads it through the covering index
+    ``ix_cohort_values_scan`` (index-only scans).
+    """
+
+    __tablename__ = "cohort_values"
+    __table_args__ = (
+        Index(None, "slide_id"),
+        # PostgreSQL only (SQLite's table is ordered by (tissue_class, slide_id) already).
+        Index(
+            "ix_cohort_values_scan",
+            "tissue_class",
+            "flagged",
+            "slide_id",
+            postgresql_include=[
+                *(f"g{i}" for i in range(COHORT_SLOTS)),
+                *COHORT_METRIC_COLUMNS,
+            ],
+        ).ddl_if(dialect="postgresql"),
+        {"sqlite_with_rowid": False},
+    )
+
+    tissue_class: Mapped[str] = mapped_column(String(128), primary_key=True)
+    """The tissue class, or :data:`ALL_TISSUE` (``""``) for the slide-level statistics."""
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slides.id", ondelete="CASCADE"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(Integer)
+    """The run the values come from (the slide's latest succeeded run)."""
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Whether the slide has a QC flag."""
+    g0: Mapped[int | None] = mapped_column(Integer)
+    """Code (:attr:`MetadataValue.id`) of the slide's value of the key in slot 0."""
+    g1: Mapped[int | None] = mapped_column(Integer)
+    g2: Mapped[int | None] = mapped_column(Integer)
+    g3: Mapped[int | None] = mapped_column(Integer)
+    g4: Mapped[int | None] = mapped_column(Integer)
+    g5: Mapped[int | None] = mapped_column(Integer)
+    g6: Mapped[int | None] = mapped_column(Integer)
+    g7: Mapped[int | None] = mapped_column(Integer)
+    tissue_area_mm2: Mapped[float | None] = mapped_column(Float)
+    nuclei_per_mm2: Mapped[float | None] = mapped_column(Float)
+    nucleus_count: Mapped[int | None] = mapped_column(Integer)
+    nucleus_area_mean_um2: Mapped[float | None] = mapped_column(Float)
+    nucleus_area_median_um2: Mapped[float | None] = mapped_column(Float)
+    mean_hematoxylin_od: Mapped[float | None] = mapped_column(Float)
+    inflammatory_epithelial_ratio: Mapped[float | None] = mapped_column(Float)
+    area_mm2: Mapped[float | None] = mapped_column(Float)
+    fraction: Mapped[float | None] = mapped_column(Float)

@@ -26,6 +26,7 @@ from sqlalchemy import Connection, Engine, Table, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
+from slidestream.db._cohort_values import refresh_cohort_values
 from slidestream.db._engine import mask_url, scrub_credentials, write_connection
 from slidestream.db._migrate import check_schema
 from slidestream.db._schema import (
@@ -366,6 +367,8 @@ def record_run(engine: Engine, summary: Summary | Mapping[str, Any]) -> int:
                     for row in type_rows
                 ],
             )
+        if latest:
+            refresh_cohort_values(conn, [slide_id])
         logger.info("recorded slide %s as run %d", name, run_id)
         return int(run_id)
 

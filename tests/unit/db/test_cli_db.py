@@ -39,7 +39,7 @@ def test_db_upgrade_and_current(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 0 and "revision <none>" in result.output
     result = runner.invoke(cli, ["db", "upgrade", "--db", url])
     assert result.exit_code == 0, result.output
-    assert "at revision 0004" in result.output
+    assert "at revision 0005" in result.output
     result = runner.invoke(cli, ["db", "downgrade", "0001", "--yes"], env={"SLIDESTREAM_DB": url})
     assert result.exit_code == 0 and "at revision 0001" in result.output
     result = runner.invoke(cli, ["query", "--db", url])
