@@ -68,6 +68,7 @@ from slidestream.db._slides import (
     count_slides,
     iter_slides,
     list_slides,
+    recorded_type_names,
     slide_page,
 )
 from slidestream.db._write import (
@@ -118,6 +119,7 @@ __all__ = [
     "iter_slides",
     "latest_runs",
     "list_slides",
+    "recorded_type_names",
     "mask_url",
     "open_database",
     "query_cohort",

@@ -518,3 +518,27 @@ def count_slides(
     with engine.connect() as conn:
         stmt = select(func.count()).select_from(SLIDES).where(*conditions)
         return int(conn.execute(stmt).scalar_one())
+
+
+def recorded_type_names(engine: Engine) -> tuple[str, ...]:
+    """The nucleus types the latest runs recorded, shipped names first, then the others sorted.
+
+    A slide list's ``<type>_per_mm2`` columns: the shipped model's four types, plus the types
+    of models fitted to a user's annotations (``train nuclei-types``) where slides have them.
+
+    Returns
+    -------
+    tuple of str
+    """
+    from slidestream.db._schema import TypeStatistics
+
+    check_schema(engine)
+    stmt = (
+        select(TypeStatistics.nucleus_type)
+        .where(TypeStatistics.tissue_class == ALL_TISSUE, TypeStatistics.latest.is_(True))
+        .distinct()
+    )
+    with engine.connect() as conn:
+        found = {str(t) for t in conn.execute(stmt).scalars()}
+    shipped = [c.removesuffix("_per_mm2") for c in SLIDE_TYPE_COLUMNS if c.endswith("_per_mm2")]
+    return (*shipped, *sorted(found - set(shipped)))

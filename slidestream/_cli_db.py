@@ -400,8 +400,9 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         click.echo(_render(rows, columns, fmt))
 
 
-def _slide_columns() -> list[str]:
-    from slidestream.db import SLIDE_METRICS, SLIDE_TYPE_COLUMNS
+def _slide_columns(type_names: Sequence[str]) -> list[str]:
+    """Columns of the slide list: a ``<type>_per_mm2`` for every recorded nucleus type."""
+    from slidestream.db import SLIDE_METRICS
 
     return [
         "name",
@@ -409,7 +410,7 @@ def _slide_columns() -> list[str]:
         "vendor",
         "run_id",
         *SLIDE_METRICS,
-        *(c for c in SLIDE_TYPE_COLUMNS if c.endswith("_per_mm2")),
+        *(f"{t}_per_mm2" for t in type_names),
         "flags",
         "metadata",
         "path",
@@ -429,15 +430,21 @@ def _list_slides(
     descending: bool,
 ) -> None:
     """``query --slides``: one page (``--limit``) or the whole list, streamed as CSV/JSON."""
-    from slidestream.db import SLIDE_SORT_KEYS, iter_slides, open_database, slide_page
+    from slidestream.db import (
+        SLIDE_SORT_KEYS,
+        iter_slides,
+        open_database,
+        recorded_type_names,
+        slide_page,
+    )
 
     if sort not in SLIDE_SORT_KEYS:
         raise click.BadParameter(
             f"{sort!r}: use one of {', '.join(SLIDE_SORT_KEYS)}", param_hint="--sort"
         )
-    columns = _slide_columns()
     engine = open_database(url)
     try:
+        columns = _slide_columns(recorded_type_names(engine))
         if limit is not None:
             page = slide_page(
                 engine,
@@ -469,8 +476,9 @@ def _csv_cells(slide: Any, columns: list[str]) -> list[str]:
     cells = []
     statistics = slide.statistics
     for column in columns:
-        if column in statistics:
-            cells.append(_cell(statistics[column]))
+        if column in statistics or column.endswith("_per_mm2"):
+            # a type another model recorded: empty for this slide
+            cells.append(_cell(statistics.get(column)))
         elif column == "flags":
             cells.append(",".join(slide.flags))
         elif column == "metadata":

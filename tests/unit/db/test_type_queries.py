@@ -111,3 +111,24 @@ def test_query_cli_type_in_table_csv_and_json(typed_cohort: Engine, db_url: str)
     assert listing.exit_code == 0 and "inflammatory_per_mm2" in listing.output.splitlines()[0]
     bad = runner.invoke(cli, ["query", "--db", db_url, "--slides", "--type", "inflammatory"])
     assert bad.exit_code == 2
+
+
+def test_slide_list_shows_a_user_vocabulary(
+    typed_cohort: Engine, make_summary, db_url: str
+) -> None:
+    """Slides typed by a ``train nuclei-types`` model get their own ``<type>_per_mm2`` columns
+    (after the shipped four), in CSV and table output, empty for the other slides."""
+    from slidestream.db import recorded_type_names
+
+    user = {"": {"Immune cells": 120.0, "Tumor": 480.0}, "tumour": {"Immune cells": 90.0}}
+    record_run(typed_cohort, make_summary("s6", types=user))
+    names = recorded_type_names(typed_cohort)
+    assert names == ("epithelial", "inflammatory", "spindle", "other", "Immune cells", "Tumor")
+    listing = CliRunner().invoke(cli, ["query", "--db", db_url, "--slides", "--format", "csv"])
+    assert listing.exit_code == 0, listing.output
+    header, *rows = listing.output.splitlines()
+    columns = header.split(",")
+    assert columns.index("Immune cells_per_mm2") > columns.index("other_per_mm2")
+    cells = {r.split(",")[0]: r.split(",") for r in rows}
+    assert float(cells["s6"][columns.index("Immune cells_per_mm2")]) == pytest.approx(120.0)
+    assert cells["s4"][columns.index("Tumor_per_mm2")] == ""
