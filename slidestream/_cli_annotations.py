@@ -52,16 +52,26 @@ def _annotations_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+_slide_mpp_option = click.option(
+    "--slide-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Level-0 µm/px of slides that lack it.",
+)
+
+_groups_option = click.option(
+    "--groups",
+    "groups_csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV slide,group (or slide,patient): slides of one patient share a CV fold.",
+)
+
+
 def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The annotated-slide options of ``train tissue``."""
     options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
-        click.option(
-            "--groups",
-            "groups_csv",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            default=None,
-            help="CSV slide,group (or slide,patient): slides of one patient share a CV fold.",
-        ),
+        _groups_option,
         click.option(
             "--init",
             "init_model",
@@ -97,12 +107,7 @@ def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Step of the candidate patch grid, in patch sides.",
         ),
-        click.option(
-            "--slide-mpp",
-            type=click.FloatRange(min=0, min_open=True),
-            default=None,
-            help="Level-0 µm/px of slides that lack it.",
-        ),
+        _slide_mpp_option,
         _annotations_option,
         _slides_option,
     ]
@@ -113,12 +118,7 @@ def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def evaluate_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The annotated-slide options of ``evaluate tissue``."""
-    command = click.option(
-        "--slide-mpp",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="Level-0 µm/px of slides that lack it.",
-    )(command)
+    command = _slide_mpp_option(command)
     command = click.option(
         "--results",
         "results_dir",
@@ -138,12 +138,7 @@ def nuclei_evaluate_options(command: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         help="Annotation class -> model type, e.g. 'Lymphocyte=inflammatory,Tumor=epithelial'.",
     )(command)
-    command = click.option(
-        "--slide-mpp",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="Level-0 µm/px of slides that lack it.",
-    )(command)
+    command = _slide_mpp_option(command)
     return _slides_option(_annotations_option(command))
 
 
@@ -362,13 +357,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         help="Annotation class -> type name, e.g. 'Tumor=tumour,Lymphocyte=immune'; NAME=- "
         "drops a class. The model's types are the (mapped) class names.",
     )
-    @click.option(
-        "--groups",
-        "groups_csv",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        help="CSV slide,group (or slide,patient): slides of one patient share a CV fold.",
-    )
+    @_groups_option
     @click.option(
         "--cv-folds",
         type=click.IntRange(min=0),
@@ -406,12 +395,7 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         show_default=True,
         help="Classified polygons larger than this (µm²) are regions, not nuclei: left out.",
     )
-    @click.option(
-        "--slide-mpp",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="Level-0 µm/px of slides that lack it.",
-    )
+    @_slide_mpp_option
     @click.option("--name", default=None, help="Model name (default: the folder's name).")
     @click.option("--seed", type=int, default=0, show_default=True)
     @device_option()
