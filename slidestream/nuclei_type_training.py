@@ -447,7 +447,7 @@ def train_nucleus_types_from_annotations(
                 "annotations": _file_sha256(item.annotations),
                 "base": base_sha,
                 "mpp": model.mpp,
-                "postprocess": found.preset.get("postprocess", {}),
+                "postprocess": found.postprocess.to_dict(),
                 "config": asdict(cfg),
                 "classes": names,
                 "class_map": dict(class_map or {}),

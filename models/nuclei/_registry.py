@@ -54,9 +54,15 @@ class ResolvedWeights:
     weights : Path
         The ``.safetensors`` file (a preset may use other weights than its sidecar's own).
     architecture : NetworkConfig
+    mpp : float
+        Working µm/px of the preset.
+    postprocess : PostprocessConfig
+        The preset's thresholds.
+    tta : bool
+        The preset's test-time augmentation.
     preset : dict
-        The preset: ``mpp`` (working µm/px), ``tta``, ``postprocess``, ``summary``, ``preset``
-        (its name).
+        The preset as the sidecar gives it (``mpp``, ``tta``, ``postprocess``, ``summary``, and
+        ``preset``: its name), for writing a derived model's sidecar.
     name : str
         The model's name (``nuclei-unet-fast``, a file stem, or the sidecar's ``name``).
     type_colors : dict of str to (int, int, int)
@@ -66,6 +72,9 @@ class ResolvedWeights:
     sidecar: Path
     weights: Path
     architecture: NetworkConfig
+    mpp: float
+    postprocess: PostprocessConfig
+    tta: bool
     preset: dict[str, Any]
     name: str
     type_colors: dict[str, tuple[int, int, int]]
@@ -106,8 +115,8 @@ def resolve_nuclei_weights(name_or_path: str | Path = "default") -> ResolvedWeig
     weights = path.with_name(str(weights_name))
     try:
         arch = NetworkConfig.from_dict(preset.get("architecture", side["architecture"]))
-        PostprocessConfig(**preset.get("postprocess", {}))
-        float(preset["mpp"])
+        postprocess = PostprocessConfig(**preset.get("postprocess", {}))
+        mpp = float(preset["mpp"])
         colors = {
             str(k): (int(v[0]), int(v[1]), int(v[2]))
             for k, v in side.get("type_colors", {}).items()
@@ -122,6 +131,9 @@ def resolve_nuclei_weights(name_or_path: str | Path = "default") -> ResolvedWeig
         sidecar=path.with_suffix(".json"),
         weights=weights,
         architecture=arch,
+        mpp=mpp,
+        postprocess=postprocess,
+        tta=bool(preset.get("tta", False)),
         preset=preset,
         name=str(side.get("name", name)),
         type_colors=colors,
@@ -136,12 +148,12 @@ def load_resolved_weights(
     return NucleusModel(
         net,
         name=found.name,
-        mpp=float(found.preset["mpp"]),
+        mpp=found.mpp,
         weights_sha256=sha,
-        postprocess_config=PostprocessConfig(**found.preset.get("postprocess", {})),
+        postprocess_config=found.postprocess,
         device=device,
         precision=precision,
-        tta=bool(found.preset.get("tta", False)),
+        tta=found.tta,
         type_colors=found.type_colors,
     )
 

@@ -167,21 +167,25 @@ class TypeSamples:
 
 
 def concat_samples(parts: Sequence[TypeSamples], n_features: int) -> TypeSamples:
-    """Join samples of several images (nucleus indices renumbered)."""
+    """Join samples of several images (nucleus indices renumbered); ``n_features`` shapes the
+    empty result of no parts."""
+    if not parts:
+        return TypeSamples(
+            features=np.zeros((0, n_features), np.float16),
+            nucleus=np.zeros(0, np.int64),
+            view=np.zeros(0, np.int8),
+            labels=np.zeros(0, np.int64),
+            groups=np.zeros(0, np.int64),
+            matched=np.zeros(0, np.bool_),
+        )
     offsets = np.cumsum([0, *[p.n_nuclei for p in parts]])
     return TypeSamples(
-        features=(
-            np.concatenate([p.features for p in parts])
-            if parts
-            else np.zeros((0, n_features), np.float16)
-        ),
-        nucleus=np.concatenate([p.nucleus + o for p, o in zip(parts, offsets, strict=False)])
-        if parts
-        else np.zeros(0, np.int64),
-        view=np.concatenate([p.view for p in parts]) if parts else np.zeros(0, np.int8),
-        labels=np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int64),
-        groups=np.concatenate([p.groups for p in parts]) if parts else np.zeros(0, np.int64),
-        matched=np.concatenate([p.matched for p in parts]) if parts else np.zeros(0, np.bool_),
+        features=np.concatenate([p.features for p in parts]),
+        nucleus=np.concatenate([p.nucleus + o for p, o in zip(parts, offsets[:-1], strict=True)]),
+        view=np.concatenate([p.view for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        groups=np.concatenate([p.groups for p in parts]),
+        matched=np.concatenate([p.matched for p in parts]),
     )
 
 

@@ -117,6 +117,14 @@ class LoadedModels:
             out["nuclei_postprocess"] = json.dumps(pp, sort_keys=True)
         return out
 
+    def type_colors(self) -> dict[str, tuple[int, int, int]]:
+        """QuPath type classification -> colour of the nucleus model's types (the colours the
+        model carries, else :func:`slidestream.overlays.nucleus_type_colors`' defaults)."""
+        from slidestream.overlays import nucleus_type_colors
+
+        given = getattr(self.nuclei, "type_colors", None)
+        return nucleus_type_colors(tuple(self.nuclei.type_names), given)
+
     def records(self) -> dict[str, ModelRecord]:
         """The ``provenance.models`` block of ``summary.json`` (and of every outcome)."""
         pp = self.nuclei.postprocess_config
@@ -124,11 +132,10 @@ class LoadedModels:
             "postprocess": None if pp is None else pp.to_dict(),
             "types": list(self.nuclei.type_names),
         }
-        given = getattr(self.nuclei, "type_colors", None)
-        if given:
-            from slidestream.overlays import nucleus_type_colors, type_classification
+        if getattr(self.nuclei, "type_colors", None):
+            from slidestream.overlays import type_classification
 
-            colours = nucleus_type_colors(self.nuclei.type_names, given)
+            colours = self.type_colors()
             details["type_colors"] = {
                 t: list(colours[type_classification(t)]) for t in self.nuclei.type_names
             }

@@ -319,9 +319,7 @@ def _stage_outputs(
     write_tissue(stage, slide, mask, class_polygons, tissue.class_colors)
     t0 = time.perf_counter()
     type_names = tuple(models.nuclei.type_names)
-    from slidestream.overlays import nucleus_type_colors
-
-    type_colors = nucleus_type_colors(type_names, getattr(models.nuclei, "type_colors", None))
+    type_colors = models.type_colors()
     nuclei = ClassifiedNuclei(tissue, type_names=type_names)
     tile_tables = nucleus_tables(
         slide,
