@@ -39,6 +39,7 @@ from slidestream.annotation_training import (
     _identity,
 )
 from slidestream.errors import AnnotationError, ConfigError
+from slidestream.tiling import AnnotatedNuclei
 
 __all__ = [
     "MIN_NUCLEI_PER_CLASS",
@@ -119,56 +120,6 @@ class NucleiTypeTrainingSummary:
     seconds: dict[str, float]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _SlideNuclei:
-    """Classified nuclei of one slide, level-0 px."""
-
-    xy: npt.NDArray[np.float64]
-    names: tuple[str, ...]
-    outlines: tuple[npt.NDArray[np.float64] | None, ...]
-    regions: int
-    """Classified areas too large to be a nucleus (left out)."""
-
-
-def _slide_nuclei(ann: Any, mpp: float, max_nucleus_um2: float) -> _SlideNuclei:
-    """Points, outlines and cells' nuclei of an annotation set (areas above the limit left)."""
-    xy: list[tuple[float, float]] = []
-    names: list[str] = []
-    outlines: list[npt.NDArray[np.float64] | None] = []
-    regions = 0
-    max_px2 = max_nucleus_um2 / (mpp * mpp)
-    for obj in ann.objects:
-        if obj.class_name is None:
-            continue
-        geom = obj.nucleus if obj.nucleus is not None else obj.geometry
-        kind = geom.geom_type
-        if kind == "Point":
-            xy.append((geom.x, geom.y))
-            names.append(obj.class_name)
-            outlines.append(None)
-        elif kind == "MultiPoint":
-            for p in geom.geoms:
-                xy.append((p.x, p.y))
-                names.append(obj.class_name)
-                outlines.append(None)
-        elif kind in ("Polygon", "MultiPolygon"):
-            if float(geom.area) > max_px2:
-                regions += 1
-                continue
-            parts = [geom] if kind == "Polygon" else list(geom.geoms)
-            largest = max(parts, key=lambda g: float(g.area))
-            c = geom.centroid
-            xy.append((c.x, c.y))
-            names.append(obj.class_name)
-            outlines.append(np.asarray(largest.exterior.coords, np.float64)[:, :2])
-    return _SlideNuclei(
-        xy=np.asarray(xy, np.float64).reshape(-1, 2),
-        names=tuple(names),
-        outlines=tuple(outlines),
-        regions=regions,
-    )
-
-
 def _save_samples(path: Path, samples: Any) -> None:
     _atomic_savez(path, **asdict(samples))
 
@@ -183,7 +134,7 @@ def _load_samples(path: Path) -> Any:
 def _sample_slide(
     model: Any,
     slide_path: Path,
-    nuclei: _SlideNuclei,
+    nuclei: AnnotatedNuclei,
     labels: npt.NDArray[np.int64],
     *,
     group: int,
@@ -395,24 +346,24 @@ def train_nucleus_types_from_annotations(
     found = resolve_nuclei_weights(base)
     t0 = time.perf_counter()
     # 1. Every slide's classified nuclei, checked against the slide.
-    read: list[tuple[AnnotatedSlide, _SlideNuclei, str, float, dict[str, tuple[int, int, int]]]]
+    read: list[tuple[AnnotatedSlide, AnnotatedNuclei, str, float, dict[str, tuple[int, int, int]]]]
     read = []
     for item in items:
         with open_slide(item.slide, mpp=mpp_override) as slide:
             ann = read_annotations(
                 item.annotations, dimensions=slide.dimensions, class_map=dict(class_map or {})
             )
-            nuclei = _slide_nuclei(ann, float(slide.mpp), max_nucleus_um2)
+            nuclei = ann.nuclei(max_area_px2=max_nucleus_um2 / float(slide.mpp) ** 2)
             read.append((item, nuclei, slide.fingerprint, float(slide.mpp), ann.class_colors()))
         logger.info(
             "%s: %d classified nuclei (%d larger regions left out; %d unclassified objects)",
             item.annotations.name,
-            len(nuclei.names),
+            len(nuclei.classes),
             nuclei.regions,
             ann.unclassified,
         )
-    names = tuple(sorted({n for _, nuc, *_ in read for n in nuc.names}))
-    totals = {n: sum(nuc.names.count(n) for _, nuc, *_ in read) for n in names}
+    names = tuple(sorted({str(n) for _, nuc, *_ in read for n in nuc.classes}))
+    totals = {n: sum(nuc.classes.count(n) for _, nuc, *_ in read) for n in names}
     if not names:
         raise AnnotationError(
             f"{items[0].annotations if items else 'annotations'}: no classified nucleus points "
@@ -457,7 +408,7 @@ def train_nucleus_types_from_annotations(
             }
         )
         cache = cache_dir / f"{key[:24]}.npz"
-        labels = np.array([names.index(n) for n in nuclei.names], np.int64)
+        labels = np.array([names.index(str(n)) for n in nuclei.classes], np.int64)
         if cache.is_file():
             samples = _load_samples(cache)
             logger.info("%s: %d nuclei from the cache", item.slide.name, samples.n_nuclei)
@@ -482,7 +433,7 @@ def train_nucleus_types_from_annotations(
                 "annotations": item.annotations.name,
                 "group": item.group,
                 "mpp": mpp,
-                "annotated": len(nuclei.names),
+                "annotated": len(nuclei.classes),
                 "nuclei": per_slide[item.slide.name],
                 "matched": int(samples.matched.sum()),
                 "regions_left_out": nuclei.regions,

@@ -10,6 +10,7 @@ level-0 px, ``t_`` target px at ``tile_mpp``, ``m_`` tissue-mask px.
 from ._annotation_formats import AnnotationFormat
 from ._annotations import (
     ANNOTATION_SUFFIXES,
+    AnnotatedNuclei,
     AnnotatedObject,
     AnnotationSet,
     pair_annotations,
@@ -31,6 +32,7 @@ from ._tissue import TissueDetectionConfig, TissueMask, detect_tissue, tissue_ma
 
 __all__ = [
     "ANNOTATION_SUFFIXES",
+    "AnnotatedNuclei",
     "AnnotatedObject",
     "AnnotationFormat",
     "AnnotationSet",

@@ -16,6 +16,7 @@ patch sampler here and the training and evaluation code in ``models`` and the ap
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,28 @@ class AnnotatedObject:
     def is_area(self) -> bool:
         """Polygonal (a region or a nucleus outline)."""
         return self.geometry.geom_type in ("Polygon", "MultiPolygon")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnnotatedNuclei:
+    """The annotated nuclei of an :class:`AnnotationSet`, level-0 px.
+
+    Attributes
+    ----------
+    xy : ndarray, float64, shape (N, 2)
+        Each nucleus's point, or its outline's centroid.
+    classes : tuple of (str or None)
+        Class of each nucleus.
+    outlines : tuple of ((K, 2) ndarray or None)
+        Exterior ``(x, y)`` of each outlined nucleus (its largest part); ``None`` for points.
+    regions : int
+        Polygons left out as too large to be a nucleus.
+    """
+
+    xy: npt.NDArray[np.float64]
+    classes: tuple[str | None, ...]
+    outlines: tuple[npt.NDArray[np.float64] | None, ...]
+    regions: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,22 +174,49 @@ class AnnotationSet:
         Points and multi-points give their positions; polygons (nucleus outlines, cells'
         nuclei) their centroid.
         """
+        found = self.nuclei(include_unclassified=include_unclassified)
+        return found.xy, found.classes
+
+    def nuclei(
+        self, *, max_area_px2: float = math.inf, include_unclassified: bool = False
+    ) -> AnnotatedNuclei:
+        """The annotated nuclei: points, multi-points' points, and outlines (polygons and
+        cells' nuclei) up to ``max_area_px2`` level-0 px² (larger ones are regions, counted).
+
+        Returns
+        -------
+        AnnotatedNuclei
+        """
         xy: list[tuple[float, float]] = []
         names: list[str | None] = []
+        outlines: list[npt.NDArray[np.float64] | None] = []
+        regions = 0
         for o in self.objects:
             if o.class_name is None and not include_unclassified:
                 continue
             geom = o.nucleus if o.nucleus is not None else o.geometry
             if geom.geom_type == "MultiPoint":
                 pts = [(p.x, p.y) for p in geom.geoms]
+                outlines += [None] * len(pts)
             elif geom.geom_type == "Point":
                 pts = [(geom.x, geom.y)]
+                outlines.append(None)
             else:
+                if float(geom.area) > max_area_px2:
+                    regions += 1
+                    continue
                 c = geom.centroid
                 pts = [(c.x, c.y)]
+                largest = max(shapely.get_parts(geom), key=lambda g: float(g.area))
+                outlines.append(np.asarray(largest.exterior.coords, np.float64)[:, :2])
             xy += pts
             names += [o.class_name] * len(pts)
-        return np.asarray(xy, dtype=np.float64).reshape(-1, 2), tuple(names)
+        return AnnotatedNuclei(
+            xy=np.asarray(xy, dtype=np.float64).reshape(-1, 2),
+            classes=tuple(names),
+            outlines=tuple(outlines),
+            regions=regions,
+        )
 
     def summary(self) -> str:
         """One line: objects per class and the counts left out."""
