@@ -12,6 +12,8 @@ never deadlock on a lock upgrade; the second one waits for the busy timeout inst
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,6 +167,27 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     return engine
 
 
+def _enable_wal(cursor: Any) -> None:
+    """Switch an SQLite database to WAL, waiting while another connection switches it.
+
+    Changing the journal mode needs an exclusive lock and SQLite does not call the busy
+    handler for it: two processes opening a fresh database at once made one of them fail with
+    "database is locked" (1 start in 8 in ``tests/integration/test_hostile_cli.py``). The
+    switch is retried for up to the busy timeout; a database already in WAL is not switched.
+    """
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _setup_sqlite(engine: Engine) -> None:
     """Install the pragmas and explicit transaction handling of an SQLite engine."""
 
@@ -178,7 +201,7 @@ def _setup_sqlite(engine: Engine) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys = ON")
             if engine.url.database not in (None, "", ":memory:"):
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(cursor)
                 cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()

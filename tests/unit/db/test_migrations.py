@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from slidestream.db import (
     record_run,
     upgrade,
 )
+from slidestream.db._engine import make_engine
 from slidestream.db._migrate import migrations_dir
 from slidestream.errors import DatabaseError, SchemaVersionError
 
@@ -168,6 +171,26 @@ def test_concurrent_creation_of_a_fresh_database(fresh_db_url: str) -> None:
         assert current_revision(engine) == head_revision()
         assert _diff(engine) == []
     finally:
+        engine.dispose()
+
+
+def test_first_connection_waits_while_a_new_sqlite_file_is_being_written(tmp_path: Path) -> None:
+    # Switching a file to WAL takes an exclusive lock, and SQLite's busy handler does not wait
+    # for it: two `slidestream run` starting on one new --db failed 1 time in ~8 with
+    # "database is locked" when one met the other's first write transaction.
+    path = tmp_path / "cohort.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE being_created (a INTEGER)")
+    timer = threading.Timer(0.3, other.execute, ("COMMIT",))
+    timer.start()
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        timer.join()
+        other.close()
         engine.dispose()
 
 
