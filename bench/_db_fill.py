@@ -8,8 +8,11 @@ A cohort of ``n`` slides looks like an archive that was analysed once and partly
 * pass 1 gives every slide a succeeded run (2 % get a failed run first); pass 2, later, re-runs
   10 % of the slides with other parameters (new run ids at the end of the table: the first run
   is *superseded*) and records a failed attempt for another 1 %;
-* every succeeded run has slide statistics and 8 tissue classes; 1 % of slides have no nuclei
-  (``NULL`` densities and areas), 1 % are QC-flagged.
+* every succeeded run has slide statistics and 8 tissue classes, and the statistics of the 4
+  nucleus types of the shipped model over the whole tissue and in the tumour and stroma classes
+  (12 rows; ``record_run`` writes all 8 classes, 36 rows: cut to keep a 1,000,000-slide fill
+  within minutes); 1 % of slides have no nuclei (``NULL`` densities and areas), 1 % are
+  QC-flagged.
 
 The rows are written in chunks with the fastest bulk path of each backend (PostgreSQL ``COPY``,
 SQLite ``executemany`` on the raw connection), never through ``record_run``; the pointer
@@ -86,6 +89,24 @@ _NUM = [
 ]
 SSTAT_COLS = ["run_id", "slide_id", "latest", "tissue_area_mm2", *_NUM]
 CSTAT_COLS = ["run_id", "tissue_class", "slide_id", "latest", "area_mm2", "fraction", *_NUM]
+TYPES = ("epithelial", "inflammatory", "spindle", "other")
+TYPE_REGIONS = ("", "tumour", "stroma")
+"""The whole tissue (``""``) and the classes with type statistics in the fill."""
+TSTAT_COLS = [
+    "run_id",
+    "tissue_class",
+    "nucleus_type",
+    "slide_id",
+    "latest",
+    "nucleus_count",
+    "fraction",
+    "nuclei_per_mm2",
+    "nucleus_area_mean_um2",
+    "nucleus_area_median_um2",
+    "eccentricity_mean",
+    "eccentricity_median",
+    "mean_hematoxylin_od",
+]
 META_COLS = ["slide_id", "key", "value"]
 FLAG_COLS = ["slide_id", "flag", "reason", "created_at"]
 
@@ -98,6 +119,7 @@ class Chunk:
     runs: list[tuple[Any, ...]]
     sstats: list[tuple[Any, ...]]
     cstats: list[tuple[Any, ...]]
+    tstats: list[tuple[Any, ...]]
     meta: list[tuple[Any, ...]]
     flags: list[tuple[Any, ...]]
 
@@ -110,6 +132,36 @@ def _hex(rng: np.random.Generator, n: int, n_bytes: int) -> list[str]:
 
 def _opt(value: float, missing: bool) -> float | None:
     return None if missing else value
+
+
+def _type_rows(
+    rng: np.random.Generator, run_id: int, slide_id: int, *, latest: bool, empty: bool
+) -> list[tuple[Any, ...]]:
+    """The 4 types' statistics in each region of :data:`TYPE_REGIONS` (counts per 10 mm²)."""
+    shares = rng.dirichlet((4.0, 3.0, 2.5, 0.5), size=len(TYPE_REGIONS))
+    density = rng.lognormal(7.5, 0.4, size=len(TYPE_REGIONS))
+    rows = []
+    for r, region in enumerate(TYPE_REGIONS):
+        for t, name in enumerate(TYPES):
+            dens = float(density[r] * shares[r, t])
+            rows.append(
+                (
+                    run_id,
+                    region,
+                    name,
+                    slide_id,
+                    latest,
+                    0 if empty else int(dens * 10),
+                    _opt(float(shares[r, t]), empty),
+                    _opt(round(dens, 1), empty),
+                    _opt(40.0 + t, empty),
+                    _opt(38.0 + t, empty),
+                    _opt(0.7, empty),
+                    _opt(0.72, empty),
+                    _opt(0.5, empty),
+                )
+            )
+    return rows
 
 
 def _stats_rows(
@@ -197,7 +249,7 @@ def chunks(n_slides: int, updates: list[tuple[int, int]], *, seed: int = 0) -> I
         tags = _hex(rng, len(ids), 3)
         diag = rng.integers(len(DIAGNOSES), size=len(ids))
         site = rng.integers(len(SITES), size=len(ids))
-        out = Chunk([], [], [], [], [], [])
+        out = Chunk([], [], [], [], [], [], [])
         for j, i in enumerate(ids):
             name = f"TCGA-{tags[j][:2].upper()}-{tags[j][2:].upper()}-{i:07d}"
             names[i] = name
@@ -207,9 +259,11 @@ def chunks(n_slides: int, updates: list[tuple[int, int]], *, seed: int = 0) -> I
                 out.runs.append(_run(run_id, i, name, "failed", when))
             run_id += 1
             out.runs.append(_run(run_id, i, name, "succeeded", when))
-            sstat, cstats = _stats_rows(rng, run_id, i, latest=i not in rerun, empty=i % 100 == 37)
+            first_latest, empty = i not in rerun, i % 100 == 37
+            sstat, cstats = _stats_rows(rng, run_id, i, latest=first_latest, empty=empty)
             out.sstats.append(sstat)
             out.cstats.extend(cstats)
+            out.tstats.extend(_type_rows(rng, run_id, i, latest=first_latest, empty=empty))
             latest[i] = run_id
             patient = f"P{(i + 1) // 2:07d}"
             out.meta.extend(
@@ -245,7 +299,7 @@ def chunks(n_slides: int, updates: list[tuple[int, int]], *, seed: int = 0) -> I
         yield out
     # Pass 2: re-runs (new parameters) and a few more failures, recorded later.
     later = _T0 + timedelta(days=365)
-    pending = Chunk([], [], [], [], [], [])
+    pending = Chunk([], [], [], [], [], [], [])
     for i in range(1, n_slides + 1):
         if i % 100 == 3:
             run_id += 1
@@ -256,10 +310,11 @@ def chunks(n_slides: int, updates: list[tuple[int, int]], *, seed: int = 0) -> I
             sstat, cstats = _stats_rows(rng, run_id, i, latest=True, empty=False)
             pending.sstats.append(sstat)
             pending.cstats.extend(cstats)
+            pending.tstats.extend(_type_rows(rng, run_id, i, latest=True, empty=False))
             updates.append((run_id, i))
         if len(pending.runs) >= CHUNK_SLIDES // 4 or i == n_slides:
             yield pending
-            pending = Chunk([], [], [], [], [], [])
+            pending = Chunk([], [], [], [], [], [], [])
 
 
 def _tables(chunk: Chunk) -> Sequence[tuple[str, list[str], list[tuple[Any, ...]]]]:
@@ -268,6 +323,7 @@ def _tables(chunk: Chunk) -> Sequence[tuple[str, list[str], list[tuple[Any, ...]
         ("analysis_runs", RUN_COLS, chunk.runs),
         ("slide_statistics", SSTAT_COLS, chunk.sstats),
         ("class_statistics", CSTAT_COLS, chunk.cstats),
+        ("type_statistics", TSTAT_COLS, chunk.tstats),
         ("slide_metadata", META_COLS, chunk.meta),
         ("qc_flags", FLAG_COLS, chunk.flags),
     )

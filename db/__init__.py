@@ -59,6 +59,7 @@ from slidestream.db._schema import (
     SlideStatistics,
     TypeStatistics,
 )
+from slidestream.db._slide_table import SlideTableRow, iter_slide_table, slide_table_columns
 from slidestream.db._slides import (
     SLIDE_COLUMNS,
     SLIDE_SORT_KEYS,
@@ -104,6 +105,7 @@ __all__ = [
     "SlidePage",
     "SlideRow",
     "SlideStatistics",
+    "SlideTableRow",
     "SlideValues",
     "TypeStatistics",
     "check_schema",
@@ -116,6 +118,7 @@ __all__ = [
     "head_revision",
     "import_metadata",
     "import_metadata_csv",
+    "iter_slide_table",
     "iter_slides",
     "latest_runs",
     "list_slides",
@@ -130,6 +133,7 @@ __all__ = [
     "record_skip",
     "recorded_type_names",
     "slide_page",
+    "slide_table_columns",
     "summarise_cohort",
     "tissue_classes",
     "unflag_slide",

@@ -22,7 +22,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -229,11 +229,17 @@ def _ordered(columns: Sequence[ColumnElement[Any]], descending: bool) -> list[An
     return [c.desc() if descending else c.asc() for c in columns]
 
 
+RowColumns = Callable[[ColumnElement[Any]], list[ColumnElement[Any]]]
+"""The selected columns of a slide-list statement, given the expression of the run id."""
+
+
 def _valued_select(
     sort: str,
     descending: bool,
     cursor: _Cursor | None,
     conditions: list[ColumnElement[bool]],
+    *,
+    columns: RowColumns = _columns,
 ) -> Select[Any]:
     """Phase 1: the slides with a value of ``sort``, in the order of the sort index."""
     if sort in ("name", "id"):
@@ -241,7 +247,7 @@ def _valued_select(
             SSTATS, SSTATS.c.run_id == SLIDES.c.latest_run_id
         ).outerjoin(_RUNS, _RUNS.c.id == SLIDES.c.latest_run_id)
         keys = [SLIDES.c.name, SLIDES.c.id] if sort == "name" else [SLIDES.c.id]
-        stmt = select(*_columns(SLIDES.c.latest_run_id)).select_from(source).where(*conditions)
+        stmt = select(*columns(SLIDES.c.latest_run_id)).select_from(source).where(*conditions)
     else:
         metric = SSTATS.c[sort]
         source = SSTATS.join(SLIDES, SLIDES.c.id == SSTATS.c.slide_id).outerjoin(
@@ -249,7 +255,7 @@ def _valued_select(
         )
         keys = [metric, SSTATS.c.slide_id]
         stmt = (
-            select(*_columns(SSTATS.c.run_id))
+            select(*columns(SSTATS.c.run_id))
             .select_from(source)
             .where(SSTATS.c.latest == true(), metric.is_not(None), *conditions)
         )
@@ -264,13 +270,15 @@ def _null_select(
     descending: bool,
     cursor: _Cursor | None,
     conditions: list[ColumnElement[bool]],
+    *,
+    columns: RowColumns = _columns,
 ) -> Select[Any]:
     """Phase 2 of a metric sort: slides without a value (no latest run, or ``NULL``)."""
     source = SLIDES.outerjoin(SSTATS, SSTATS.c.run_id == SLIDES.c.latest_run_id).outerjoin(
         _RUNS, _RUNS.c.id == SLIDES.c.latest_run_id
     )
     stmt = (
-        select(*_columns(SLIDES.c.latest_run_id))
+        select(*columns(SLIDES.c.latest_run_id))
         .select_from(source)
         .where(SSTATS.c[sort].is_(None), *conditions)
     )

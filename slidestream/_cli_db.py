@@ -58,11 +58,14 @@ def _parse_where(items: Sequence[str]) -> dict[str, list[str]]:
     return where
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, *, exact: bool = False) -> str:
+    """A value as text: 6 significant digits for a table, every digit (``exact``) for CSV."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        # CSV is for other programs: the shortest text that reads back as the same float
+        # (what csv.writer writes for a float, and what the streamed slide export writes).
+        return repr(value) if exact else f"{value:.6g}"
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Mapping):
@@ -80,7 +83,7 @@ def _render(rows: list[dict[str, Any]], columns: list[str], fmt: str) -> str:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
+            writer.writerow([_cell(row.get(c), exact=True) for c in columns])
         return buffer.getvalue().rstrip("\n")
     table = [columns, *[[_cell(row.get(c)) for c in columns] for row in rows]]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
@@ -400,23 +403,6 @@ def register(cli: click.Group, *, train: click.Group, evaluate: click.Group) -> 
         click.echo(_render(rows, columns, fmt))
 
 
-def _slide_columns(type_names: Sequence[str]) -> list[str]:
-    """Columns of the slide list: a ``<type>_per_mm2`` for every recorded nucleus type."""
-    from slidestream.db import SLIDE_METRICS
-
-    return [
-        "name",
-        "fingerprint",
-        "vendor",
-        "run_id",
-        *SLIDE_METRICS,
-        *(f"{t}_per_mm2" for t in type_names),
-        "flags",
-        "metadata",
-        "path",
-    ]
-
-
 def _list_slides(
     url: str,
     *,
@@ -432,10 +418,12 @@ def _list_slides(
     """``query --slides``: one page (``--limit``) or the whole list, streamed as CSV/JSON."""
     from slidestream.db import (
         SLIDE_SORT_KEYS,
+        iter_slide_table,
         iter_slides,
         open_database,
         recorded_type_names,
         slide_page,
+        slide_table_columns,
     )
 
     if sort not in SLIDE_SORT_KEYS:
@@ -444,7 +432,8 @@ def _list_slides(
         )
     engine = open_database(url)
     try:
-        columns = _slide_columns(recorded_type_names(engine))
+        type_names = recorded_type_names(engine)
+        columns = list(slide_table_columns(type_names))
         if limit is not None:
             page = slide_page(
                 engine,
@@ -460,57 +449,59 @@ def _list_slides(
             if page.next_after is not None:
                 click.echo(f"next page: --after {page.next_after}", err=True)
             return
+        if fmt == "csv":
+            table = iter_slide_table(
+                engine,
+                type_names=type_names,
+                sort=sort,
+                descending=descending,
+                where=where,
+                include_flagged=include_flagged,
+            )
+            _stream_csv(table, columns)
+            return
         slides = iter_slides(
             engine, sort=sort, descending=descending, where=where, include_flagged=include_flagged
         )
-        if fmt == "table":
-            click.echo(_render([s.as_dict() for s in slides], columns, fmt))
+        if fmt == "json":
+            _stream_json(slides)
         else:
-            _stream(slides, columns, fmt)
+            click.echo(_render([s.as_dict() for s in slides], columns, fmt))
     finally:
         engine.dispose()
 
 
-def _csv_cells(slide: Any, columns: list[str]) -> list[str]:
-    """The CSV cells of a ``SlideRow`` (as ``_cell`` of its ``as_dict()``, without the dict)."""
-    cells = []
-    statistics = slide.statistics
-    for column in columns:
-        if column in statistics or column.endswith("_per_mm2"):
-            # a type another model recorded: empty for this slide
-            cells.append(_cell(statistics.get(column)))
-        elif column == "flags":
-            cells.append(",".join(slide.flags))
-        elif column == "metadata":
-            cells.append(";".join(f"{k}={v}" for k, v in slide.metadata.items()))
-        else:
-            cells.append(_cell(getattr(slide, column)))
-    return cells
+def _stream_csv(batches: Iterable[Sequence[Sequence[Any]]], columns: list[str]) -> None:
+    """Write the batches of :func:`~slidestream.db.iter_slide_table` as CSV, a write each.
+
+    The rows go to ``csv.writer`` as the driver gave them: floats as the shortest text that
+    reads back as the same value, ``None`` as an empty cell.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for batch in batches:
+        writer.writerows(batch)
+        click.echo(buffer.getvalue(), nl=False)
+        buffer.seek(0)
+        buffer.truncate()
+    click.echo(buffer.getvalue(), nl=False)
 
 
-def _stream(slides: Iterable[Any], columns: list[str], fmt: str, *, chunk: int = 2000) -> None:
-    """Write slide rows as CSV or a JSON array, ``chunk`` rows per write (flat memory)."""
+def _stream_json(slides: Iterable[Any], *, chunk: int = 2000) -> None:
+    """Write slide rows as a JSON array, one object per line, ``chunk`` rows per write."""
     import orjson
 
     buffer = io.StringIO()
-    if fmt == "csv":
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-    else:
-        buffer.write("[")
+    buffer.write("[")
     n = 0
     for slide in slides:
-        if fmt == "csv":
-            writer.writerow(_csv_cells(slide, columns))
-        else:
-            row = slide.as_dict()
-            buffer.write(",\n" if n else "\n")
-            buffer.write(orjson.dumps(row, option=orjson.OPT_NAIVE_UTC).decode())
+        buffer.write(",\n" if n else "\n")
+        buffer.write(orjson.dumps(slide.as_dict(), option=orjson.OPT_NAIVE_UTC).decode())
         n += 1
         if n % chunk == 0:
             click.echo(buffer.getvalue(), nl=False)
             buffer.seek(0)
             buffer.truncate()
-    if fmt == "json":
-        buffer.write("\n]\n" if n else "]\n")
+    buffer.write("\n]\n" if n else "]\n")
     click.echo(buffer.getvalue(), nl=False)

@@ -133,6 +133,27 @@ def test_query_slides_pages_and_streams(runner: CliRunner, db_url: str, filled: 
     assert json.loads(result.stdout) == []
 
 
+def test_query_slides_csv_export_is_the_pages_csv(
+    runner: CliRunner, db_url: str, filled: Path
+) -> None:
+    # The streamed export (rows built by the database) and a page (SlideRow cells) agree to the
+    # byte: the same columns, flags and metadata cells, floats with every digit.
+    result = runner.invoke(cli, ["cohort", "import", str(filled), "--db", db_url])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["cohort", "flag", "b", "--reason", "folded", "--db", db_url])
+    assert result.exit_code == 0, result.output
+    for extra in ([], ["--sort", "nuclei_per_mm2", "--desc"], ["--where", "diagnosis=LUAD"]):
+        base = ["query", "--db", db_url, "--slides", "--format", "csv", "--include-flagged"]
+        streamed = runner.invoke(cli, [*base, *extra])
+        paged = runner.invoke(cli, [*base, *extra, "--limit", "1000"])
+        assert streamed.exit_code == 0 and paged.exit_code == 0, streamed.output + paged.output
+        assert streamed.stdout.rstrip("\n") == paged.stdout.rstrip("\n"), extra
+        rows = list(csv.DictReader(io.StringIO(streamed.stdout)))
+        assert rows and any(r["metadata"] for r in rows)
+    densities = {float(r["nuclei_per_mm2"]) for r in rows}
+    assert densities and all(repr(d) in streamed.stdout for d in densities)
+
+
 def test_query_slides_usage_errors(runner: CliRunner, db_url: str, filled: Path) -> None:
     result = runner.invoke(cli, ["query", "--db", db_url, "--limit", "5"])
     assert result.exit_code == 2 and "--limit: only with --slides" in result.output

@@ -12,11 +12,13 @@ from slidestream.db import (
     count_slides,
     flag_slide,
     import_metadata,
+    iter_slide_table,
     iter_slides,
     list_slides,
     record_failure,
     record_run,
     slide_page,
+    slide_table_columns,
 )
 from slidestream.errors import ConfigError
 
@@ -154,3 +156,65 @@ def test_bad_arguments(slides: Engine) -> None:
         slide_page(slides, limit=2, after="garbage!")
     with pytest.raises(ConfigError, match="unknown"):
         next(iter_slides(slides, sort="bogus"))
+
+
+def _table_row(slide: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
+    """What :func:`iter_slide_table` must give for a :class:`SlideRow`."""
+    cells: list[Any] = []
+    for column in columns:
+        if column == "flags":
+            cells.append(",".join(slide.flags) or None)
+        elif column == "metadata":
+            cells.append(";".join(f"{k}={v}" for k, v in slide.metadata.items()) or None)
+        elif column in ("name", "fingerprint", "vendor", "run_id", "path"):
+            cells.append(getattr(slide, column))
+        else:
+            cells.append(slide.statistics.get(column))
+    return tuple(cells)
+
+
+def test_slide_table_rows_are_the_slide_rows(slides: Engine) -> None:
+    # Types (the shipped names and a user's), several flags, metadata with separators in values.
+    record_run(
+        slides,
+        build_summary(
+            "t", nuclei_per_mm2=400.0, types={"": {"epithelial": 120.0, "Immune cells": 30.5}}
+        ),
+    )
+    import_metadata(slides, [{"slide": "t", "site": "A;B=c", "diagnosis": "LUAD"}])
+    flag_slide(slides, "t", reason="pen", flag="pen")
+    flag_slide(slides, "t", reason="folded")
+    types = ("epithelial", "inflammatory", "spindle", "other", "Immune cells")
+    columns = slide_table_columns(types)
+    for sort in SLIDE_SORT_KEYS:
+        for descending in (False, True):
+            for where, flagged in (({}, True), ({"site": ["A", "A;B=c"]}, False)):
+                want = [
+                    _table_row(s, columns)
+                    for s in iter_slides(
+                        slides,
+                        sort=sort,
+                        descending=descending,
+                        where=where,
+                        include_flagged=flagged,
+                    )
+                ]
+                batches = list(
+                    iter_slide_table(
+                        slides,
+                        type_names=types,
+                        sort=sort,
+                        descending=descending,
+                        where=where,
+                        include_flagged=flagged,
+                        batch_size=2,
+                    )
+                )
+                assert all(len(b) <= 2 for b in batches)
+                got = [tuple(row) for batch in batches for row in batch]
+                assert got == want, (sort, descending, where)
+    t = next(r for b in iter_slide_table(slides, type_names=types) for r in b if r[0] == "t")
+    cells = dict(zip(columns, t, strict=True))
+    assert cells["Immune cells_per_mm2"] == 30.5 and cells["spindle_per_mm2"] is None
+    assert cells["flags"] == "pen,qc"
+    assert cells["metadata"] == "diagnosis=LUAD;site=A;B=c"
