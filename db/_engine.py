@@ -17,14 +17,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event, exc
+from sqlalchemy import ClauseElement, Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from slidestream.errors import DatabaseError
 
-__all__ = ["make_engine", "mask_url", "scrub_credentials", "write_connection"]
+__all__ = ["driver_statement", "make_engine", "mask_url", "scrub_credentials", "write_connection"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ def _enable_wal(cursor: Any) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as err:
-            if "locked" not in str(err) or time.monotonic() >= deadline:
+            busy = err.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # also extended BUSY_*
+            if not busy or time.monotonic() >= deadline:
                 raise
             time.sleep(0.02)
 
@@ -232,3 +234,32 @@ def write_connection(engine: Engine) -> Iterator[Connection]:
     """
     with engine.connect().execution_options(**{_WRITE_OPTION: True}) as conn, conn.begin():
         yield conn
+
+
+def driver_statement(conn: Connection, stmt: ClauseElement) -> tuple[str, Any]:
+    """A statement as the SQL text and parameters its driver executes, for a raw DBAPI cursor.
+
+    For reads that bypass SQLAlchemy's result rows (binary results, server-side cursors, plain
+    tuples). Expanding ``IN`` parameters are rendered.
+
+    Parameters
+    ----------
+    conn : sqlalchemy.Connection
+        The connection whose dialect compiles the statement.
+    stmt : sqlalchemy.ClauseElement
+        The statement.
+
+    Returns
+    -------
+    (str, dict or tuple)
+        The SQL and its parameters: a mapping for named styles (psycopg), a tuple in order for
+        positional ones (sqlite3).
+    """
+    compiled = cast(
+        SQLCompiler,
+        stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True}),
+    )
+    params: Any = compiled.params
+    if compiled.positiontup is not None:
+        params = tuple(params[name] for name in compiled.positiontup)
+    return str(compiled), params

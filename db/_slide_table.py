@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, Select, func, literal, select
 
 from slidestream.db._columns import check_columns
+from slidestream.db._engine import driver_statement
 from slidestream.db._migrate import check_schema
 from slidestream.db._query import (
     BUILTIN_COLUMNS,
@@ -37,8 +38,7 @@ from slidestream.db._slides import (
     RowColumns,
     _check_sort,
     _filters,
-    _null_select,
-    _valued_select,
+    _whole_list,
     recorded_type_names,
 )
 from slidestream.errors import ConfigError
@@ -144,11 +144,9 @@ def _statements(
     include_flagged: bool,
 ) -> list[Select[Any]]:
     conditions = _filters(where, include_flagged)
-    columns = _row_columns(conn.dialect.name, type_names)
-    statements = [_valued_select(sort, descending, None, conditions, columns=columns)]
-    if sort not in ("name", "id"):
-        statements.append(_null_select(sort, descending, None, conditions, columns=columns))
-    return statements
+    return _whole_list(
+        sort, descending, conditions, columns=_row_columns(conn.dialect.name, type_names)
+    )
 
 
 def iter_slide_table(
@@ -212,19 +210,13 @@ def iter_slide_table(
             # On the driver's cursor, whose rows are plain tuples (every column is text, an
             # integer or a float: nothing to convert); SQLAlchemy's rows cost a third of an
             # export. A named (server-side) cursor on PostgreSQL streams; SQLite's steps.
-            compiled = stmt.compile(
-                dialect=conn.dialect, compile_kwargs={"render_postcompile": True}
-            )
-            params: Any = compiled.params
-            if compiled.positiontup is not None:
-                params = tuple(params[name] for name in compiled.positiontup)
             if conn.dialect.name == "postgresql":
                 cursor = raw.cursor(name=f"slidestream_slide_table_{number}")
                 cursor.itersize = batch_size
             else:
                 cursor = raw.cursor()
             try:
-                cursor.execute(str(compiled), params)
+                cursor.execute(*driver_statement(conn, stmt))
                 while batch := cursor.fetchmany(batch_size):
                     yield batch
             finally:

@@ -287,6 +287,21 @@ def _null_select(
     return stmt.order_by(*_ordered([SLIDES.c.id], descending))
 
 
+def _whole_list(
+    sort: str,
+    descending: bool,
+    conditions: list[ColumnElement[bool]],
+    *,
+    columns: RowColumns = _columns,
+) -> list[Select[Any]]:
+    """The statements of the whole list, in order: the slides with a value of ``sort``, then
+    (for a metric) those without."""
+    statements = [_valued_select(sort, descending, None, conditions, columns=columns)]
+    if sort not in ("name", "id"):
+        statements.append(_null_select(sort, descending, None, conditions, columns=columns))
+    return statements
+
+
 def _attach(conn: Connection, rows: Sequence[Any]) -> list[SlideRow]:
     """Slide rows of one batch of result rows, with their flags and metadata."""
     ids = [int(row[0]) for row in rows]
@@ -476,9 +491,7 @@ def iter_slides(
     conditions = _filters(where or {}, include_flagged)
     check_schema(engine)
     check_columns(engine, builtin=BUILTIN_COLUMNS, where=where or {})
-    statements = [_valued_select(sort, descending, None, conditions)]
-    if sort not in ("name", "id"):
-        statements.append(_null_select(sort, descending, None, conditions))
+    statements = _whole_list(sort, descending, conditions)
     with engine.connect() as conn, conn.begin():
         # One transaction: both phases (and the per-batch look-ups) see the same snapshot.
         streaming = conn.execution_options(stream_results=True, yield_per=batch_size)
