@@ -73,6 +73,7 @@ from slidestream.db import (
 from slidestream.db._cohort_scan import postgres_statement
 from slidestream.db._cohort_values import COHORT as COHORT_VALUES
 from slidestream.db._query import packed_query
+from slidestream.db._slide_table import _statements as _table_statements
 from slidestream.db._slides import _filters, _valued_select
 
 REPO = Path(__file__).resolve().parent.parent
@@ -353,12 +354,14 @@ def _export(url: str, n_slides: int) -> list[str]:
     return lines
 
 
-def _export_in_process(engine: Engine, n_slides: int) -> list[str]:
-    """The CSV export by name in this process, before and after (side by side, one database).
+def _export_in_process(engine: Engine, n_slides: int, baseline: str | None) -> list[str]:
+    """The CSV export in this process, before and after (side by side, one database).
 
     Before: what ``query --slides --format csv`` did until the export had its own query: one
     :class:`~slidestream.db.SlideRow` per slide (:func:`iter_slides`) and one cell at a time,
-    floats as ``%.6g``. After: :func:`iter_slide_table` batches into ``csv.writer``.
+    floats as ``%.6g``; with ``baseline``, also :func:`iter_slide_table` of that revision
+    (``db/_slide_table.py`` loaded from git). After: :func:`iter_slide_table` batches into
+    ``csv.writer``. By name, and (the two table exports) by id.
     """
     import csv
 
@@ -385,22 +388,31 @@ def _export_in_process(engine: Engine, n_slides: int) -> list[str]:
             n += 1
         return n
 
-    def after() -> int:
-        writer, n = csv.writer(sink, lineterminator="\n"), 0
-        for batch in iter_slide_table(engine, type_names=types):
-            writer.writerows(batch)
-            n += len(batch)
-        return n
+    def table(export: Callable[..., Any], sort: str) -> Callable[[], int]:
+        def run() -> int:
+            writer, n = csv.writer(sink, lineterminator="\n"), 0
+            for batch in export(engine, type_names=types, sort=sort):
+                writer.writerows(batch)
+                n += len(batch)
+            return n
 
+        return run
+
+    runs: list[tuple[str, Callable[[], int]]] = [("by name, before (SlideRow cells)", before)]
+    old = _load_old(baseline, "db/_slide_table.py").iter_slide_table if baseline else None
+    for sort in ("name", "id"):
+        if old is not None:
+            runs.append((f"by {sort}, before ({baseline} iter_slide_table)", table(old, sort)))
+        runs.append((f"by {sort}, after (iter_slide_table)", table(iter_slide_table, sort)))
     lines = []
-    for label, run in (("before (SlideRow cells)", before), ("after (iter_slide_table)", after)):
+    for label, run in runs:
         start, start_cpu = time.perf_counter(), time.process_time()
         with Path(os.devnull).open("w") as sink:
             n = run()
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         assert n == n_slides, (label, n)
         lines.append(
-            f"  CSV export by name in-process, {label}: {wall:.2f} s (client CPU {cpu:.2f} s), "
+            f"  CSV export in-process {label}: {wall:.2f} s (client CPU {cpu:.2f} s), "
             f"{n / wall:,.0f} slides/s"
         )
     return lines
@@ -442,6 +454,16 @@ def _explain(engine: Engine, baseline: ModuleType | None) -> list[str]:
     for sort, descending in (("name", False), ("nuclei_per_mm2", True)):
         stmt = _valued_select(sort, descending, None, conditions).limit(101)
         statements.append((f"first page, sort {sort}{' desc' if descending else ''}", stmt))
+    with engine.connect() as conn:
+        (export,) = _table_statements(
+            conn,
+            type_names=recorded_type_names(engine),
+            sort="name",
+            descending=False,
+            where={},
+            include_flagged=True,
+        )
+    statements.append(("CSV export by name (query --slides --format csv)", export))
     with engine.connect() as conn:
         for label, stmt in statements:
             sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
@@ -527,7 +549,7 @@ def bench(label: str, url: str, args: argparse.Namespace) -> list[str]:
         )
         lines.append(_line("count_slides", _time(lambda: count_slides(engine), 3), None))
         if not args.no_export:
-            lines += _export_in_process(engine, args.slides)
+            lines += _export_in_process(engine, args.slides, args.baseline)
             lines += _export(url, args.slides)
         if args.writes:
             lines += _writes(engine, url, args.slides, args.writes)
