@@ -5,6 +5,10 @@
 # (test images never trained on nor used for any choice; see models/weights/nuclei-unet.md).
 #
 #   bash bench/train_nuclei_v2.sh OUT_DIR [fast|accurate|both]
+#   SEED=1 bash bench/train_nuclei_v2.sh OUT_DIR fast     # a replicate with another seed
+#
+# The shipped weights are seed 0; replicates (SEED=1, 2, ...) give the seed spread of the
+# protocol figures (bench/nuclei_protocol.py on each).
 #
 # Every run checkpoints its whole state every --val-every-steps and resumes after an
 # interruption (rerun the same command: --resume is passed).  About 1 h per preset on a quiet
@@ -18,7 +22,8 @@ DATA="--data $N/monuseg_kumar --data $N/cpm15 --data $N/gbm40_emory --data $N/co
 SS=${SLIDESTREAM:-.venv/bin/slidestream}
 W=${INIT_DIR:-research/weights}
 mkdir -p "$OUT"
-COMMON="--types --split v2 --checkpoint last --resume --seed 0 --threads 2 --colour-strength 1.25 --lr 1e-3"
+SEED=${SEED:-0}
+COMMON="--types --split v2 --checkpoint last --resume --seed $SEED --threads 2 --colour-strength 1.25 --lr 1e-3"
 if [ "$WHICH" = fast ] || [ "$WHICH" = both ]; then
   $SS -v train nuclei $DATA --out "$OUT/nuclei-unet-v2.safetensors" --init $W/nuclei-unet-v1.safetensors \
     --working-mpp 0.5 --crop-px 160 --batch-size 8 --steps 6000 --val-every-steps 500 $COMMON

@@ -27,6 +27,7 @@ from sqlalchemy import (
     BindParameter,
     Boolean,
     ColumnElement,
+    CompoundSelect,
     Connection,
     Executable,
     FromClause,
@@ -203,7 +204,18 @@ def _refresh_statements(by_ids: bool) -> tuple[Executable, Executable]:
     more time building this statement than running it)."""
     columns = ["tissue_class", "slide_id", "run_id", "flagged", *SLOT_COLUMNS]
     columns += list(COHORT_METRIC_COLUMNS)
-    rows = union_all(_scope_select(_SSTATS, by_ids), _scope_select(_CSTATS, by_ids))
+    rows: Select[Any] | CompoundSelect = union_all(
+        _scope_select(_SSTATS, by_ids), _scope_select(_CSTATS, by_ids)
+    )
+    if not by_ids:
+        # A whole rebuild writes the rows in scan order (scope, then slide), as record_run's
+        # writes of one slide after another leave them. In join order the rows of a class
+        # scope lay at random in the heap, and an index-only scan of that scope switched
+        # visibility-map pages at almost every row: 777,000 buffer accesses and 0.53 s for
+        # the 990,000 rows of one scope at 1,000,000 slides, against 17,800 and 0.22 s.
+        union = rows.subquery("rows")
+        scope, slide = list(union.c)[:2]
+        rows = select(*union.c).order_by(scope, slide)
     wipe = delete(COHORT)
     if by_ids:
         wipe = wipe.where(COHORT.c.slide_id.in_(_SLIDE_IDS))

@@ -4,10 +4,15 @@
 (with its metadata as a mapping, its flags as a tuple), assembled in Python from four queries
 per batch: 27 µs a slide on SQLite, 44 µs on PostgreSQL at 100,000 slides. An export needs
 none of that structure: here the database builds each row whole, in the order of the columns
-of :func:`slide_table_columns`, in one streaming statement. Flags and metadata are joined into
-their text cells by the database (``group_concat`` / ``string_agg``, in flag and key order),
-the nucleus-type densities are looked up by the type-statistics primary key, and the rows
-leave the driver as plain tuples that a ``csv.writer`` writes without any per-cell Python.
+of :func:`slide_table_columns`, in one streaming statement per phase. Flags and metadata are
+joined into their text cells by the database (``group_concat`` / ``string_agg``, in flag and
+key order) and the nucleus-type densities added, and the rows leave the driver as plain tuples
+that a ``csv.writer`` writes without any per-cell Python.
+
+Plans: an unfiltered export on PostgreSQL joins the list to per-slide aggregates of
+``qc_flags``, ``slide_metadata`` and ``type_statistics`` (:func:`_grouped`: one pass each,
+then one sort); filtered exports and SQLite look them up per row by primary key
+(:func:`_looked_up`). On SQLite the name order is an unindexed sort of the scan.
 
 Order, filters and the two phases of a metric sort (slides with a value, then those without)
 are those of :func:`~slidestream.db.slide_page`; the rows are those of
