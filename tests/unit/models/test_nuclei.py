@@ -262,7 +262,11 @@ def test_accurate_preset_is_the_fine_network_with_tta() -> None:
     wide.postprocess_config = dataclasses.replace(wide.postprocess_config, upsample=2)
     assert [wide.upsample_for(m) for m in (0.25, 0.3, 0.5, 1.0)] == [2, 2, 1, 1]
     maps = accurate.predict(torch.randint(0, 255, (1, 3, 48, 64), dtype=torch.uint8))
-    assert maps.shape == (1, 3, 48, 64)
+    # Since accurate v2 both presets have the type head: 3 maps + 4 type probabilities.
+    assert (
+        accurate.type_names == fast.type_names == ("other", "inflammatory", "epithelial", "spindle")
+    )
+    assert maps.shape == (1, accurate.n_outputs, 48, 64) == (1, 7, 48, 64)
     labels = accurate.segment(np.full((77, 131, 3), 230, np.uint8), 0.25)
     assert labels.shape == (77, 131) and labels.dtype == np.int32
 
