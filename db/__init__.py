@@ -59,7 +59,12 @@ from slidestream.db._schema import (
     SlideStatistics,
     TypeStatistics,
 )
-from slidestream.db._slide_table import SlideTableRow, iter_slide_table, slide_table_columns
+from slidestream.db._slide_table import (
+    SlideTableRow,
+    iter_slide_csv,
+    iter_slide_table,
+    slide_table_columns,
+)
 from slidestream.db._slides import (
     SLIDE_COLUMNS,
     SLIDE_SORT_KEYS,
@@ -118,6 +123,7 @@ __all__ = [
     "head_revision",
     "import_metadata",
     "import_metadata_csv",
+    "iter_slide_csv",
     "iter_slide_table",
     "iter_slides",
     "latest_runs",

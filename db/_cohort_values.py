@@ -204,7 +204,7 @@ def _refresh_statements(by_ids: bool) -> tuple[Executable, Executable]:
     more time building this statement than running it)."""
     columns = ["tissue_class", "slide_id", "run_id", "flagged", *SLOT_COLUMNS]
     columns += list(COHORT_METRIC_COLUMNS)
-    rows: Select[Any] | CompoundSelect = union_all(
+    rows: Select[Any] | CompoundSelect[Any] = union_all(
         _scope_select(_SSTATS, by_ids), _scope_select(_CSTATS, by_ids)
     )
     if not by_ids:

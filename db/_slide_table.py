@@ -21,7 +21,10 @@ are those of :func:`~slidestream.db.slide_page`; the rows are those of
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
@@ -59,7 +62,7 @@ from slidestream.db._slides import (
 )
 from slidestream.errors import ConfigError
 
-__all__ = ["SlideTableRow", "iter_slide_table", "slide_table_columns"]
+__all__ = ["SlideTableRow", "iter_slide_csv", "iter_slide_table", "slide_table_columns"]
 
 SlideTableRow = tuple[str | int | float | None, ...]
 """One slide of :func:`iter_slide_table`: text, integers, floats (``None`` without a value)."""
@@ -305,24 +308,12 @@ def iter_slide_table(
     SchemaVersionError
         The database is not at the revision this slidestream needs.
     """
-    _check_sort(sort)
     if batch_size < 1:
         raise ConfigError(f"batch_size {batch_size}: need >= 1")
-    check_schema(engine)
-    check_columns(engine, builtin=BUILTIN_COLUMNS, where=where or {})
-    names = recorded_type_names(engine) if type_names is None else tuple(type_names)
-    with engine.connect() as conn, conn.begin():
-        if conn.dialect.name == "postgresql":
-            # JIT compiling the per-row look-ups costs 0.45 s and saves nothing on a scan.
-            conn.exec_driver_sql("SET LOCAL jit = off")
-        statements = _statements(
-            conn,
-            type_names=names,
-            sort=sort,
-            descending=descending,
-            where=where or {},
-            include_flagged=include_flagged,
-        )
+    with _export(engine, type_names, sort, descending, where, include_flagged) as (
+        conn,
+        statements,
+    ):
         raw: Any = conn.connection.dbapi_connection
         for number, stmt in enumerate(statements):
             # On the driver's cursor, whose rows are plain tuples (every column is text, an
@@ -341,3 +332,124 @@ def iter_slide_table(
                     yield batch
             finally:
                 cursor.close()
+
+
+def iter_slide_csv(
+    engine: Engine,
+    *,
+    type_names: Sequence[str] | None = None,
+    sort: str = "name",
+    descending: bool = False,
+    where: Mapping[str, str | Sequence[str]] | None = None,
+    include_flagged: bool = True,
+    chunk_bytes: int = 1 << 20,
+) -> Iterator[bytes]:
+    """The slide list as CSV text (UTF-8, header first), streamed in chunks (flat memory).
+
+    The rows of :func:`iter_slide_table`. On PostgreSQL the server writes the CSV itself
+    (``COPY (...) TO STDOUT``: no row is parsed or formatted in Python); elsewhere
+    ``csv.writer`` writes the rows of :func:`iter_slide_table`.
+
+    Parameters
+    ----------
+    engine : sqlalchemy.Engine
+        The database (at the head revision).
+    type_names, sort, descending, where, include_flagged
+        As :func:`iter_slide_table`.
+    chunk_bytes : int
+        Bytes a chunk holds at least (but the last); on SQLite a chunk ends with a batch of
+        :func:`iter_slide_table`.
+
+    Yields
+    ------
+    bytes
+        Consecutive pieces of the CSV file: the header row (:func:`slide_table_columns`), then
+        one line per slide (``\\n`` line ends). Numbers are the shortest text that reads back
+        as the same value (PostgreSQL writes a whole number without ``.0``); a missing value
+        is an empty cell.
+
+    Raises
+    ------
+    ConfigError
+        Unknown sort key, or ``chunk_bytes`` < 1.
+    SchemaVersionError
+        The database is not at the revision this slidestream needs.
+    """
+    if chunk_bytes < 1:
+        raise ConfigError(f"chunk_bytes {chunk_bytes}: need >= 1")
+    names = recorded_type_names(engine) if type_names is None else tuple(type_names)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(slide_table_columns(names))
+    if engine.dialect.name != "postgresql":
+        for batch in iter_slide_table(
+            engine,
+            type_names=names,
+            sort=sort,
+            descending=descending,
+            where=where,
+            include_flagged=include_flagged,
+        ):
+            writer.writerows(batch)
+            if text.tell() >= chunk_bytes:
+                yield text.getvalue().encode()
+                text.seek(0)
+                text.truncate()
+        if text.tell():
+            yield text.getvalue().encode()
+        return
+    with _export(engine, names, sort, descending, where, include_flagged) as (conn, statements):
+        # Every digit of a float (PostgreSQL 12+'s default, set in case a server lowered it).
+        conn.exec_driver_sql("SET LOCAL extra_float_digits = 1")
+        chunk = bytearray(text.getvalue().encode())
+        raw: Any = conn.connection.dbapi_connection
+        for stmt in statements:
+            sql, params = driver_statement(conn, stmt)
+            # psycopg merges the parameters into the statement client-side, quoted.
+            with (
+                raw.cursor() as cursor,
+                cursor.copy(f"COPY ({sql}) TO STDOUT (FORMAT csv)", params) as copy,
+            ):
+                for data in copy:
+                    chunk += data
+                    if len(chunk) >= chunk_bytes:
+                        yield bytes(chunk)
+                        chunk.clear()
+        if chunk:
+            yield bytes(chunk)
+
+
+@contextmanager
+def _export(
+    engine: Engine,
+    type_names: Sequence[str] | None,
+    sort: str,
+    descending: bool,
+    where: Mapping[str, str | Sequence[str]] | None,
+    include_flagged: bool,
+) -> Iterator[tuple[Connection, list[Select[Any]]]]:
+    """A read transaction (one snapshot for every phase) and the export's statements."""
+    _check_sort(sort)
+    check_schema(engine)
+    check_columns(engine, builtin=BUILTIN_COLUMNS, where=where or {})
+    names = recorded_type_names(engine) if type_names is None else tuple(type_names)
+    postgres = engine.dialect.name == "postgresql"
+    # PostgreSQL's default READ COMMITTED gives each phase's statement its own snapshot; a
+    # slide re-analysed between them could be listed twice or not at all. (SQLite's read
+    # transaction is one snapshot.)
+    options = {"isolation_level": "REPEATABLE READ"} if postgres else {}
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        if postgres:
+            # JIT compiling the per-row look-ups costs 0.45 s and saves nothing on a scan.
+            conn.exec_driver_sql("SET LOCAL jit = off")
+        yield (
+            conn,
+            _statements(
+                conn,
+                type_names=names,
+                sort=sort,
+                descending=descending,
+                where=where or {},
+                include_flagged=include_flagged,
+            ),
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -418,7 +419,7 @@ def _list_slides(
     """``query --slides``: one page (``--limit``) or the whole list, streamed as CSV/JSON."""
     from slidestream.db import (
         SLIDE_SORT_KEYS,
-        iter_slide_table,
+        iter_slide_csv,
         iter_slides,
         open_database,
         recorded_type_names,
@@ -450,7 +451,7 @@ def _list_slides(
                 click.echo(f"next page: --after {page.next_after}", err=True)
             return
         if fmt == "csv":
-            table = iter_slide_table(
+            chunks = iter_slide_csv(
                 engine,
                 type_names=type_names,
                 sort=sort,
@@ -458,7 +459,11 @@ def _list_slides(
                 where=where,
                 include_flagged=include_flagged,
             )
-            _stream_csv(table, columns)
+            sys.stdout.flush()
+            out = sys.stdout.buffer
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
             return
         slides = iter_slides(
             engine, sort=sort, descending=descending, where=where, include_flagged=include_flagged
@@ -469,23 +474,6 @@ def _list_slides(
             click.echo(_render([s.as_dict() for s in slides], columns, fmt))
     finally:
         engine.dispose()
-
-
-def _stream_csv(batches: Iterable[Sequence[Sequence[Any]]], columns: list[str]) -> None:
-    """Write the batches of :func:`~slidestream.db.iter_slide_table` as CSV, a write each.
-
-    The rows go to ``csv.writer`` as the driver gave them: floats as the shortest text that
-    reads back as the same value, ``None`` as an empty cell.
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for batch in batches:
-        writer.writerows(batch)
-        click.echo(buffer.getvalue(), nl=False)
-        buffer.seek(0)
-        buffer.truncate()
-    click.echo(buffer.getvalue(), nl=False)
 
 
 def _stream_json(slides: Iterable[Any], *, chunk: int = 2000) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from slidestream.db import (
     count_slides,
     flag_slide,
     import_metadata,
+    iter_slide_csv,
     iter_slide_table,
     iter_slides,
     list_slides,
@@ -218,3 +221,49 @@ def test_slide_table_rows_are_the_slide_rows(slides: Engine) -> None:
     assert cells["Immune cells_per_mm2"] == 30.5 and cells["spindle_per_mm2"] is None
     assert cells["flags"] == "pen,qc"
     assert cells["metadata"] == "diagnosis=LUAD;site=A;B=c"
+
+
+def test_slide_csv_is_the_slide_table(slides: Engine) -> None:
+    # Cells the CSV must quote (a comma, a quote, a line break) and a user's type name.
+    record_run(slides, build_summary("q", nuclei_per_mm2=400.0, types={"": {"Immune, T": 2.5}}))
+    import_metadata(slides, [{"slide": "q", "site": 'A, "B"\nC'}])
+    types = ("epithelial", "Immune, T")
+    columns = slide_table_columns(types)
+    for sort, descending, where in (
+        ("name", False, {}),
+        ("nuclei_per_mm2", True, {}),
+        ("id", False, {"site": 'A, "B"\nC'}),
+    ):
+        table = [
+            row
+            for batch in iter_slide_table(
+                slides, type_names=types, sort=sort, descending=descending, where=where
+            )
+            for row in batch
+        ]
+        chunks = list(
+            iter_slide_csv(
+                slides,
+                type_names=types,
+                sort=sort,
+                descending=descending,
+                where=where,
+                chunk_bytes=64,
+            )
+        )
+        assert all(chunks)
+        if slides.dialect.name == "postgresql" and not where:
+            assert len(chunks) > 2, "streamed in pieces"
+        lines = list(csv.reader(io.StringIO(b"".join(chunks).decode())))
+        assert tuple(lines[0]) == columns
+        want = [["" if cell is None else cell for cell in row] for row in table]
+        got = [
+            [
+                float(cell) if isinstance(w, float) else int(cell) if isinstance(w, int) else cell
+                for cell, w in zip(line, row, strict=True)
+            ]
+            for line, row in zip(lines[1:], want, strict=True)
+        ]
+        assert len(lines) - 1 == len(want) and got == want, (sort, where)
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        next(iter_slide_csv(slides, chunk_bytes=0))
