@@ -361,7 +361,7 @@ def _export_in_process(engine: Engine, n_slides: int, baseline: str | None) -> l
     Before: what ``query --slides --format csv`` did until the export had its own query: one
     :class:`~slidestream.db.SlideRow` per slide (:func:`iter_slides`) and one cell at a time,
     floats as ``%.6g``; with ``baseline``, also :func:`iter_slide_table` of that revision
-    (``db/_slide_table.py`` loaded from git). After: :func:`iter_slide_table` batches into
+    (``db/_slide_table.py`` loaded from git, when that revision has it). After: :func:`iter_slide_table` batches into
     ``csv.writer``, and :func:`iter_slide_csv` (the CLI's path: on PostgreSQL ``COPY`` writes
     the CSV). By name, and (the table exports) by id.
     """
@@ -412,7 +412,12 @@ def _export_in_process(engine: Engine, n_slides: int, baseline: str | None) -> l
         return run
 
     runs: list[tuple[str, Callable[[], int]]] = [("by name, before (SlideRow cells)", before)]
-    old = _load_old(baseline, "db/_slide_table.py").iter_slide_table if baseline else None
+    old = None
+    if baseline:
+        try:
+            old = _load_old(baseline, "db/_slide_table.py").iter_slide_table
+        except subprocess.CalledProcessError:  # a revision before the table export
+            old = None
     for sort in ("name", "id"):
         if old is not None:
             runs.append((f"by {sort}, before ({baseline} iter_slide_table)", table(old, sort)))
