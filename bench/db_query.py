@@ -361,9 +361,9 @@ def _export_in_process(engine: Engine, n_slides: int, baseline: str | None) -> l
     Before: what ``query --slides --format csv`` did until the export had its own query: one
     :class:`~slidestream.db.SlideRow` per slide (:func:`iter_slides`) and one cell at a time,
     floats as ``%.6g``; with ``baseline``, also :func:`iter_slide_table` of that revision
-    (``db/_slide_table.py`` loaded from git, when that revision has it). After: :func:`iter_slide_table` batches into
-    ``csv.writer``, and :func:`iter_slide_csv` (the CLI's path: on PostgreSQL ``COPY`` writes
-    the CSV). By name, and (the table exports) by id.
+    (``db/_slide_table.py`` loaded from git, when that revision has it). After:
+    :func:`iter_slide_table` batches into ``csv.writer``, and :func:`iter_slide_csv` (the
+    CLI's path: on PostgreSQL ``COPY`` writes the CSV). By name, and (the table exports) by id.
     """
     import csv
 
