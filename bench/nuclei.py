@@ -8,7 +8,7 @@ second).
 
 Usage::
 
-    python bench/nuclei.py [--threads 2] [--tile 512] [--repeats 3] [--json OUT]
+    python bench/nuclei.py [--threads 2] [--tile 512] [--repeats 3] [--json OUT] [--models A,B]
 """
 
 from __future__ import annotations
@@ -66,12 +66,18 @@ def _real_tile(tile: int, mpp: float) -> np.ndarray:
     return np.tile(rgb, reps)[:tile, :tile].copy()
 
 
-def bench(device: str, tile: int, repeats: int, batch_n: int = 1) -> list[dict[str, Any]]:
+def bench(
+    device: str,
+    tile: int,
+    repeats: int,
+    batch_n: int = 1,
+    models: tuple[str, ...] = ("nuclei-unet-fast", "nuclei-unet-accurate"),
+) -> list[dict[str, Any]]:
     from slidestream.models.nuclei import ClassicalSegmenter, load_nuclei_model
     from slidestream.models.nuclei._model import NucleusModel
 
     rows: list[dict[str, Any]] = []
-    for name in ("nuclei-unet-fast", "nuclei-unet-accurate"):
+    for name in models:
         base = load_nuclei_model(name, device)
         if not isinstance(base, NucleusModel):
             continue
@@ -157,7 +163,14 @@ def main() -> None:
         "--devices", default="auto", help="cpu, cuda or cpu,cuda (auto: cpu, plus cuda if present)"
     )
     parser.add_argument("--cuda-batch", type=int, default=8, help="tiles per batch on CUDA")
+    parser.add_argument(
+        "--models",
+        default="nuclei-unet-fast,nuclei-unet-accurate",
+        help="comma-separated registry names or .safetensors paths (e.g. a previous preset's "
+        "weights, for a before/after in one run)",
+    )
     args = parser.parse_args()
+    models = tuple(args.models.split(","))
     torch.set_num_threads(args.threads)
     devices = args.devices.split(",")
     if args.devices == "auto":
@@ -165,9 +178,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for dev in devices:
         if dev == "cpu":
-            rows += bench("cpu", args.tile, args.repeats)
+            rows += bench("cpu", args.tile, args.repeats, models=models)
         else:
-            rows += bench(dev, args.tile, args.repeats, batch_n=args.cuda_batch)
+            rows += bench(dev, args.tile, args.repeats, batch_n=args.cuda_batch, models=models)
     if args.json:
         with Path(args.json).open("w") as fh:
             json.dump(rows, fh, indent=2)
