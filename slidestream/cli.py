@@ -49,7 +49,8 @@ class _Group(click.Group):
     """A click group that maps library errors to one-line messages (exit code 1).
 
     Also one line, never a traceback: an interrupt (Ctrl-C or SIGTERM; exit code
-    ``128 + signal``) and an I/O error (``PermissionError``, ``NotADirectoryError``...).
+    ``128 + signal``) and an I/O error (``PermissionError``, ``NotADirectoryError``...). A
+    closed stdout (the reader of a pipe left) ends the command quietly with exit code 141.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -67,6 +68,16 @@ class _Group(click.Group):
             signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
             click.echo(f"Error: {_interrupted_line(signum)}", err=True)
             raise SystemExit(128 + signum) from None
+        except BrokenPipeError:
+            # The reader of stdout left (``query --slides --format csv | head``): stop quietly
+            # with the status of a process ended by SIGPIPE; later writes (interpreter exit
+            # flushing stdout) go nowhere instead of raising again.
+            import os
+            import signal
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise SystemExit(128 + int(signal.SIGPIPE)) from None
         except OSError as exc:
             if debug:
                 raise
